@@ -1,0 +1,120 @@
+"""The ``gid`` command line: data, train, distill, eval, sweep, export, demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from gid.errors import GidError
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, help="YAML config file (see configs/)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.epochs=2 (repeatable)",
+    )
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally)")
+
+
+def cmd_data_synth(args: argparse.Namespace) -> None:
+    from gid.data import make_synthetic
+
+    kwargs = dict(train=args.train, val=args.val, test=args.test, image_size=args.image_size, seed=args.seed)
+    if args.classes:
+        kwargs["classes"] = args.classes.split(",")
+    out = make_synthetic(args.out, **kwargs)
+    print(f"wrote a synthetic COCO data set to {out}")
+
+
+def _train(args: argparse.Namespace, distill: bool) -> None:
+    from gid.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    if distill and config.distill is None:
+        raise GidError(f"{args.config}: `gid distill` needs a distill section with distill.teacher set")
+    if not distill and config.distill is not None:
+        raise GidError(f"{args.config}: has a distill section; run it with `gid distill`")
+    # Ray and torch take seconds to import: only after the config is known to be good.
+    from gid.engine.evaluation import format_metrics
+    from gid.engine.trainer import run_training
+
+    outcome = run_training(config, address=args.address)
+    ap = {k[4:]: v for k, v in outcome.metrics.items() if k.startswith("val_")}
+    print(f"\n{config.model.framework} {config.model.backbone}: {format_metrics(ap)}")
+    print(f"model file: {outcome.model_path}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    _train(args, distill=False)
+
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    _train(args, distill=True)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from gid.data import build_dataset, collate
+    from gid.engine.evaluation import coco_metrics, format_metrics, predict
+    from gid.models import load_model
+
+    model, config, _ = load_model(args.checkpoint)
+    overrides = {"root": args.root, "format": args.format}
+    data = config.data.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    dataset = build_dataset(data, args.split, train=False)
+    loader = DataLoader(dataset, batch_size=data.batch_size, collate_fn=collate)
+    records = predict(model, loader, dataset.label_to_category_id, torch.device("cpu"))
+    print(f"{args.checkpoint} on {data.root} [{args.split}]: {format_metrics(coco_metrics(dataset.coco, records))}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gid", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    data = commands.add_parser("data", help="make data sets").add_subparsers(dest="data_command", required=True)
+    synth = data.add_parser("synth", help="write a deterministic synthetic COCO-format detection data set")
+    synth.add_argument("--out", type=Path, required=True, help="output folder")
+    synth.add_argument("--train", type=int, default=2000, help="training images (default 2000)")
+    synth.add_argument("--val", type=int, default=500, help="validation images (default 500)")
+    synth.add_argument("--test", type=int, default=0, help="held-out test images (default 0)")
+    synth.add_argument("--image-size", type=int, default=128, help="image side in pixels (default 128)")
+    synth.add_argument("--classes", default=None, help="comma-separated class names (default: the built-in six)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=cmd_data_synth)
+
+    train = commands.add_parser("train", help="train one detector (a teacher, or a student alone)")
+    _add_config_args(train)
+    train.set_defaults(func=cmd_train)
+
+    distill = commands.add_parser("distill", help="train a student with GID under a teacher model file")
+    _add_config_args(distill)
+    distill.set_defaults(func=cmd_distill)
+
+    evaluate = commands.add_parser("eval", help="COCO-evaluate a model file")
+    evaluate.add_argument("checkpoint", type=Path, help="model file written by train/distill")
+    evaluate.add_argument("--data", dest="root", type=Path, default=None, help="data set root (default: the one it trained on)")
+    evaluate.add_argument("--format", choices=("coco", "voc"), default=None)
+    evaluate.add_argument("--split", default="val", help="split to evaluate (default val)")
+    evaluate.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except GidError as exc:
+        print(f"gid: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gid: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""The typed config tree: every value a run uses, loaded from YAML with dotted overrides.
+
+A config file is a (partial) YAML mapping of this tree; values not given take the defaults
+below. ``--set a.b=value`` overrides parse ``value`` as YAML, so ``--set train.lr=0.02`` is a
+float and ``--set distill.feature.enabled=false`` a bool. Everything that reaches the model
+passes through :class:`Config`, so a sweep trial's config is the same kind of file a user writes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from gid.errors import GidError
+
+#: Input size the paper's (COCO) pixel constants refer to; "auto" values scale from it.
+COCO_IMAGE_SIZE = 800
+
+Framework = Literal["retinanet", "fcos", "faster_rcnn"]
+Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large"]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(StrictModel):
+    """Where the data lives and how it is batched.
+
+    COCO layout: ``root/annotations/instances_{split}.json`` with images in ``root/{split}/``.
+    VOC layout: ``root/ImageSets/Main/{split}.txt``, ``root/Annotations``, ``root/JPEGImages``.
+    """
+
+    format: Literal["coco", "voc"] = "coco"
+    root: Path = Path("data/synth")
+    train_split: str = "train"
+    val_split: str = "val"
+    classes: list[str] | None = None  # VOC only: class names in label order (default: VOC's 20)
+    image_size: int = Field(128, ge=32, le=4096)  # longest image side fed to the detector
+    batch_size: int = Field(8, ge=1)  # per worker
+    loader_workers: int = Field(0, ge=0)
+    hflip_prob: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class ModelConfig(StrictModel):
+    framework: Framework = "retinanet"
+    backbone: Backbone = "resnet18"
+    fpn_channels: int = Field(64, ge=64)  # GroupNorm(32) heads need ≥ 2 channels per group on 1×1 maps
+    num_classes: int | None = Field(None, ge=2)  # incl. background; None = from the data set
+    # Anchor (RetinaNet, Faster R-CNN RPN) or location (FCOS) size per FPN level, smallest level
+    # first. "auto" scales the framework's COCO defaults by image_size / 800.
+    anchor_sizes: Literal["auto"] | list[float] = "auto"
+    weights: Path | None = None  # a local checkpoint to initialise from (never downloaded)
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.fpn_channels % 32:
+            raise ValueError(f"fpn_channels must be a multiple of 32 (GroupNorm heads), got {self.fpn_channels}")
+        if isinstance(self.anchor_sizes, list) and len(self.anchor_sizes) != 5:
+            raise ValueError("anchor_sizes must be 'auto' or a list of 5 sizes, one per FPN level")
+        return self
+
+
+class TrainConfig(StrictModel):
+    epochs: int = Field(12, ge=1)
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_iters: int = Field(100, ge=0)
+    warmup_factor: float = Field(0.001, gt=0, le=1)
+    schedule: Literal["step", "cosine"] = "step"
+    milestones: list[float] = [0.67, 0.92]  # step schedule: fractions of training
+    gamma: float = Field(0.1, gt=0, le=1)
+    clip_grad_norm: float | None = Field(10.0, gt=0)
+    amp: bool = True  # only takes effect on GPU
+    seed: int = 0
+    eval_every: int = Field(1, ge=1)  # epochs; the last epoch is always evaluated
+    log_every: int = Field(20, ge=1)  # iterations between progress lines
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if any(not 0 < m < 1 for m in self.milestones) or self.milestones != sorted(self.milestones):
+            raise ValueError("milestones must be increasing fractions of training in (0, 1)")
+        return self
+
+
+class ScalingConfig(StrictModel):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool | Literal["auto"] = "auto"  # auto: GPUs when the Ray cluster has any
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(1, gt=0)  # fractional GPUs let trials share a card
+
+
+class RunConfig(StrictModel):
+    name: str | None = None  # default: derived from the config file name
+    storage_path: str = "runs"  # Ray Train results and checkpoints (a bucket URI on clusters)
+    max_failures: int = Field(0, ge=-1)  # worker failures to recover from (-1: unlimited)
+    checkpoints_to_keep: int = Field(2, ge=1)
+
+
+class GismConfig(StrictModel):
+    score_mode: Literal["paper", "reference"] = "paper"
+    pre_nms_top_k: int = Field(3000, ge=1)
+    min_box_size: float | Literal["auto"] = "auto"  # pixels; auto: 10 at COCO scale
+    min_score: float = Field(0.0, ge=0, le=1)
+    nms_iou: float = Field(0.3, gt=0, le=1)
+    top_k: int = Field(10, ge=1)
+    instances: Literal["all", "positive", "semi_positive", "negative", "ground_truth"] = "all"
+
+
+class FeatureLossConfig(StrictModel):
+    enabled: bool = True
+    weight: float = Field(5e-3, ge=0)
+    adapter: Literal["conv3x3", "conv1x1", "none"] = "conv3x3"
+    roi_size: int = Field(10, ge=1)
+    canonical_size: float | Literal["auto"] = "auto"  # pixels; auto: 224 at COCO scale
+    canonical_level: int = 4
+
+
+class RelationLossConfig(StrictModel):
+    enabled: bool = True
+    weight: float = Field(40.0, ge=0)
+    group_images: int = Field(2, ge=1)
+
+
+class ResponseLossConfig(StrictModel):
+    enabled: bool = True
+    cls_weight: float = Field(0.1, ge=0)
+    reg_weight: float = Field(1.0, ge=0)
+    temperature: float = Field(1.0, gt=0)
+    roi_response: bool = True  # Faster R-CNN: also distil the second stage at the GIs
+
+
+class DistillConfig(StrictModel):
+    teacher: Path  # checkpoint written by `gid train`
+    gism: GismConfig = GismConfig()
+    feature: FeatureLossConfig = FeatureLossConfig()
+    relation: RelationLossConfig = RelationLossConfig()
+    response: ResponseLossConfig = ResponseLossConfig()
+
+
+class Config(StrictModel):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    run: RunConfig = RunConfig()
+    distill: DistillConfig | None = None
+
+    def with_absolute_paths(self) -> Config:
+        """The same config with local paths made absolute: Ray runs workers in other folders."""
+        data = self.to_dict()
+        for section, key in (("data", "root"), ("model", "weights"), ("run", "storage_path"), ("distill", "teacher")):
+            value = (data.get(section) or {}).get(key)
+            if value is not None and "://" not in str(value):
+                data[section][key] = str(Path(value).expanduser().resolve())
+        return Config.model_validate(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML/JSON-safe dict (what checkpoints and trial configs store)."""
+        return self.model_dump(mode="json")
+
+
+def scaled_to_input(value: float | str, coco_value: float, image_size: int) -> float:
+    """Resolve an "auto" pixel constant given at COCO scale for the actual input size."""
+    return coco_value * image_size / COCO_IMAGE_SIZE if value == "auto" else float(value)
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise GidError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise GidError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise GidError(f"{path}: a config file must be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise GidError(f"override {item!r} must look like key.path=value, e.g. train.lr=0.02")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise GidError(f"override {key}: {part!r} is a value, not a section")
+            node = child
+        node[leaf] = value
+    return data
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        return f"{source}: unknown key {key!r}; check the spelling (see the README's config reference)"
+    msg = err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+    return f"{source}: {key}: {msg}{shown}"
+
+
+def validate(data: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise GidError(format_validation_error(exc, source)) from None
+
+
+def load_config(path: Path | str | None, overrides: list[str] | None = None) -> Config:
+    """Load a config file (or the defaults when ``path`` is None) with dotted overrides."""
+    data = read_yaml(Path(path)) if path is not None else {}
+    apply_overrides(data, overrides or [])
+    config = validate(data, source=str(path) if path else "config")
+    if config.run.name is None and path is not None:
+        config.run.name = Path(path).stem
+    return config
+
+
+def save_config(config: Config, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+

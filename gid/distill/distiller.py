@@ -1,0 +1,152 @@
+"""The Distiller: a frozen teacher, a student and an adapter; forward returns named losses.
+
+Written once for every framework against :class:`~gid.distill.views.DetectorView`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from gid.config import DistillConfig, scaled_to_input
+from gid.distill.gism import filter_instances, gism_stats, select_general_instances
+from gid.distill.losses import (
+    build_adapter,
+    feature_loss,
+    pool_instances,
+    relation_loss,
+    response_loss,
+    roi_response_loss,
+)
+from gid.distill.outputs import GeneralInstances
+from gid.distill.views import DetectorView, check_compatible, view_for
+from gid.models import load_model
+
+# The paper's pixel constants at COCO scale (800 px), rescaled for the actual input size.
+COCO_MIN_BOX_SIZE = 10.0
+COCO_CANONICAL_SIZE = 224.0
+
+
+class Distiller(nn.Module):
+    """Trains ``student`` (and the adapter) with GID under a frozen ``teacher``.
+
+    The teacher is held outside the module tree: DDP, the optimizer and checkpoints see only
+    the student and the adapter, and nothing can ever back-propagate into the teacher.
+    ``forward`` returns ``loss_*`` terms (summed by the training loop) and ``gism_*`` statistics.
+    With all three GID losses off it is exactly the student's own training.
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, config: DistillConfig, image_size: int):
+        super().__init__()
+        self.student = student
+        self.config = config
+        self._views = (view_for(teacher.eval().requires_grad_(False)), view_for(student))
+        check_compatible(*self._views)
+        teacher_view, student_view = self._views
+        uses_features = config.feature.enabled or config.relation.enabled
+        self.adapter = (
+            build_adapter(config.feature.adapter, student_view.feature_channels(), teacher_view.feature_channels())
+            if uses_features
+            else None
+        )
+        self.min_box_size = scaled_to_input(config.gism.min_box_size, COCO_MIN_BOX_SIZE, image_size)
+        self.canonical_size = scaled_to_input(config.feature.canonical_size, COCO_CANONICAL_SIZE, image_size)
+
+    @classmethod
+    def from_config(
+        cls, student: nn.Module, config: DistillConfig, image_size: int, device: torch.device | None = None
+    ) -> Distiller:
+        teacher, _, _ = load_model(Path(config.teacher))
+        return cls(teacher.to(device) if device is not None else teacher, student, config, image_size)
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self._views[0].model
+
+    def train(self, mode: bool = True) -> Distiller:
+        super().train(mode)
+        self.teacher.eval()  # BatchNorm statistics and dropout of the teacher stay frozen
+        return self
+
+    @property
+    def distilling(self) -> bool:
+        c = self.config
+        return c.feature.enabled or c.relation.enabled or c.response.enabled
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        teacher, student = self._views
+        batch, targets = student.transform(images, targets)
+        features = student.features(batch)
+        dense = student.dense(features)
+        layout = student.anchor_layout(batch, features)
+        losses = student.gt_losses(batch, features, dense, layout, targets)
+        if not self.distilling:
+            return losses
+
+        with torch.no_grad():
+            teacher_features = teacher.features(batch)
+            teacher_dense = teacher.dense(teacher_features)
+        gt_boxes = [t["boxes"] for t in targets]
+        gis = self._general_instances(teacher_dense, dense, layout, gt_boxes, student)
+        boxes = [gi.boxes for gi in gis]
+        c = self.config
+
+        if self.adapter is not None:
+            adapted = [self.adapter(level) for level in dense.features]
+            pool = dict(
+                first_level=dense.first_level, boxes=boxes, roi_size=c.feature.roi_size,
+                canonical_size=self.canonical_size, canonical_level=c.feature.canonical_level,
+            )
+            pooled_student = pool_instances(adapted, **pool)
+            pooled_teacher = pool_instances(teacher_dense.features, **pool)
+            if c.feature.enabled:
+                losses["loss_feature"] = c.feature.weight * feature_loss(pooled_teacher, pooled_student)
+            if c.relation.enabled:
+                counts = [len(b) for b in boxes]
+                relation = relation_loss(pooled_teacher, pooled_student, counts, c.relation.group_images)
+                losses["loss_relation"] = c.relation.weight * relation
+
+        if c.response.enabled:
+            mask = student.assign_foreground(boxes, layout)
+            cls_loss, reg_loss = response_loss(teacher_dense, dense, mask, c.response.temperature)
+            losses["loss_response_cls"] = c.response.cls_weight * cls_loss
+            losses["loss_response_reg"] = c.response.reg_weight * reg_loss
+            if student.framework == "faster_rcnn" and c.response.roi_response:
+                with torch.no_grad():
+                    teacher_rois = teacher.roi_outputs(teacher_features, boxes, layout.image_sizes)
+                student_rois = student.roi_outputs(features, boxes, layout.image_sizes)
+                roi_cls, roi_reg = roi_response_loss(*teacher_rois, *student_rois, c.response.temperature)
+                losses["loss_response_roi_cls"] = c.response.cls_weight * roi_cls
+                losses["loss_response_roi_reg"] = c.response.reg_weight * roi_reg
+
+        stats = gism_stats(gis, gt_boxes)
+        return {**losses, **{f"gism_{k}": torch.tensor(v) for k, v in stats.items()}}
+
+    def general_instances(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> list[GeneralInstances]:
+        """GISM's choice for a batch, boxes in the detector's input frame (for pictures and checks)."""
+        teacher, student = self._views
+        with torch.no_grad():
+            batch, targets = student.transform(images, targets)
+            features = student.features(batch)
+            dense, layout = student.dense(features), student.anchor_layout(batch, features)
+            teacher_dense = teacher.dense(teacher.features(batch))
+            return self._general_instances(teacher_dense, dense, layout, [t["boxes"] for t in targets], student)
+
+    def _general_instances(self, teacher_dense, dense, layout, gt_boxes, student: DetectorView):
+        gism = self.config.gism
+        if gism.instances == "ground_truth":  # ablation: distil at the ground-truth boxes instead
+            return [
+                GeneralInstances(
+                    boxes=b.detach(), scores=torch.ones(len(b), device=b.device),
+                    anchor_index=torch.full((len(b),), -1, dtype=torch.long, device=b.device),
+                    from_teacher=torch.zeros(len(b), dtype=torch.bool, device=b.device),
+                )
+                for b in gt_boxes
+            ]
+        gis = select_general_instances(teacher_dense, dense, layout, student.decode, gism, self.min_box_size)
+        if gism.instances != "all":
+            gis = filter_instances(gis, gism.instances, gt_boxes, student.assign_foreground(gt_boxes, layout))
+        return gis
+

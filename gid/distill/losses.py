@@ -1,0 +1,186 @@
+"""The three GID losses at the general instances: feature, relation and response (spec §3-§5).
+
+Plain tensor code, framework-agnostic. Teacher tensors are detached here as well as by the
+caller's no-grad forward: nothing ever back-propagates into the teacher. Every loss is a scalar
+that stays attached to the student's graph even when there is nothing to distil, so the
+caller can always sum and back-propagate.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import roi_align
+from torchvision.ops.poolers import LevelMapper
+
+from gid.distill.outputs import DenseOutput
+from gid.errors import GidError
+
+
+def build_adapter(kind: str, student_channels: int, teacher_channels: int) -> nn.Module:
+    """Student FPN width -> teacher FPN width, shared by all levels, no activation (spec §3)."""
+    if kind == "conv3x3":
+        return nn.Conv2d(student_channels, teacher_channels, kernel_size=3, stride=1, padding=1)
+    if kind == "conv1x1":
+        return nn.Conv2d(student_channels, teacher_channels, kernel_size=1)
+    if kind == "none":
+        if student_channels != teacher_channels:
+            raise GidError(
+                f"distill.feature.adapter=none needs equal FPN widths, but the student has "
+                f"{student_channels} channels and the teacher {teacher_channels}; use conv3x3 or conv1x1"
+            )
+        return nn.Identity()
+    raise ValueError(f"unknown adapter {kind!r}; expected conv3x3, conv1x1 or none")
+
+
+def _zero(attached_to: Tensor) -> Tensor:
+    """A scalar 0 in the graph of ``attached_to``, so backward works when there is nothing to distil."""
+    return attached_to.sum() * 0.0
+
+
+def pool_instances(
+    maps: list[Tensor],
+    first_level: int,
+    boxes: list[Tensor],
+    roi_size: int,
+    canonical_size: float,
+    canonical_level: int = 4,
+) -> Tensor:
+    """Pool every box from the one FPN level the FPN rule assigns it -> ``[N, C, roi_size, roi_size]``.
+
+    level = clamp(floor(k0 + log2(sqrt(w * h) / canonical_size)), first_level, last_level), k0 =
+    ``canonical_level``; aligned ROIAlign with sampling ratio 2 at that level's stride. Rows follow
+    the boxes: image by image, in each image's order.
+    """
+    last_level = first_level + len(maps) - 1
+    levels = LevelMapper(first_level, last_level, canonical_size, canonical_level)(boxes)
+    image_index = torch.cat([torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)])
+    rois = torch.cat([image_index, torch.cat(boxes)], dim=1).detach()  # boxes are constants
+
+    pooled, order = [], []
+    for offset, feature_map in enumerate(maps):
+        index = torch.nonzero(levels == offset).squeeze(1)
+        stride = 2 ** (first_level + offset)
+        pooled.append(
+            roi_align(
+                feature_map,
+                rois[index].to(feature_map.dtype),
+                roi_size,
+                spatial_scale=1.0 / stride,
+                sampling_ratio=2,
+                aligned=True,
+            )
+        )
+        order.append(index)
+    # Rows come out level by level; put them back in box order.
+    return torch.cat(pooled)[torch.argsort(torch.cat(order))]
+
+
+def feature_loss(pooled_teacher: Tensor, pooled_student: Tensor) -> Tensor:
+    """L_feature = sum (t - s)^2 over GIs, channels and bins / (N * roi_size^2); 0 when N == 0."""
+    num_instances, bins = pooled_student.shape[0], pooled_student.shape[-2] * pooled_student.shape[-1]
+    squared = (pooled_teacher.detach() - pooled_student).pow(2).sum()
+    return squared / (max(num_instances, 1) * bins)
+
+
+def _rkd_distances(features: Tensor) -> Tensor:
+    """Pairwise Euclidean distances ``[M, M]`` (zero diagonal) / mean positive off-diagonal distance."""
+    # Exact pairwise differences (not the matrix-product shortcut): zero distances stay exactly
+    # zero, so identical instances give zero gradient instead of a round-off blow-up.
+    distances = torch.cdist(features, features, compute_mode="donot_use_mm_for_euclid_dist")
+    off_diagonal = ~torch.eye(len(features), dtype=torch.bool, device=features.device)
+    distances = distances * off_diagonal
+    positive = distances > 0
+    mean = distances[positive].sum() / positive.sum().clamp(min=1)
+    return distances / mean.clamp(min=torch.finfo(distances.dtype).tiny)
+
+
+def relation_loss(
+    pooled_teacher: Tensor, pooled_student: Tensor, counts: list[int], group_images: int
+) -> Tensor:
+    """RKD distance loss over the GIs of groups of ``group_images`` consecutive images (spec §4).
+
+    Per group of M GIs: d_t, d_s = RKD-normalised pairwise distances of the flattened features;
+    L_group = sum_{i != j} SmoothL1_{beta=1}(d_s(i, j) - d_t(i, j)) / (M^2 - M).
+    L_relation = mean of L_group over the groups with M >= 3. Groups with M < 3 are left out of the
+    mean, not counted as 0: with fewer than three instances the normalised distances are fixed
+    (one pair always has distance 1), so such a group carries no relation, and counting it would
+    shrink the loss of the other groups depending on how the batch happened to split. 0 when no
+    group has 3 GIs. Scaling either model's features by a constant leaves it unchanged.
+    """
+    teacher = pooled_teacher.detach().flatten(1)
+    student = pooled_student.flatten(1)
+    losses = []
+    start = 0
+    for first in range(0, len(counts), group_images):
+        size = sum(counts[first : first + group_images])
+        if size >= 3:
+            d_teacher = _rkd_distances(teacher[start : start + size])
+            d_student = _rkd_distances(student[start : start + size])
+            # The diagonal is 0 in both, so summing over all M^2 entries sums over i != j.
+            pair_loss = F.smooth_l1_loss(d_student, d_teacher, beta=1.0, reduction="sum")
+            losses.append(pair_loss / (size**2 - size))
+        start += size
+    if not losses:
+        return _zero(pooled_student)
+    return torch.stack(losses).mean()
+
+
+def response_loss(
+    teacher: DenseOutput, student: DenseOutput, mask: Tensor, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """Dense head distillation on the anchors ``mask [B, R]`` marks (spec §5) -> (L_cls, L_reg).
+
+    N_m = max(1, number of masked anchors).
+    L_cls = T^2 * sum_{masked r, all c} BCE(sigmoid(z_s / T), sigmoid(z_t / T)) / N_m: both logits
+    are softened by T, and the T^2 factor (as in Hinton et al.'s distillation) keeps the gradient
+    scale independent of T; T = 1 is plain BCE against the teacher's probabilities.
+    L_reg = sum_{masked r} |b_s - b_t|_1 / N_m on the regression outputs in the detector's own
+    encoding, plus, with centerness (FCOS), sum_{masked r} BCE(sigmoid(c_s), sigmoid(c_t)) / N_m.
+    """
+    num_masked = max(1, int(mask.sum()))
+    teacher_probs = torch.sigmoid(teacher.cls_logits.detach()[mask] / temperature)
+    student_logits = student.cls_logits[mask] / temperature
+    cls = F.binary_cross_entropy_with_logits(student_logits, teacher_probs, reduction="sum")
+    cls = cls * temperature**2 / num_masked
+
+    reg = (student.bbox_regression[mask] - teacher.bbox_regression.detach()[mask]).abs().sum()
+    if student.centerness is not None:
+        reg = reg + F.binary_cross_entropy_with_logits(
+            student.centerness[mask], torch.sigmoid(teacher.centerness.detach()[mask]), reduction="sum"
+        )
+    return cls, reg / num_masked
+
+
+def roi_response_loss(
+    teacher_logits: Tensor,
+    teacher_deltas: Tensor,
+    student_logits: Tensor,
+    student_deltas: Tensor,
+    temperature: float,
+) -> tuple[Tensor, Tensor]:
+    """Faster R-CNN second-stage distillation at the GIs (spec §5, the project's interpretation).
+
+    Inputs: box-head class logits ``[N, K]`` (class 0 = background) and box deltas ``[N, K * 4]``.
+    L_cls = T^2 * sum_i KL(softmax(z_t,i / T) || softmax(z_s,i / T)) / N  ("batchmean").
+    L_reg = sum_i |delta_s,i[c_i] - delta_t,i[c_i]|_1 / N, c_i = the teacher's top foreground class
+    (argmax over classes 1..K-1). Both are 0 when N == 0.
+    """
+    teacher_logits, teacher_deltas = teacher_logits.detach(), teacher_deltas.detach()
+    num_instances, num_classes = student_logits.shape
+    divisor = max(num_instances, 1)
+    cls = F.kl_div(
+        F.log_softmax(student_logits / temperature, dim=1),
+        F.log_softmax(teacher_logits / temperature, dim=1),
+        reduction="sum",
+        log_target=True,
+    )
+    cls = cls * temperature**2 / divisor
+
+    top_class = teacher_logits[:, 1:].argmax(dim=1) + 1
+    rows = torch.arange(num_instances, device=top_class.device)
+    teacher_box = teacher_deltas.reshape(num_instances, num_classes, 4)[rows, top_class]
+    student_box = student_deltas.reshape(num_instances, num_classes, 4)[rows, top_class]
+    reg = (student_box - teacher_box).abs().sum() / divisor
+    return cls, reg

@@ -1,0 +1,201 @@
+"""The Ray Train per-worker loop: one function trains a detector or a GID student.
+
+Every worker runs :func:`train_loop_per_worker`. Ray Train provides the process group, the
+device, DDP (``prepare_model``), the distributed sampler (``prepare_data_loader``), checkpoint
+persistence and resumption (``ray.train.report`` / ``ray.train.get_checkpoint``).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from gid.config import Config, TrainConfig
+from gid.data import build_dataset, collate
+from gid.engine.evaluation import coco_metrics, format_metrics, predict
+from gid.models import build_detector, load_weights, read_checkpoint
+from gid.models.checkpoint import FORMAT, atomic_save
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def build_trainable(config: Config, num_classes: int, device: torch.device) -> nn.Module:
+    """The module whose forward returns the training losses: the detector, or a Distiller."""
+    student = build_detector(config.model, config.data.image_size, num_classes)
+    if config.model.weights is not None:
+        load_weights(student, config.model.weights)
+    if config.distill is None:
+        return student
+    from gid.distill import Distiller  # the method package is only needed for distillation
+
+    return Distiller.from_config(student, config.distill, config.data.image_size, device)
+
+
+def student_and_adapter(trainable: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+    return getattr(trainable, "student", trainable), getattr(trainable, "adapter", None)
+
+
+def lr_lambda(train: TrainConfig, total_iters: int):
+    """Linear warm-up, then step decay at fractions of training or cosine decay to zero."""
+    milestones = [int(m * total_iters) for m in train.milestones]
+
+    def factor(it: int) -> float:
+        warmup = 1.0
+        if it < train.warmup_iters:
+            alpha = it / train.warmup_iters
+            warmup = train.warmup_factor * (1 - alpha) + alpha
+        if train.schedule == "cosine":
+            return warmup * 0.5 * (1 + math.cos(math.pi * min(it, total_iters) / total_iters))
+        return warmup * train.gamma ** sum(it >= m for m in milestones)
+
+    return factor
+
+
+def _loader(dataset, batch_size: int, workers: int, shuffle: bool) -> DataLoader:
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate,
+        persistent_workers=workers > 0,
+    )
+    return ray.train.torch.prepare_data_loader(loader)
+
+
+def _gather(records: list[dict]) -> list[dict]:
+    """All workers' detections on every worker (each evaluated its shard of the val set)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return records
+    shards: list[list[dict]] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(shards, records)
+    # The distributed sampler pads the last shard with repeated images: keep one copy of each.
+    seen: set[int] = set()
+    merged: list[dict] = []
+    for shard in shards:
+        merged += [r for r in shard if r["image_id"] not in seen]
+        seen |= {r["image_id"] for r in shard}
+    return merged
+
+
+class _RunningMean:
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.count = 0
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        for name, value in values.items():
+            self.sums[name] += float(value)
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        return {name: total / max(self.count, 1) for name, total in self.sums.items()}
+
+
+def train_loop_per_worker(config_dict: dict) -> None:
+    config = Config.model_validate(config_dict)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
+    torch.manual_seed(config.train.seed + rank)
+    device = ray.train.torch.get_device()
+
+    train_set = build_dataset(config.data, config.data.train_split, train=True)
+    val_set = build_dataset(config.data, config.data.val_split, train=False)
+    num_classes = config.model.num_classes or train_set.num_classes
+    train_loader = _loader(train_set, config.data.batch_size, config.data.loader_workers, shuffle=True)
+    val_loader = _loader(val_set, config.data.batch_size, config.data.loader_workers, shuffle=False)
+
+    trainable = build_trainable(config, num_classes, device)
+    student, adapter = student_and_adapter(trainable)
+    params = [p for p in trainable.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(
+        params, lr=config.train.lr, momentum=config.train.momentum, weight_decay=config.train.weight_decay
+    )
+    total_iters = config.train.epochs * len(train_loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.train, total_iters))
+    use_amp = config.train.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = read_checkpoint(Path(directory) / CHECKPOINT_FILE)
+        student.load_state_dict(state["model"])
+        if adapter is not None:
+            adapter.load_state_dict(state["adapter"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch = state["epoch"]
+        if rank == 0:
+            print(f"resumed from epoch {start_epoch} checkpoint")
+    model = ray.train.torch.prepare_model(trainable)
+
+    for epoch in range(start_epoch, config.train.epochs):
+        if isinstance(train_loader.sampler, DistributedSampler):
+            train_loader.sampler.set_epoch(epoch)
+        model.train()
+        running = _RunningMean()
+        started = time.perf_counter()
+        for it, (images, targets) in enumerate(train_loader):
+            with torch.autocast(device.type, enabled=use_amp):
+                outputs = model(list(images), list(targets))
+            if config.distill is None:  # name a bare detector's losses as the Distiller does
+                outputs = {f"loss_gt_{k.removeprefix('loss_')}": v for k, v in outputs.items()}
+            loss = sum(v for k, v in outputs.items() if k.startswith("loss_"))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"training loss became {loss.item()} at epoch {epoch + 1}, iteration {it + 1} "
+                    f"({', '.join(f'{k}={float(v):.4g}' for k, v in outputs.items())}); lower train.lr or the loss weights"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if config.train.clip_grad_norm is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, config.train.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            running.add({"loss": loss.detach(), **{k: v.detach() for k, v in outputs.items()}})
+            if rank == 0 and (it + 1) % config.train.log_every == 0:
+                speed = (time.perf_counter() - started) / (it + 1)
+                print(
+                    f"epoch {epoch + 1}/{config.train.epochs} iter {it + 1}/{len(train_loader)} "
+                    f"loss {running.means()['loss']:.4f} lr {scheduler.get_last_lr()[0]:.4g} ({speed:.2f} s/it)"
+                )
+        metrics = {"epoch": epoch + 1, **running.means(), "epoch_time_s": time.perf_counter() - started}
+
+        last = epoch + 1 == config.train.epochs
+        if last or (epoch + 1) % config.train.eval_every == 0:
+            records = _gather(predict(student, val_loader, val_set.label_to_category_id, device))
+            metrics.update({f"val_{k}": v for k, v in coco_metrics(val_set.coco, records).items()})
+            if rank == 0:
+                print(f"epoch {epoch + 1}/{config.train.epochs} val {format_metrics({k[4:]: v for k, v in metrics.items() if k.startswith('val_')})}")
+
+        with tempfile.TemporaryDirectory() as directory:
+            checkpoint = None
+            if rank == 0:
+                state = {
+                    "format": FORMAT,
+                    "config": config.to_dict(),
+                    "num_classes": num_classes,
+                    "model": student.state_dict(),
+                    "epoch": epoch + 1,
+                    "metrics": metrics,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                }
+                if adapter is not None:
+                    state["adapter"] = adapter.state_dict()
+                atomic_save(state, Path(directory) / CHECKPOINT_FILE)
+                checkpoint = ray.train.Checkpoint.from_directory(directory)
+            ray.train.report(metrics, checkpoint=checkpoint)

@@ -1,0 +1,85 @@
+"""Driver side of training: start Ray, run the TorchTrainer, export the final model file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from gid.config import Config
+from gid.engine.loop import CHECKPOINT_FILE, train_loop_per_worker
+from gid.errors import GidError
+from gid.models.checkpoint import atomic_save, read_checkpoint
+
+MODEL_FILE = "model.pt"
+PICTURES_DIR = "gi_pictures"
+
+
+@dataclass
+class TrainingOutcome:
+    metrics: dict
+    model_path: Path  # the final model file (weights + config), for `gid eval` or as a teacher
+    run_path: Path  # Ray Train's run folder: results and per-epoch checkpoints
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to ``address``, or start an embedded local Ray instance once per process."""
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=True)
+
+
+def use_gpu(config: Config) -> bool:
+    if config.scaling.use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return config.scaling.use_gpu
+
+
+def build_trainer(config: Config, callbacks: list | None = None) -> TorchTrainer:
+    gpu = use_gpu(config)
+    resources = {"CPU": config.scaling.cpus_per_worker}
+    if gpu:
+        resources["GPU"] = config.scaling.gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config.to_dict(),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.scaling.num_workers, use_gpu=gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=config.run.name,
+            storage_path=str(config.run.storage_path),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.run.checkpoints_to_keep),
+            failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def export_model(checkpoint_dir: Path, out: Path) -> None:
+    """Write the weights and config of a training checkpoint, without the optimizer state."""
+    state = read_checkpoint(checkpoint_dir / CHECKPOINT_FILE)
+    keep = ("format", "config", "num_classes", "model", "epoch", "metrics")
+    atomic_save({k: state[k] for k in keep}, out)
+
+
+def run_training(config: Config, address: str | None = None) -> TrainingOutcome:
+    """Train (or distil) per ``config`` on Ray; resumes the run of the same name if it exists."""
+    if config.run.name is None:
+        raise GidError("run.name is not set; pass --set run.name=NAME")
+    config = config.with_absolute_paths()
+    ensure_ray(address)
+    result = build_trainer(config).fit()
+    if result.error is not None:
+        raise result.error
+    run_path = Path(result.path)
+    model_path = run_path / MODEL_FILE
+    with result.checkpoint.as_directory() as directory:
+        export_model(Path(directory), model_path)
+    if config.distill is not None:
+        from gid.distill.pictures import save_run_pictures
+
+        save_run_pictures(config, model_path, run_path / PICTURES_DIR)
+    return TrainingOutcome(metrics=result.metrics, model_path=model_path, run_path=run_path)

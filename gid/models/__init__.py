@@ -1,0 +1,6 @@
+"""torchvision detectors built from config, and their model files."""
+
+from gid.models.checkpoint import load_model, load_weights, read_checkpoint, save_model
+from gid.models.detectors import anchor_sizes, build_detector
+
+__all__ = ["anchor_sizes", "build_detector", "load_model", "load_weights", "read_checkpoint", "save_model"]

@@ -1,0 +1,114 @@
+"""The sweep file: what to search, over which frameworks, with what budget, logged where."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from gid.config import Config, StrictModel, apply_overrides, format_validation_error, load_config, read_yaml
+from gid.errors import GidError
+from search.space import DEFAULT_SPACE, Dimension
+
+
+class FrameworkSweep(StrictModel):
+    """One framework's base distill config; every trial is this config plus sampled values."""
+
+    config: Path
+    overrides: list[str] = []  # dotted overrides applied to the base config, e.g. ["train.epochs=4"]
+    teacher_map: float | None = None  # val AP of the teacher, shown for reference (None: read from its model file)
+    student_map: float | None = None  # val AP of the student trained alone, for reference
+
+
+class Resources(StrictModel):
+    workers_per_trial: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)  # 0: CPU training; fractions let trials share a GPU
+    max_concurrent_trials: int = Field(1, ge=1)  # Tune cannot see Train workers: bound it here
+
+
+class Objective(StrictModel):
+    metric: str = "val_ap"
+    mode: Literal["max", "min"] = "max"
+    # Optional second objective for a Pareto front, e.g. "time_total_s" minimised.
+    second_metric: str | None = None
+    second_mode: Literal["max", "min"] = "min"
+
+
+class Scheduler(StrictModel):
+    type: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(1, ge=1)  # epochs before ASHA may stop a trial
+    reduction_factor: float = Field(2, gt=1)
+
+
+class Sampler(StrictModel):
+    type: Literal["tpe", "random"] = "tpe"
+    seed: int = 0
+    paper_defaults_first: bool = True  # evaluate the spec's defaults as the first trial
+
+
+class Tracking(StrictModel):
+    tracking_uri: str | None = None  # None: MLflow's local store (sqlite:///mlflow.db); env MLFLOW_TRACKING_URI wins
+    experiment: str = "gid-sweeps"
+
+
+class SweepConfig(StrictModel):
+    name: str
+    frameworks: dict[Literal["retinanet", "fcos", "faster_rcnn"], FrameworkSweep] = Field(min_length=1)
+    space: dict[str, Dimension] = Field(default_factory=lambda: dict(DEFAULT_SPACE))
+    trials: int = Field(20, ge=1)  # per framework
+    resources: Resources = Resources()
+    objective: Objective = Objective()
+    scheduler: Scheduler = Scheduler()
+    sampler: Sampler = Sampler()
+    tracking: Tracking = Tracking()
+    storage_path: str = "runs/sweeps"  # Ray Tune results and checkpoints (a bucket URI on clusters)
+    optuna_storage: str | None = None  # default: sqlite file per sweep under storage_path
+
+    @field_validator("space")
+    @classmethod
+    def _space_not_empty(cls, space: dict[str, Any]) -> dict[str, Any]:
+        if not space:
+            raise ValueError("the search space is empty; remove `space` to use the default or list ranges")
+        return space
+
+    @model_validator(mode="after")
+    def _keys_are_config_keys(self) -> SweepConfig:
+        for key in self.space:
+            if not key.startswith("distill."):
+                raise ValueError(f"space key {key!r} must be a distill.* config key")
+        return self
+
+    def base_config(self, framework: str) -> Config:
+        """The framework's base distill config with the sweep's overrides and every space key valid."""
+        entry = self.frameworks[framework]
+        config = load_config(entry.config, entry.overrides)
+        if config.distill is None:
+            raise GidError(f"{entry.config}: a sweep's base config needs a distill section with distill.teacher")
+        if config.model.framework != framework:
+            raise GidError(
+                f"{entry.config}: model.framework is {config.model.framework!r} but the sweep lists it under {framework!r}"
+            )
+        check_space_keys(config, self.space)
+        return config
+
+
+def check_space_keys(config: Config, space: dict[str, Dimension]) -> None:
+    """Fail before any compute if a space key or value does not fit the config tree."""
+    for key, dimension in space.items():
+        values = dimension.values if hasattr(dimension, "values") else [dimension.low, dimension.high]
+        for value in values:
+            data = apply_overrides(config.to_dict(), [f"{key}={value}"])
+            try:
+                Config.model_validate(data)
+            except ValidationError as exc:
+                raise GidError(format_validation_error(exc, f"space {key}")) from None
+
+
+def load_sweep(path: Path, overrides: list[str] | None = None) -> SweepConfig:
+    data = apply_overrides(read_yaml(path), overrides or [])
+    try:
+        return SweepConfig.model_validate(data)
+    except ValidationError as exc:
+        raise GidError(format_validation_error(exc, str(path))) from None

@@ -1,0 +1,50 @@
+"""Shared fixtures: one small synthetic data set and one local Ray instance for the whole run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from gid.config import Config, validate
+
+# Two cores: keep intra-op threads to one per process so Ray workers don't oversubscribe.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    from gid.data import make_synthetic
+
+    return make_synthetic(tmp_path_factory.mktemp("synth"), train=32, val=16, image_size=64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded Ray instance shared by every test that needs Ray."""
+    import ray
+
+    # Workers import helpers defined in test modules (e.g. Train callbacks) by module name.
+    tests_dir = str(Path(__file__).parent)
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": tests_dir}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def tiny_config(synth_root: Path, tmp_path: Path):
+    """Factory of configs small enough for a few CPU steps per test."""
+    return lambda framework="retinanet", **sections: make_tiny_config(synth_root, tmp_path, framework, **sections)
+
+
+def make_tiny_config(synth_root: Path, tmp_path: Path, framework: str, **sections) -> Config:
+    data = {
+        "data": {"root": str(synth_root), "image_size": 64, "batch_size": 4},
+        "model": {"framework": framework, "backbone": "resnet18", "fpn_channels": 64},
+        "train": {"epochs": 1, "lr": 0.01, "warmup_iters": 2, "log_every": 1000},
+        "run": {"name": f"tiny_{framework}", "storage_path": str(tmp_path / "runs")},
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return validate(data)

@@ -1,0 +1,92 @@
+import pickle
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from gid.config import ModelConfig
+from gid.data import build_dataset, collate
+from gid.engine.evaluation import coco_metrics, predict
+from gid.errors import GidError
+from gid.models import anchor_sizes, build_detector, load_model, load_weights, save_model
+
+FRAMEWORKS = ["retinanet", "fcos", "faster_rcnn"]
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_each_framework_trains_and_evaluates(framework, tiny_config, tmp_path):
+    torch.manual_seed(0)
+    config = tiny_config(framework)
+    dataset = build_dataset(config.data, "train", train=False)
+    images, targets = collate([dataset[i] for i in range(4)])
+    model = build_detector(config.model, config.data.image_size, dataset.num_classes)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    losses = []
+    for _ in range(8):  # overfit one small batch: the loss must go down
+        loss = sum(model(list(images), list(targets)).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert min(losses[-3:]) < losses[0]
+
+    val = build_dataset(config.data, "val", train=False)
+    loader = DataLoader(Subset(val, range(4)), batch_size=4, collate_fn=collate)
+    records = predict(model, loader, val.label_to_category_id, torch.device("cpu"))
+    assert all(r["category_id"] in val.label_to_category_id.values() for r in records)
+    assert 0.0 <= coco_metrics(val.coco, records)["ap"] <= 1.0
+
+
+@pytest.mark.parametrize("backbone", ["resnet34", "mobilenet_v3_large"])
+def test_other_backbones_build_and_run(backbone):
+    model = build_detector(ModelConfig(backbone=backbone, fpn_channels=64), 64, 3).eval()
+    (output,) = model([torch.rand(3, 64, 48)])
+    assert set(output) == {"boxes", "scores", "labels"}
+
+
+def test_auto_anchor_sizes_scale_with_input():
+    assert anchor_sizes(ModelConfig(framework="retinanet"), 800) == [32, 64, 128, 256, 512]
+    assert anchor_sizes(ModelConfig(framework="faster_rcnn"), 400) == [16, 32, 64, 128, 256]
+    assert anchor_sizes(ModelConfig(framework="fcos"), 128) == [8, 16, 32, 64, 128]  # strides
+    assert anchor_sizes(ModelConfig(anchor_sizes=[1, 2, 3, 4, 5]), 128) == [1, 2, 3, 4, 5]
+
+
+def test_model_file_round_trip(tiny_config, tmp_path):
+    config = tiny_config("fcos")
+    model = build_detector(config.model, 64, 4).eval()
+    save_model(model, config, 4, tmp_path / "m.pt")
+    loaded, loaded_config, num_classes = load_model(tmp_path / "m.pt")
+    image = [torch.rand(3, 64, 64)]
+    assert loaded_config == config and num_classes == 4
+    torch.testing.assert_close(loaded.eval()(image)[0]["scores"], model(image)[0]["scores"])
+
+    other = build_detector(config.model.model_copy(update={"framework": "retinanet"}), 64, 4)
+    with pytest.raises(GidError, match="weights do not fit this model"):
+        load_weights(other, tmp_path / "m.pt")
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (None, "checkpoint not found"),
+        (b"PK\x03\x04 truncated", "not a readable checkpoint"),
+        ("pickle", "refusing to load"),
+        ({"format": "other"}, "not a gid model file"),
+    ],
+)
+def test_bad_model_files_are_refused(tmp_path, content, expected):
+    path = tmp_path / "bad.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content == "pickle":
+        torch.save({"format": "gid-model/1", "evil": _RunsCode()}, path, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    elif content is not None:
+        torch.save(content, path)
+    with pytest.raises(GidError, match=expected):
+        load_model(path)
