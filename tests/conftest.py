@@ -25,9 +25,11 @@ def ray_local():
     """One embedded Ray instance shared by every test that needs Ray."""
     import ray
 
+    from gid.engine.trainer import RAY_ENV_VARS
+
     # Workers import helpers defined in test modules (e.g. Train callbacks) by module name.
-    tests_dir = str(Path(__file__).parent)
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": tests_dir}})
+    env_vars = {**RAY_ENV_VARS, "PYTHONPATH": str(Path(__file__).parent)}
+    ray.init(num_cpus=4, runtime_env={"env_vars": env_vars})
     yield ray
     ray.shutdown()
 

@@ -25,10 +25,18 @@ class TrainingOutcome:
     run_path: Path  # Ray Train's run folder: results and per-epoch checkpoints
 
 
+# Train V2's structured worker logging would print every worker line twice on the driver.
+RAY_ENV_VARS = {"RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0"}
+
+
 def ensure_ray(address: str | None = None) -> None:
-    """Connect to ``address``, or start an embedded local Ray instance once per process."""
+    """Connect to ``address``, or start an embedded local Ray instance once per process.
+
+    The local instance includes Ray's dashboard (on 127.0.0.1 only): Train's placement group
+    cleanup needs its state API to free the workers of a trial stopped early.
+    """
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=True)
+        ray.init(address=address, runtime_env={"env_vars": RAY_ENV_VARS})
 
 
 def use_gpu(config: Config) -> bool:

@@ -1,0 +1,364 @@
+"""GID step overhead: how much a GID training step costs beyond running the two models.
+
+For each framework, on one real batch of the synthetic data, it times
+
+* **student step**: the plain student ``student(images, targets)`` + backward + SGD step;
+* **teacher fwd**: the teacher's no-grad backbone + FPN + dense head through its DetectorView
+  (exactly what GID needs from the teacher; the batch transform is shared with the student,
+  so it is done once outside the timer);
+* **teacher inference** (reference only): the full ``teacher.eval()(images)``, post-processing included;
+* **GID step**: ``Distiller(images, targets)`` + backward + SGD step (student and adapter);
+
+and prints ``ratio = GID step / (student step + teacher fwd)``: 1.0 would mean that selecting the
+general instances and computing the three losses cost nothing. The four measurements run
+round-robin, one of each per iteration, so a change in machine load hits all of them alike;
+each number is the median over ``--iters`` iterations after ``--warmup`` unrecorded ones.
+
+A breakdown of the GID step follows, from timers this script wraps around the Distiller's parts
+(the library itself has no timing code): student and teacher forward, GISM selection,
+feature/relation pooling and losses, response mask and loss, the Faster R-CNN RoI response,
+backward and the optimizer step. A part called inside another timed part counts for the outer one.
+
+    python benchmarks/step_overhead.py --image-size 128 --batch-size 8 --out benchmarks/results.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+import gid.distill.distiller as distiller_module
+from gid.config import DataConfig, DistillConfig, ModelConfig
+from gid.data import build_dataset, collate, make_synthetic
+from gid.distill import Distiller
+from gid.distill.views import view_for
+from gid.models import build_detector
+
+FRAMEWORKS = ("retinanet", "fcos", "faster_rcnn")
+TARGET_RATIO = 1.15
+
+#: Breakdown rows: (label, timer names summed into it), in the order the GID step runs them.
+BREAKDOWN = (
+    ("student forward (transform, backbone+FPN, head, anchors, GT loss)", ("student.fwd",)),
+    ("teacher forward (no-grad backbone+FPN+head)", ("teacher.fwd",)),
+    ("GISM selection (+ logging stats)", ("gism.select", "gism.stats")),
+    ("feature/relation: adapter + ROIAlign pooling", ("adapter", "pool")),
+    ("feature/relation: losses", ("loss.feature", "loss.relation")),
+    ("response: mask (GI target assignment) + loss", ("response.mask", "response.loss")),
+    ("RoI response (Faster R-CNN: both box heads + loss)", ("roi.teacher", "roi.student", "roi.loss")),
+    ("backward", ("backward",)),
+    ("optimizer step", ("step",)),
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--frameworks", default=",".join(FRAMEWORKS), help="comma-separated subset of %(default)s")
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--iters", type=int, default=10, help="timed iterations (median reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--teacher-backbone", default="resnet50")
+    p.add_argument("--teacher-fpn", type=int, default=128)
+    p.add_argument("--student-backbone", default="resnet18")
+    p.add_argument("--student-fpn", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3, help="SGD learning rate of both training steps")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (timers synchronise on cuda)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="append the Markdown results to this file")
+    args = p.parse_args(argv)
+    args.frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
+    unknown = set(args.frameworks) - set(FRAMEWORKS)
+    if unknown:
+        p.error(f"unknown framework(s) {sorted(unknown)}; choose from {', '.join(FRAMEWORKS)}")
+    if args.iters < 1 or args.warmup < 0 or args.threads < 1:
+        p.error("--iters and --threads must be >= 1, --warmup >= 0")
+    return args
+
+
+class Clock:
+    """Wall-clock seconds per named part, accumulated within one iteration."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.current: dict[str, float] = defaultdict(float)
+        self.history: list[dict[str, float]] = []
+        self._depth = 0
+
+    def now(self) -> float:
+        self.sync()
+        return time.perf_counter()
+
+    def wrap(self, name: str, fn: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            if self._depth:  # nested in another timed part: that part gets the time
+                return fn(*args, **kwargs)
+            self._depth += 1
+            start = self.now()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.current[name] += self.now() - start
+                self._depth -= 1
+
+        return timed
+
+    def add(self, name: str, seconds: float) -> None:
+        self.current[name] += seconds
+
+    def close_iteration(self, record: bool) -> None:
+        if record:
+            self.history.append(dict(self.current))
+        self.current = defaultdict(float)
+
+    def median(self, *names: str) -> float:
+        return statistics.median(sum(h.get(n, 0.0) for n in names) for h in self.history)
+
+
+def instrument(distiller: Distiller, clock: Clock, stack: ExitStack) -> None:
+    """Wrap the Distiller's parts in timers (undone when ``stack`` closes)."""
+    teacher, student = distiller._views
+    patch = lambda target, attr, name: stack.enter_context(  # noqa: E731
+        mock.patch.object(target, attr, clock.wrap(name, getattr(target, attr)))
+    )
+    for method in ("transform", "features", "dense", "anchor_layout", "gt_losses"):
+        patch(student, method, "student.fwd")
+    for method in ("features", "dense"):
+        patch(teacher, method, "teacher.fwd")
+    patch(student, "assign_foreground", "response.mask")
+    patch(teacher, "roi_outputs", "roi.teacher")
+    patch(student, "roi_outputs", "roi.student")  # inside gt_losses it counts as student forward
+    if distiller.adapter is not None:
+        patch(distiller.adapter, "forward", "adapter")
+    for function, name in (
+        ("select_general_instances", "gism.select"),
+        ("filter_instances", "gism.select"),
+        ("gism_stats", "gism.stats"),
+        ("pool_instances", "pool"),
+        ("feature_loss", "loss.feature"),
+        ("relation_loss", "loss.relation"),
+        ("response_loss", "response.loss"),
+        ("roi_response_loss", "roi.loss"),
+    ):
+        patch(distiller_module, function, name)
+
+
+def make_batch(image_size: int, batch_size: int, seed: int, device: torch.device):
+    """A real training batch of the synthetic data (written to a temporary folder)."""
+    with tempfile.TemporaryDirectory(prefix="gid-bench-") as root:
+        make_synthetic(Path(root), train=max(batch_size, 8), val=0, image_size=image_size, seed=seed)
+        dataset = build_dataset(DataConfig(root=Path(root), hflip_prob=0.0), "train", train=True)
+        images, targets = collate([dataset[i] for i in range(batch_size)])
+    images = [image.to(device) for image in images]
+    targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+    return images, targets, dataset.num_classes
+
+
+def total_loss(losses: dict[str, torch.Tensor]) -> torch.Tensor:
+    return sum(v for k, v in losses.items() if k.startswith("loss_"))
+
+
+def bench_framework(framework: str, args: argparse.Namespace, batch, device: torch.device) -> dict:
+    images, targets, num_classes = batch
+    torch.manual_seed(args.seed)
+    teacher = build_detector(
+        ModelConfig(framework=framework, backbone=args.teacher_backbone, fpn_channels=args.teacher_fpn),
+        args.image_size, num_classes,
+    ).to(device)
+    student = build_detector(
+        ModelConfig(framework=framework, backbone=args.student_backbone, fpn_channels=args.student_fpn),
+        args.image_size, num_classes,
+    ).to(device)
+    gid_student = copy.deepcopy(student)  # same start, separate weights: each step trains its own
+    distiller = Distiller(teacher, gid_student, DistillConfig(teacher="unused"), args.image_size).train()
+    student.train()
+    teacher_view = view_for(teacher)
+    with torch.no_grad():
+        teacher_batch, _ = teacher_view.transform(images)  # the GID step transforms once, for both
+
+    sgd = dict(lr=args.lr, momentum=0.9, weight_decay=1e-4)
+    student_opt = torch.optim.SGD(student.parameters(), **sgd)
+    gid_opt = torch.optim.SGD(distiller.parameters(), **sgd)
+    student_clock, gid_clock = Clock(device), Clock(device)
+    finite = {"student": True, "gid": True}
+
+    def student_step() -> None:
+        student_opt.zero_grad(set_to_none=True)
+        start = student_clock.now()
+        loss = sum(student(images, targets).values())  # torchvision's own loss dict
+        student_clock.add("forward", student_clock.now() - start)
+        start = student_clock.now()
+        loss.backward()
+        student_clock.add("backward", student_clock.now() - start)
+        start = student_clock.now()
+        student_opt.step()
+        student_clock.add("step", student_clock.now() - start)
+        finite["student"] &= bool(torch.isfinite(loss))
+
+    @torch.no_grad()
+    def teacher_forward() -> None:
+        teacher_view.dense(teacher_view.features(teacher_batch))
+
+    @torch.no_grad()
+    def teacher_inference() -> None:
+        teacher(images)
+
+    gis_per_image = []
+
+    def gid_step() -> None:
+        gid_opt.zero_grad(set_to_none=True)
+        losses = distiller(images, targets)
+        loss = total_loss(losses)
+        start = gid_clock.now()
+        loss.backward()
+        gid_clock.add("backward", gid_clock.now() - start)
+        start = gid_clock.now()
+        gid_opt.step()
+        gid_clock.add("step", gid_clock.now() - start)
+        finite["gid"] &= bool(torch.isfinite(loss))
+        gis_per_image.append(float(losses["gism_gis_per_image"]))
+
+    steps = {
+        "student": student_step,
+        "teacher": teacher_forward,
+        "inference": teacher_inference,
+        "gid": gid_step,
+    }
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    clock = Clock(device)
+    with ExitStack() as stack:
+        instrument(distiller, gid_clock, stack)
+        for it in range(args.warmup + args.iters):
+            record = it >= args.warmup
+            names = list(steps)
+            names = names[it % len(names):] + names[: it % len(names)]  # rotate: no fixed order bias
+            for name in names:
+                start = clock.now()
+                steps[name]()
+                elapsed = clock.now() - start
+                if record:
+                    times[name].append(elapsed)
+            student_clock.close_iteration(record)
+            gid_clock.close_iteration(record)
+
+    med = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    breakdown = [(label, gid_clock.median(*names) * 1e3) for label, names in BREAKDOWN]
+    gid_total = times["gid"]
+    parts = [n for _, names in BREAKDOWN for n in names]
+    other = statistics.median(
+        total - sum(h.get(n, 0.0) for n in parts) for total, h in zip(gid_total, gid_clock.history)
+    ) * 1e3
+    breakdown.append(("other (Distiller glue, loss sum, zero_grad)", other))
+    return {
+        "framework": framework,
+        "student": med["student"],
+        "teacher": med["teacher"],
+        "inference": med["inference"],
+        "gid": med["gid"],
+        "ratio": med["gid"] / (med["student"] + med["teacher"]),
+        "student_parts": {k: student_clock.median(k) * 1e3 for k in ("forward", "backward", "step")},
+        "breakdown": breakdown,
+        "gis_per_image": statistics.median(gis_per_image) if gis_per_image else 0.0,
+        "finite": finite,
+    }
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=Path(__file__).resolve().parent,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "gid"], capture_output=True, text=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+        return out.stdout.strip() + (" (gid/ modified)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def render(results: list[dict], args: argparse.Namespace, device: torch.device) -> str:
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_name()}, {os.cpu_count()} cores"
+    lines = [
+        f"### step overhead: image {args.image_size}, batch {args.batch_size}, {args.device}",
+        "",
+        f"- command: `python {' '.join(['benchmarks/step_overhead.py', *sys.argv[1:]])}`",
+        f"- machine: {machine}; torch {torch.__version__}, {args.threads} thread(s); "
+        f"load average at the end {os.getloadavg()[0]:.2f}",
+        f"- commit: {commit()}",
+        f"- teacher {args.teacher_backbone} FPN {args.teacher_fpn}, student {args.student_backbone} FPN "
+        f"{args.student_fpn}; median of {args.iters} iterations after {args.warmup} warm-up",
+        "",
+        "| framework | student step ms | teacher fwd ms | GID step ms | ratio GID / (student + teacher) "
+        "| teacher inference ms (ref.) | GIs / image |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        flag = "" if r["ratio"] <= TARGET_RATIO else " ⚠"
+        lines.append(
+            f"| {r['framework']} | {r['student']:.1f} | {r['teacher']:.1f} | {r['gid']:.1f} "
+            f"| **{r['ratio']:.3f}**{flag} | {r['inference']:.1f} | {r['gis_per_image']:.1f} |"
+        )
+    lines += ["", f"Target: ratio ≤ {TARGET_RATIO}.", ""]
+    for r in results:
+        sp = r["student_parts"]
+        lines += [
+            f"GID step breakdown, {r['framework']} (medians; GID step {r['gid']:.1f} ms; plain student step: "
+            f"forward {sp['forward']:.1f} / backward {sp['backward']:.1f} / step {sp['step']:.1f} ms)",
+            "",
+            "| part | ms | share of GID step |",
+            "|---|---:|---:|",
+        ]
+        for label, ms in r["breakdown"]:
+            lines.append(f"| {label} | {ms:.1f} | {100 * ms / r['gid']:.1f}% |")
+        if not all(r["finite"].values()):
+            lines.append(f"\nWarning: non-finite loss seen ({r['finite']}).")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    batch = make_batch(args.image_size, args.batch_size, args.seed, device)
+    results = []
+    for framework in args.frameworks:
+        print(f"timing {framework} ...", file=sys.stderr, flush=True)
+        results.append(bench_framework(framework, args, batch, device))
+    text = render(results, args, device)
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with args.out.open("a") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
