@@ -187,6 +187,18 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def set_value(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``data[a][b][c] = value`` for the dotted ``key`` "a.b.c", creating sections."""
+    node = data
+    *parents, leaf = key.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise GidError(f"override {key}: {part!r} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict, in place."""
     for item in overrides:
@@ -197,14 +209,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             value = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError:
             value = raw
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise GidError(f"override {key}: {part!r} is a value, not a section")
-            node = child
-        node[leaf] = value
+        set_value(data, key, value)
     return data
 
 

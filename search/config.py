@@ -7,9 +7,9 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from gid.config import Config, StrictModel, apply_overrides, format_validation_error, load_config, read_yaml
+from gid.config import Config, StrictModel, apply_overrides, format_validation_error, load_config, read_yaml, set_value
 from gid.errors import GidError
-from search.space import DEFAULT_SPACE, Dimension
+from search.space import DEFAULT_SPACE, Choice, Dimension
 
 
 class FrameworkSweep(StrictModel):
@@ -17,8 +17,8 @@ class FrameworkSweep(StrictModel):
 
     config: Path
     overrides: list[str] = []  # dotted overrides applied to the base config, e.g. ["train.epochs=4"]
-    teacher_map: float | None = None  # val AP of the teacher, shown for reference (None: read from its model file)
-    student_map: float | None = None  # val AP of the student trained alone, for reference
+    # Model file of the same student trained alone (`gid train`): its mAP is shown for reference.
+    baseline: Path | None = None
 
 
 class Resources(StrictModel):
@@ -56,7 +56,7 @@ class Tracking(StrictModel):
 class SweepConfig(StrictModel):
     name: str
     frameworks: dict[Literal["retinanet", "fcos", "faster_rcnn"], FrameworkSweep] = Field(min_length=1)
-    space: dict[str, Dimension] = Field(default_factory=lambda: dict(DEFAULT_SPACE))
+    space: dict[str, Dimension] = Field(default_factory=lambda: dict(DEFAULT_SPACE), validate_default=True)
     trials: int = Field(20, ge=1)  # per framework
     resources: Resources = Resources()
     objective: Objective = Objective()
@@ -97,9 +97,10 @@ class SweepConfig(StrictModel):
 def check_space_keys(config: Config, space: dict[str, Dimension]) -> None:
     """Fail before any compute if a space key or value does not fit the config tree."""
     for key, dimension in space.items():
-        values = dimension.values if hasattr(dimension, "values") else [dimension.low, dimension.high]
+        values = dimension.values if isinstance(dimension, Choice) else [dimension.low, dimension.high]
         for value in values:
-            data = apply_overrides(config.to_dict(), [f"{key}={value}"])
+            data = config.to_dict()
+            set_value(data, key, value)
             try:
                 Config.model_validate(data)
             except ValidationError as exc:

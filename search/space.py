@@ -32,6 +32,9 @@ class FloatRange(StrictModel):
     def distribution(self) -> BaseDistribution:
         return FloatDistribution(self.low, self.high, log=self.log)
 
+    def contains(self, value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and self.low <= value <= self.high
+
 
 class IntRange(FloatRange):
     type: Literal["int"] = "int"
@@ -48,6 +51,9 @@ class Choice(StrictModel):
 
     def distribution(self) -> BaseDistribution:
         return CategoricalDistribution(self.values)
+
+    def contains(self, value: Any) -> bool:
+        return value in self.values
 
 
 Dimension = Annotated[Union[FloatRange, IntRange, Choice], Field(discriminator="type")]

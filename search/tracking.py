@@ -16,10 +16,14 @@ import yaml
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
+from gid.config import Config
+from gid.engine.loop import PICTURES_DIR
 from gid.errors import GidError
+from search.trial import trial_config
 
 SWEEP_TAG, FRAMEWORK_TAG, TRIAL_TAG, ROLE_TAG = "gid.sweep", "gid.framework", "gid.trial_id", "gid.role"
 # Tune's own bookkeeping in every result: not worth a chart each.
@@ -49,18 +53,25 @@ def connect(tracking_uri: str | None, experiment: str) -> tuple[MlflowClient, st
     return client, experiment_id
 
 
+def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for start in range(0, len(items), 100):  # MLflow's batch limit
+        client.log_batch(run_id, params=items[start : start + 100])
+
+
 def find_run(client: MlflowClient, experiment_id: str, tags: dict[str, str]) -> str | None:
     query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
     runs = client.search_runs([experiment_id], filter_string=query, max_results=1)
     return runs[0].info.run_id if runs else None
 
 
-def parent_run(client: MlflowClient, experiment_id: str, sweep: str) -> str:
-    """The sweep's parent run: reused when the sweep resumes."""
+def parent_run(client: MlflowClient, experiment_id: str, sweep: str, settings: dict[str, Any]) -> str:
+    """The sweep's parent run, with the sweep file's ``settings`` as params: reused on resume."""
     tags = {SWEEP_TAG: sweep, ROLE_TAG: "sweep"}
     run_id = find_run(client, experiment_id, tags)
     if run_id is None:
         run_id = client.create_run(experiment_id, run_name=sweep, tags=tags).info.run_id
+        log_params(client, run_id, flatten(settings))
     else:
         client.update_run(run_id, status="RUNNING")
     return run_id
@@ -70,10 +81,17 @@ class MlflowTrialCallback(Callback):
     """Logs each Tune trial as a child run of the sweep's parent run."""
 
     def __init__(
-        self, tracking_uri: str | None, experiment: str, parent_run_id: str, sweep: str, framework: str, epochs: int
+        self,
+        tracking_uri: str | None,
+        experiment: str,
+        parent_run_id: str,
+        sweep: str,
+        base: Config,
+        trials_path: str,
     ):
         self.tracking_uri, self.experiment, self.parent_run_id = tracking_uri, experiment, parent_run_id
-        self.sweep, self.framework, self.epochs = sweep, framework, epochs
+        self.sweep, self.base, self.trials_path = sweep, base, trials_path
+        self.framework, self.epochs = base.model.framework, base.train.epochs
         self._client: MlflowClient | None = None
         self._runs: dict[str, str] = {}  # trial id -> run id
         self._last_step: dict[str, int] = {}  # trial id -> last epoch logged (no duplicates on resume)
@@ -97,10 +115,8 @@ class MlflowTrialCallback(Callback):
                 tags={**tags, MLFLOW_PARENT_RUN_ID: self.parent_run_id, MLFLOW_RUN_NAME: f"{self.framework}/{trial.trial_id}"},
             )
             run_id = run.info.run_id
-            config = trial.config.get("resolved", {})
-            params = [Param(k, str(v)[:6000]) for k, v in flatten(config).items()]
-            for start in range(0, len(params), 100):  # MLflow's batch limit
-                client.log_batch(run_id, params=params[start : start + 100])
+            config = trial_config(self.base.to_dict(), trial.config, trial.trial_id, self.trials_path).to_dict()
+            log_params(client, run_id, flatten(config))
             self._log_yaml(run_id, config, "config.yaml")
             self._last_step[trial.trial_id] = 0
         else:
@@ -138,9 +154,10 @@ class MlflowTrialCallback(Callback):
         run_id = self._run_for(trial)
         client = self._client
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-        pictures = Path(trial.config.get("pictures_dir", "")) / trial.trial_id
-        if pictures.is_dir():
-            client.log_artifacts(run_id, str(pictures), "gi_pictures")
+        # The last checkpoint of a distillation holds its GI pictures (local or mounted storage).
+        checkpoint = (trial.last_result or {}).get(CHECKPOINT_PATH_KEY)
+        if checkpoint and (Path(checkpoint) / PICTURES_DIR).is_dir():
+            client.log_artifacts(run_id, str(Path(checkpoint) / PICTURES_DIR), PICTURES_DIR)
         client.set_terminated(run_id, status=status)
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:

@@ -20,6 +20,9 @@ SEMI_POSITIVE_IOU = 0.7
 NEGATIVE_IOU = 0.3
 GT_OVERLAP_IOU = 0.5
 
+#: Candidates the first NMS pass looks at (see _nms_top_k); any value gives the same result.
+_NMS_FIRST_PREFIX = 128
+
 
 def gi_scores(p_teacher: Tensor, p_student: Tensor, mode: str) -> Tensor:
     """GI score of every anchor from class probabilities ``[..., R, K]`` -> ``[..., R]``.
@@ -89,10 +92,29 @@ def _select_one_image(
 
     keep = remove_small_boxes(boxes, min_box_size)
     keep = keep[scores[keep] >= config.min_score]
-    keep = keep[nms(boxes[keep], scores[keep], config.nms_iou)[: config.top_k]]
+    keep = keep[_nms_top_k(boxes[keep], scores[keep], config.nms_iou, config.top_k)]
     return GeneralInstances(
         boxes=boxes[keep], scores=scores[keep], anchor_index=index[keep], from_teacher=from_teacher[keep]
     )
+
+
+def _nms_top_k(boxes: Tensor, scores: Tensor, iou_threshold: float, k: int) -> Tensor:
+    """``nms(boxes, scores, iou_threshold)[:k]`` for ``scores`` sorted in descending order.
+
+    Greedy NMS keeps a box unless a higher-scoring kept box overlaps it, so whether a box is kept
+    depends only on the boxes before it: NMS over the first n candidates keeps exactly the first
+    survivors of NMS over all of them (torchvision's NMS sorts stably, so ties keep their order).
+    The first k survivors are therefore found on a growing prefix instead of suppressing all
+    ``pre_nms_top_k`` candidates against each other, the selection's main cost otherwise.
+    """
+    num_boxes = len(scores)
+    size = max(_NMS_FIRST_PREFIX, 8 * k)
+    while size < num_boxes:
+        kept = nms(boxes[:size], scores[:size], iou_threshold)
+        if len(kept) >= k:
+            return kept[:k]
+        size *= 4
+    return nms(boxes, scores, iou_threshold)[:k]
 
 
 def _subset(gi: GeneralInstances, keep: Tensor) -> GeneralInstances:

@@ -10,10 +10,7 @@ from torchvision.models.detection.transform import resize_boxes
 from torchvision.transforms.functional import to_pil_image
 from torchvision.utils import draw_bounding_boxes
 
-from gid.config import Config
-from gid.data import build_dataset
 from gid.distill.distiller import Distiller
-from gid.models import load_model
 
 TEACHER_COLOUR, STUDENT_COLOUR, GROUND_TRUTH_COLOUR = "orange", "deepskyblue", "lime"
 
@@ -30,11 +27,13 @@ def draw_general_instances(image: Tensor, gi_boxes: Tensor, from_teacher: Tensor
 def save_gi_pictures(distiller: Distiller, dataset, out_dir: Path, count: int = 4) -> list[Path]:
     """Run GISM on the first ``count`` images of ``dataset`` and save one PNG each."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    was_training = distiller.training
     distiller.eval()
+    device = next(distiller.student.parameters()).device
     paths = []
     for index in range(min(count, len(dataset))):
         image, target = dataset[index]
-        (gis,) = distiller.general_instances([image], [target])
+        (gis,) = distiller.general_instances([image.to(device)], [{k: v.to(device) if torch.is_tensor(v) else v for k, v in target.items()}])
         # GIs live in the detector's resized input frame; draw them on the original image.
         resized = distiller.student.transform.resize(image, None)[0].shape[-2:]
         boxes = resize_boxes(gis.boxes.cpu(), list(resized), list(image.shape[-2:]))
@@ -42,12 +41,6 @@ def save_gi_pictures(distiller: Distiller, dataset, out_dir: Path, count: int = 
         path = out_dir / f"gi_{int(target['image_id'])}.png"
         to_pil_image(picture).save(path)
         paths.append(path)
+    distiller.train(was_training)
     return paths
 
-
-def save_run_pictures(config: Config, model_path: Path, out_dir: Path, count: int = 4) -> list[Path]:
-    """GI pictures for a finished distillation run: its final student under its teacher."""
-    student, _, _ = load_model(model_path)
-    distiller = Distiller.from_config(student, config.distill, config.data.image_size)
-    dataset = build_dataset(config.data, config.data.val_split, train=False)
-    return save_gi_pictures(distiller, dataset, out_dir, count)

@@ -27,6 +27,7 @@ from gid.models import build_detector, load_weights, read_checkpoint
 from gid.models.checkpoint import FORMAT, atomic_save
 
 CHECKPOINT_FILE = "checkpoint.pt"
+PICTURES_DIR = "gi_pictures"  # in the last checkpoint of a distillation: what GISM picked
 
 
 def build_trainable(config: Config, num_classes: int, device: torch.device) -> nn.Module:
@@ -197,5 +198,9 @@ def train_loop_per_worker(config_dict: dict) -> None:
                 if adapter is not None:
                     state["adapter"] = adapter.state_dict()
                 atomic_save(state, Path(directory) / CHECKPOINT_FILE)
+                if last and config.distill is not None:
+                    from gid.distill.pictures import save_gi_pictures
+
+                    save_gi_pictures(trainable, val_set, Path(directory) / PICTURES_DIR)
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(metrics, checkpoint=checkpoint)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,12 +13,11 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from gid.config import Config
-from gid.engine.loop import CHECKPOINT_FILE, train_loop_per_worker
+from gid.engine.loop import CHECKPOINT_FILE, PICTURES_DIR, train_loop_per_worker
 from gid.errors import GidError
 from gid.models.checkpoint import atomic_save, read_checkpoint
 
 MODEL_FILE = "model.pt"
-PICTURES_DIR = "gi_pictures"
 
 
 @dataclass
@@ -73,21 +75,37 @@ def export_model(checkpoint_dir: Path, out: Path) -> None:
     atomic_save({k: state[k] for k in keep}, out)
 
 
+@contextmanager
+def raise_user_error() -> Iterator[None]:
+    """Turn a worker's user error (bad data, a loss gone NaN) into one line instead of Ray's traceback."""
+    try:
+        yield
+    except ray.train.WorkerGroupError as exc:
+        for failure in exc.worker_failures.values():
+            cause = getattr(failure, "cause", None) or failure  # Ray keeps the worker's exception as .cause
+            if isinstance(cause, (GidError, FloatingPointError)):
+                raise GidError(str(cause).strip().splitlines()[-1]) from None
+        raise
+
+
+def finish_run(config: Config, result: ray.train.Result) -> TrainingOutcome:
+    """Export the final model file (and the GI pictures of a distillation) of a finished run."""
+    run_path = Path(result.path)
+    model_path = run_path / MODEL_FILE
+    with result.checkpoint.as_directory() as directory:
+        export_model(Path(directory), model_path)
+        pictures = Path(directory) / PICTURES_DIR
+        if pictures.is_dir():
+            shutil.copytree(pictures, run_path / PICTURES_DIR, dirs_exist_ok=True)
+    return TrainingOutcome(metrics=result.metrics, model_path=model_path, run_path=run_path)
+
+
 def run_training(config: Config, address: str | None = None) -> TrainingOutcome:
     """Train (or distil) per ``config`` on Ray; resumes the run of the same name if it exists."""
     if config.run.name is None:
         raise GidError("run.name is not set; pass --set run.name=NAME")
     config = config.with_absolute_paths()
     ensure_ray(address)
-    result = build_trainer(config).fit()
-    if result.error is not None:
-        raise result.error
-    run_path = Path(result.path)
-    model_path = run_path / MODEL_FILE
-    with result.checkpoint.as_directory() as directory:
-        export_model(Path(directory), model_path)
-    if config.distill is not None:
-        from gid.distill.pictures import save_run_pictures
-
-        save_run_pictures(config, model_path, run_path / PICTURES_DIR)
-    return TrainingOutcome(metrics=result.metrics, model_path=model_path, run_path=run_path)
+    with raise_user_error():
+        result = build_trainer(config).fit()
+    return finish_run(config, result)

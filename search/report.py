@@ -1,0 +1,157 @@
+"""The sweep's summary: a table per framework, a CSV of every trial, Optuna plots, on the parent run."""
+
+from __future__ import annotations
+
+import csv
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import matplotlib.pyplot as plt
+from mlflow.tracking import MlflowClient
+from optuna.visualization import matplotlib as optuna_plots
+
+from gid.errors import GidError
+from gid.models import read_checkpoint
+from search.config import SweepConfig
+
+if TYPE_CHECKING:
+    from search.sweep import FrameworkOutcome
+
+
+@dataclass
+class TrialRow:
+    framework: str
+    trial_id: str
+    status: str  # finished | pruned | failed
+    epochs: int
+    value: float | None  # the objective at the trial's last epoch
+    params: dict
+    error: str = ""
+
+
+def trial_rows(outcome: FrameworkOutcome, metric: str) -> list[TrialRow]:
+    rows = []
+    for result in outcome.results:
+        metrics = result.metrics or {}
+        epochs = int(metrics.get("epoch", 0))
+        if result.error is not None:
+            status = "failed"
+        else:
+            status = "finished" if epochs >= outcome.base.train.epochs else "pruned"
+        error = str(result.error).strip().splitlines()[-1] if result.error is not None else ""
+        rows.append(
+            TrialRow(
+                outcome.framework, metrics.get("trial_id", Path(result.path).name), status, epochs,
+                metrics.get(metric), dict(result.config or {}), error,
+            )
+        )
+    return rows
+
+
+def best_row(rows: list[TrialRow], mode: str) -> TrialRow | None:
+    """The finished trial with the best objective (pruned trials stopped before the full schedule)."""
+    finished = [r for r in rows if r.status == "finished" and r.value is not None]
+    if not finished:
+        return None
+    return (max if mode == "max" else min)(finished, key=lambda r: r.value)
+
+
+def model_ap(path: Path | None) -> float | None:
+    """The val AP stored in a model file written by `gid train`, if there is one."""
+    if path is None:
+        return None
+    try:
+        return read_checkpoint(path).get("metrics", {}).get("val_ap")
+    except GidError:
+        return None
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def summary_markdown(sweep: SweepConfig, outcomes: list[FrameworkOutcome], rows: list[TrialRow]) -> str:
+    metric, mode = sweep.objective.metric, sweep.objective.mode
+    lines = [
+        f"# Sweep {sweep.name}",
+        "",
+        f"Objective: {metric} ({mode}), AP in %.",
+        "",
+        "| framework | teacher | student alone | best GID | trials finished / pruned / failed | best trial | best values |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for outcome in outcomes:
+        mine = [r for r in rows if r.framework == outcome.framework]
+        best = best_row(mine, mode)
+        counts = " / ".join(str(sum(r.status == s for r in mine)) for s in ("finished", "pruned", "failed"))
+        values = ", ".join(f"{k.removeprefix('distill.')}={_short(v)}" for k, v in best.params.items()) if best else "–"
+        lines.append(
+            f"| {outcome.framework} | {_percent(model_ap(outcome.base.distill.teacher))} "
+            f"| {_percent(model_ap(sweep.frameworks[outcome.framework].baseline))} "
+            f"| {_percent(best.value if best else None)} | {counts} | {best.trial_id if best else '–'} | {values} |"
+        )
+    failed = [r for r in rows if r.status == "failed"]
+    if failed:
+        lines += ["", "Failed trials:", ""] + [f"- {r.framework} {r.trial_id}: {r.error}" for r in failed]
+    return "\n".join(lines) + "\n"
+
+
+def _short(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def trials_csv(rows: list[TrialRow]) -> str:
+    keys = sorted({k for r in rows for k in r.params})
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["framework", "trial_id", "status", "epochs", "objective", *keys, "error"])
+    for r in rows:
+        writer.writerow([r.framework, r.trial_id, r.status, r.epochs, r.value, *(r.params.get(k) for k in keys), r.error])
+    return out.getvalue()
+
+
+def save_plots(outcome: FrameworkOutcome, metric: str, out_dir: Path) -> list[Path]:
+    """Optimisation history, parameter importance and parallel coordinates of the framework's study."""
+    study = outcome.study
+    kwargs = {"target": lambda t: t.values[0], "target_name": metric} if len(study.directions) > 1 else {"target_name": metric}
+    plots = {
+        "history": optuna_plots.plot_optimization_history,
+        "importance": optuna_plots.plot_param_importances,
+        "parallel": optuna_plots.plot_parallel_coordinate,
+    }
+    paths = []
+    for name, plot in plots.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+                axes = plot(study, **kwargs)
+        except (ValueError, RuntimeError, ZeroDivisionError) as exc:
+            # e.g. importance needs two finished trials with different values
+            print(f"  {outcome.framework}: no {name} plot ({exc})")
+            continue
+        figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+        path = out_dir / f"{outcome.framework}_{name}.png"
+        figure.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(figure)
+        paths.append(path)
+    return paths
+
+
+def log_sweep_report(
+    client: MlflowClient, parent_run_id: str, sweep: SweepConfig, outcomes: list[FrameworkOutcome], sweep_path: Path
+) -> tuple[str, Path]:
+    """Write the summary (Markdown, CSV) and plots under the sweep folder and on the parent run."""
+    metric = sweep.objective.metric
+    rows = [row for outcome in outcomes for row in trial_rows(outcome, metric)]
+    report_dir = sweep_path / "report"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    summary = summary_markdown(sweep, outcomes, rows)
+    (report_dir / "summary.md").write_text(summary)
+    (report_dir / "trials.csv").write_text(trials_csv(rows))
+    for outcome in outcomes:
+        save_plots(outcome, metric, report_dir)
+    client.log_artifacts(parent_run_id, str(report_dir), "report")
+    return summary, report_dir

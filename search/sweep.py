@@ -1,0 +1,165 @@
+"""`gid sweep`: one Ray Tune experiment per framework, Optuna sampling, ASHA pruning, MLflow tracking.
+
+Each framework gets its own experiment (and Optuna study) because its trials differ in what
+they cost and what mAP they can reach: one TPE model across frameworks would spend its budget
+learning the framework gap instead of the GID values that matter within each framework.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from gid.config import Config, DistillConfig
+from gid.engine.trainer import ensure_ray
+from gid.errors import GidError
+from search.config import SweepConfig
+from search.space import to_optuna
+from search.tracking import MlflowTrialCallback, connect, flatten, parent_run
+from search.trial import run_trial
+
+
+@dataclass
+class FrameworkOutcome:
+    framework: str
+    base: Config
+    results: tune.ResultGrid
+    study: optuna.Study
+    trials_path: str
+
+
+def experiment_name(sweep: SweepConfig, framework: str) -> str:
+    return f"{sweep.name}-{framework}"
+
+
+def paper_defaults(space: dict[str, Any]) -> dict[str, Any]:
+    """The spec's default for every space key its range contains: the first point evaluated."""
+    defaults = flatten({"distill": DistillConfig(teacher="-").model_dump(mode="json")})
+    return {key: defaults[key] for key, dimension in space.items() if dimension.contains(defaults.get(key))}
+
+
+def build_searcher(sweep: SweepConfig, framework: str, storage: str) -> OptunaSearch:
+    objective = sweep.objective
+    metrics, modes = [objective.metric], [objective.mode]
+    if objective.second_metric:
+        metrics.append(objective.second_metric)
+        modes.append(objective.second_mode)
+    seed = sweep.sampler.seed
+    sampler = optuna.samplers.TPESampler(seed=seed) if sweep.sampler.type == "tpe" else optuna.samplers.RandomSampler(seed)
+    # OptunaSearch ignores TuneConfig's metric/mode: it must be told itself.
+    return OptunaSearch(
+        space=to_optuna(sweep.space),
+        metric=metrics if len(metrics) > 1 else metrics[0],
+        mode=modes if len(modes) > 1 else modes[0],
+        points_to_evaluate=[paper_defaults(sweep.space)] if sweep.sampler.paper_defaults_first else None,
+        sampler=sampler,
+        study_name=experiment_name(sweep, framework),
+        storage=optuna.storages.RDBStorage(storage),
+    )
+
+
+def build_scheduler(sweep: SweepConfig, epochs: int):
+    if sweep.scheduler.type == "none":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="epoch",
+        max_t=epochs,
+        grace_period=min(sweep.scheduler.grace_period, epochs),
+        reduction_factor=sweep.scheduler.reduction_factor,
+    )
+
+
+def sweep_base(sweep: SweepConfig, framework: str) -> Config:
+    """The framework's base config with the sweep's trial resources, paths made absolute."""
+    base = sweep.base_config(framework).with_absolute_paths()
+    resources = sweep.resources
+    scaling = base.scaling.model_copy(
+        update={
+            "num_workers": resources.workers_per_trial,
+            "cpus_per_worker": resources.cpus_per_worker,
+            "use_gpu": resources.gpus_per_worker > 0,
+            "gpus_per_worker": resources.gpus_per_worker or 1,
+        }
+    )
+    train = base.train.model_copy(update={"eval_every": 1})  # the scheduler needs mAP every epoch
+    return base.model_copy(update={"scaling": scaling, "train": train})
+
+
+def optuna_storage(sweep: SweepConfig, sweep_path: Path) -> str:
+    return sweep.optuna_storage or f"sqlite:///{sweep_path / 'optuna.db'}"
+
+
+def run_framework(
+    sweep: SweepConfig, base: Config, sweep_path: Path, parent_run_id: str, resume: bool
+) -> FrameworkOutcome:
+    framework = base.model.framework
+    name = experiment_name(sweep, framework)
+    trials_path = str(sweep_path / "trials" / framework)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=base.to_dict(), trials_path=trials_path),
+        # The trial function only drives its TorchTrainer, whose workers ask for the real resources
+        # (Tune refuses an empty request, hence a token share of a CPU).
+        {"CPU": 0.01},
+    )
+    experiment_path = sweep_path / name
+    storage = optuna_storage(sweep, sweep_path)
+    if resume and tune.Tuner.can_restore(str(experiment_path)):
+        tuner = tune.Tuner.restore(str(experiment_path), trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                metric=sweep.objective.metric,
+                mode=sweep.objective.mode,
+                search_alg=build_searcher(sweep, framework, storage),
+                scheduler=build_scheduler(sweep, base.train.epochs),
+                num_samples=sweep.trials,
+                # Tune cannot see the Train workers' resources: bound concurrency here.
+                max_concurrent_trials=sweep.resources.max_concurrent_trials,
+            ),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=str(sweep_path),
+                callbacks=[
+                    MlflowTrialCallback(
+                        sweep.tracking.tracking_uri, sweep.tracking.experiment, parent_run_id, sweep.name, base, trials_path
+                    )
+                ],
+                failure_config=tune.FailureConfig(max_failures=0),
+            ),
+        )
+    results = tuner.fit()
+    study = optuna.load_study(study_name=name, storage=storage)
+    return FrameworkOutcome(framework, base, results, study, trials_path)
+
+
+@dataclass
+class SweepOutcome:
+    frameworks: list[FrameworkOutcome]
+    summary: str  # Markdown table per framework
+    report_dir: Path  # summary.md, trials.csv and plots
+    parent_run_id: str
+
+
+def run_sweep(sweep: SweepConfig, resume: bool = False, address: str | None = None) -> SweepOutcome:
+    """Run (or resume) every framework's experiment of the sweep."""
+    sweep_path = Path(sweep.storage_path).expanduser().resolve() / sweep.name
+    if sweep_path.exists() and not resume:
+        raise GidError(f"sweep {sweep.name!r} already exists in {sweep_path}; pass --resume to continue it or pick another name")
+    bases = [sweep_base(sweep, framework) for framework in sweep.frameworks]  # bad input fails before any compute
+    client, experiment_id = connect(sweep.tracking.tracking_uri, sweep.tracking.experiment)
+    parent_run_id = parent_run(client, experiment_id, sweep.name, sweep.model_dump(mode="json", exclude={"space"}))
+    ensure_ray(address)
+    sweep_path.mkdir(parents=True, exist_ok=True)
+    outcomes = [run_framework(sweep, base, sweep_path, parent_run_id, resume) for base in bases]
+    from search.report import log_sweep_report
+
+    summary, report_dir = log_sweep_report(client, parent_run_id, sweep, outcomes, sweep_path)
+    client.set_terminated(parent_run_id, status="FINISHED")
+    return SweepOutcome(outcomes, summary, report_dir, parent_run_id)

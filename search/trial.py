@@ -1,0 +1,34 @@
+"""One Tune trial: the framework's base distill config plus sampled values, run by a TorchTrainer.
+
+Ray Train V2 inside Tune: the trial is a plain function that builds a TorchTrainer whose run
+reports to Tune through ``TuneReportCallback``. The Train run is named after the Tune trial id
+and lives in the sweep's storage, so a restored trial resumes its own Train checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from gid.config import Config, set_value
+from gid.engine.trainer import build_trainer, raise_user_error
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any], trial_id: str, trials_path: str) -> Config:
+    """The full config of one trial: what the trial logs, and what `gid export` writes out."""
+    data = copy.deepcopy(base)
+    for key, value in params.items():
+        set_value(data, key, value)
+    set_value(data, "run.name", trial_id)
+    set_value(data, "run.storage_path", trials_path)
+    return Config.model_validate(data)
+
+
+def run_trial(params: dict[str, Any], *, base: dict[str, Any], trials_path: str) -> None:
+    trial_id = tune.get_context().get_trial_id()
+    config = trial_config(base, params, trial_id, trials_path)
+    with raise_user_error():
+        build_trainer(config, callbacks=[TuneReportCallback()]).fit()
