@@ -61,7 +61,7 @@ BREAKDOWN = (
     ("response: mask (GI target assignment) + loss", ("response.mask", "response.loss")),
     ("RoI response (Faster R-CNN: both box heads + loss)", ("roi.teacher", "roi.student", "roi.loss")),
     ("backward", ("backward",)),
-    ("optimizer step", ("step",)),
+    ("gradient clipping + optimizer step", ("step",)),
 )
 
 
@@ -78,9 +78,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--student-backbone", default="resnet18")
     p.add_argument("--student-fpn", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3, help="SGD learning rate of both training steps")
+    p.add_argument(
+        "--clip-grad-norm", type=float, default=10.0,
+        help="gradient norm clipping in both training steps, as the training loop does (0: off)",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda (timers synchronise on cuda)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="append the Markdown results to this file")
+    p.add_argument(
+        "--profile", type=int, default=0, metavar="N",
+        help="also run N steps of each under torch.profiler and list the operators the GID step adds "
+        "to student step + teacher fwd (self CPU time per step)",
+    )
     args = p.parse_args(argv)
     args.frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
     unknown = set(args.frameworks) - set(FRAMEWORKS)
@@ -192,8 +201,14 @@ def bench_framework(framework: str, args: argparse.Namespace, batch, device: tor
         teacher_batch, _ = teacher_view.transform(images)  # the GID step transforms once, for both
 
     sgd = dict(lr=args.lr, momentum=0.9, weight_decay=1e-4)
-    student_opt = torch.optim.SGD(student.parameters(), **sgd)
-    gid_opt = torch.optim.SGD(distiller.parameters(), **sgd)
+    student_params = [p for p in student.parameters() if p.requires_grad]
+    gid_params = [p for p in distiller.parameters() if p.requires_grad]
+    student_opt = torch.optim.SGD(student_params, **sgd)
+    gid_opt = torch.optim.SGD(gid_params, **sgd)
+
+    def clip(params: list[torch.nn.Parameter]) -> None:
+        if args.clip_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, args.clip_grad_norm)
     student_clock, gid_clock = Clock(device), Clock(device)
     finite = {"student": True, "gid": True}
 
@@ -206,6 +221,7 @@ def bench_framework(framework: str, args: argparse.Namespace, batch, device: tor
         loss.backward()
         student_clock.add("backward", student_clock.now() - start)
         start = student_clock.now()
+        clip(student_params)
         student_opt.step()
         student_clock.add("step", student_clock.now() - start)
         finite["student"] &= bool(torch.isfinite(loss))
@@ -228,6 +244,7 @@ def bench_framework(framework: str, args: argparse.Namespace, batch, device: tor
         loss.backward()
         gid_clock.add("backward", gid_clock.now() - start)
         start = gid_clock.now()
+        clip(gid_params)
         gid_opt.step()
         gid_clock.add("step", gid_clock.now() - start)
         finite["gid"] &= bool(torch.isfinite(loss))
@@ -256,6 +273,10 @@ def bench_framework(framework: str, args: argparse.Namespace, batch, device: tor
             student_clock.close_iteration(record)
             gid_clock.close_iteration(record)
 
+    profile_rows = profile_extra_ops(steps, args.profile) if args.profile else []
+    student_clock.close_iteration(False)
+    gid_clock.close_iteration(False)
+
     med = {name: statistics.median(values) * 1e3 for name, values in times.items()}
     breakdown = [(label, gid_clock.median(*names) * 1e3) for label, names in BREAKDOWN]
     gid_total = times["gid"]
@@ -275,7 +296,27 @@ def bench_framework(framework: str, args: argparse.Namespace, batch, device: tor
         "breakdown": breakdown,
         "gis_per_image": statistics.median(gis_per_image) if gis_per_image else 0.0,
         "finite": finite,
+        "profile": profile_rows,
     }
+
+
+def profile_extra_ops(steps: dict[str, Callable[[], None]], iters: int, rows: int = 12) -> list[tuple[str, float, float]]:
+    """Operators by self time per step: GID step minus (student step + teacher fwd), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    per_step = {}
+    for name in ("student", "teacher", "gid"):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(iters):
+                steps[name]()
+        per_step[name] = {e.key: e.self_cpu_time_total / iters / 1e3 for e in prof.key_averages()}
+    base = defaultdict(float)
+    for name in ("student", "teacher"):
+        for key, ms in per_step[name].items():
+            base[key] += ms
+    extra = [(key, per_step["gid"].get(key, 0.0) - base.get(key, 0.0), per_step["gid"].get(key, 0.0))
+             for key in set(base) | set(per_step["gid"])]
+    return sorted(extra, key=lambda row: -row[1])[:rows]
 
 
 def commit() -> str:
@@ -285,10 +326,11 @@ def commit() -> str:
             cwd=Path(__file__).resolve().parent,
         )
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "gid"], capture_output=True, text=True,
+            ["git", "status", "--porcelain", "--untracked-files=no", "gid/distill", "gid/models"],
+            capture_output=True, text=True,
             cwd=Path(__file__).resolve().parent,
         ).stdout.strip()
-        return out.stdout.strip() + (" (gid/ modified)" if dirty else "")
+        return out.stdout.strip() + (" + uncommitted changes in gid/distill or gid/models" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -313,7 +355,8 @@ def render(results: list[dict], args: argparse.Namespace, device: torch.device) 
         f"load average at the end {os.getloadavg()[0]:.2f}",
         f"- commit: {commit()}",
         f"- teacher {args.teacher_backbone} FPN {args.teacher_fpn}, student {args.student_backbone} FPN "
-        f"{args.student_fpn}; median of {args.iters} iterations after {args.warmup} warm-up",
+        f"{args.student_fpn}; SGD lr {args.lr}, momentum 0.9, clip {args.clip_grad_norm or 'off'}; "
+        f"median of {args.iters} iterations after {args.warmup} warm-up",
         "",
         "| framework | student step ms | teacher fwd ms | GID step ms | ratio GID / (student + teacher) "
         "| teacher inference ms (ref.) | GIs / image |",
@@ -330,13 +373,23 @@ def render(results: list[dict], args: argparse.Namespace, device: torch.device) 
         sp = r["student_parts"]
         lines += [
             f"GID step breakdown, {r['framework']} (medians; GID step {r['gid']:.1f} ms; plain student step: "
-            f"forward {sp['forward']:.1f} / backward {sp['backward']:.1f} / step {sp['step']:.1f} ms)",
+            f"forward {sp['forward']:.1f} / backward {sp['backward']:.1f} / clip + step {sp['step']:.1f} ms)",
             "",
             "| part | ms | share of GID step |",
             "|---|---:|---:|",
         ]
         for label, ms in r["breakdown"]:
             lines.append(f"| {label} | {ms:.1f} | {100 * ms / r['gid']:.1f}% |")
+        if r["profile"]:
+            lines += [
+                "",
+                f"Operators the GID step adds, {r['framework']} (torch.profiler, self CPU ms per step; "
+                "GID step minus student step + teacher fwd):",
+                "",
+                "| operator | extra ms | ms in GID step |",
+                "|---|---:|---:|",
+            ]
+            lines += [f"| `{key}` | {extra:.1f} | {total:.1f} |" for key, extra, total in r["profile"]]
         if not all(r["finite"].values()):
             lines.append(f"\nWarning: non-finite loss seen ({r['finite']}).")
         lines.append("")

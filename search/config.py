@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator
 
 from gid.config import Config, StrictModel, apply_overrides, format_validation_error, load_config, read_yaml, set_value
 from gid.errors import GidError
@@ -72,13 +72,6 @@ class SweepConfig(StrictModel):
         if not space:
             raise ValueError("the search space is empty; remove `space` to use the default or list ranges")
         return space
-
-    @model_validator(mode="after")
-    def _keys_are_config_keys(self) -> SweepConfig:
-        for key in self.space:
-            if not key.startswith("distill."):
-                raise ValueError(f"space key {key!r} must be a distill.* config key")
-        return self
 
     def base_config(self, framework: str) -> Config:
         """The framework's base distill config with the sweep's overrides and every space key valid."""

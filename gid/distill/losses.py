@@ -111,17 +111,19 @@ def relation_loss(
     """
     teacher = pooled_teacher.detach().flatten(1)
     student = pooled_student.flatten(1)
+    sizes = [sum(counts[first : first + group_images]) for first in range(0, len(counts), group_images)]
+    rest = [len(student) - sum(sizes)] if len(student) > sum(sizes) else []  # rows beyond the counts: unused
     losses = []
-    start = 0
-    for first in range(0, len(counts), group_images):
-        size = sum(counts[first : first + group_images])
+    # One split, not a slice per group: the backward of a slice would spread each group's gradient
+    # over a zero tensor the size of all GIs' features, and add those up group after group.
+    groups = zip(sizes, teacher.split(sizes + rest), student.split(sizes + rest))  # zip stops before `rest`
+    for size, group_teacher, group_student in groups:
         if size >= 3:
-            d_teacher = _rkd_distances(teacher[start : start + size])
-            d_student = _rkd_distances(student[start : start + size])
+            d_teacher = _rkd_distances(group_teacher)
+            d_student = _rkd_distances(group_student)
             # The diagonal is 0 in both, so summing over all M^2 entries sums over i != j.
             pair_loss = F.smooth_l1_loss(d_student, d_teacher, beta=1.0, reduction="sum")
             losses.append(pair_loss / (size**2 - size))
-        start += size
     if not losses:
         return _zero(pooled_student)
     return torch.stack(losses).mean()

@@ -1,0 +1,224 @@
+"""Real sweeps on the shared local Ray instance, tracked in a real `mlflow server` on loopback."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from gid.config import load_config, validate
+from gid.engine.trainer import run_training
+from gid.errors import GidError
+from gid.models import build_detector, save_model
+from search.config import load_sweep
+from search.export import export_best
+from search.sweep import run_sweep
+from search.trial import run_trial
+from search.tracking import FRAMEWORK_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_TAG
+
+FRAMEWORKS = ("retinanet", "fcos")
+EPOCHS = 2
+
+
+@pytest.fixture(scope="module")
+def workspace(synth_root, tmp_path_factory) -> Path:
+    """Teachers (untrained: enough for the mechanics) and a base distill config per framework."""
+    root = tmp_path_factory.mktemp("sweep")
+    for framework in FRAMEWORKS:
+        base = {
+            "data": {"root": str(synth_root), "image_size": 64, "batch_size": 8},
+            "model": {"framework": framework, "backbone": "resnet18", "fpn_channels": 64},
+            "train": {"epochs": EPOCHS, "lr": 0.01, "warmup_iters": 2, "log_every": 1000},
+        }
+        teacher_config = validate(base)
+        teacher = build_detector(teacher_config.model, 64, 7)
+        save_model(teacher, teacher_config, 7, root / f"{framework}_teacher.pt")
+        base["distill"] = {"teacher": str(root / f"{framework}_teacher.pt")}
+        (root / f"{framework}_gid.yaml").write_text(yaml.safe_dump(base))
+    return root
+
+
+def write_sweep(workspace: Path, name: str, tracking_uri: str, frameworks=FRAMEWORKS, **extra) -> Path:
+    sweep = {
+        "name": name,
+        "frameworks": {fw: {"config": str(workspace / f"{fw}_gid.yaml")} for fw in frameworks},
+        "trials": 3,
+        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": 2},
+        "scheduler": {"type": "asha", "grace_period": 1},
+        "sampler": {"type": "tpe", "seed": 0},
+        "tracking": {"tracking_uri": tracking_uri, "experiment": "gid-test"},
+        "storage_path": str(workspace / "sweeps"),
+        **extra,
+    }
+    path = workspace / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    return path
+
+
+def child_runs(client: MlflowClient, sweep: str) -> list:
+    experiment = client.get_experiment_by_name("gid-test")
+    query = f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{ROLE_TAG}` = 'trial'"
+    return client.search_runs([experiment.experiment_id], filter_string=query)
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(ray_local, workspace, mlflow_server):
+    sweep = load_sweep(write_sweep(workspace, "main", mlflow_server))
+    return sweep, run_sweep(sweep)
+
+
+def test_sweep_runs_every_trial_and_tracks_them_in_mlflow(finished_sweep, mlflow_server):
+    sweep, outcome = finished_sweep
+    client = MlflowClient(mlflow_server)
+    assert sorted(o.framework for o in outcome.frameworks) == sorted(FRAMEWORKS)
+    for framework in outcome.frameworks:
+        assert len(framework.results) == 3 and not framework.results.errors
+
+    (parent,) = client.search_runs(
+        [client.get_experiment_by_name("gid-test").experiment_id],
+        filter_string=f"tags.`{SWEEP_TAG}` = 'main' and tags.`{ROLE_TAG}` = 'sweep'",
+    )
+    assert parent.info.status == "FINISHED" and parent.data.params["trials"] == "3"
+    report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/summary.md", "report/trials.csv", "report/retinanet_history.png"} <= report
+
+    runs = child_runs(client, "main")
+    assert len(runs) == 6
+    assert len({r.data.tags[TRIAL_TAG] for r in runs}) == 6  # one run per trial
+    for run in runs:
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags[FRAMEWORK_TAG] in FRAMEWORKS and run.info.status == "FINISHED"
+        assert run.data.params["model.framework"] == run.data.tags[FRAMEWORK_TAG]
+        assert "distill.gism.top_k" in run.data.params and "distill.feature.weight" in run.data.params
+        history = client.get_metric_history(run.info.run_id, "val_ap")
+        epochs = EPOCHS if run.data.tags["status"] == "finished" else len(history)
+        assert [m.step for m in history] == list(range(1, epochs + 1))
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert "config.yaml" in artifacts
+        if run.data.tags["status"] == "finished" and run.data.params["distill.feature.enabled"] == "True":
+            assert "gi_pictures" in artifacts
+
+
+def test_paper_defaults_are_the_first_trial(finished_sweep):
+    _, outcome = finished_sweep
+    first = outcome.frameworks[0].study.trials[0].params
+    assert first["distill.feature.weight"] == 5e-3 and first["distill.gism.top_k"] == 10
+    assert first["distill.gism.score_mode"] == "paper"
+
+
+def test_export_writes_the_best_finished_configs_that_run(finished_sweep, mlflow_server, tmp_path):
+    exported = export_best(tmp_path / "best", tracking_uri=mlflow_server, experiment="gid-test", sweep="main")
+    runs = child_runs(MlflowClient(mlflow_server), "main")
+    for item in exported:
+        finished = [r for r in runs if r.data.tags[FRAMEWORK_TAG] == item.framework and r.data.tags["status"] == "finished"]
+        best = max(finished, key=lambda r: r.data.metrics["val_ap"])
+        assert item.metrics["val_ap"] == best.data.metrics["val_ap"]
+        config = load_config(item.path)
+        assert config.distill is not None and config.model.framework == item.framework
+        assert config.run.storage_path == "runs"
+        for key, value in best.data.params.items():
+            if key.startswith("distill.gism."):
+                assert str(getattr(config.distill.gism, key.split(".")[-1])) == value
+    assert (tmp_path / "best" / "README.md").read_text().count("| main |") == len(exported) == 2
+
+    config = load_config(exported[0].path, ["train.epochs=1", f"run.storage_path={tmp_path / 'runs'}"])
+    assert math.isfinite(run_training(config).metrics["loss"])
+
+
+def test_a_trial_stopped_early_frees_its_workers_for_the_next(ray_local, workspace):
+    # Each trial's worker asks for 3 of the 4 CPUs: had the first trial's placement group leaked
+    # after Tune stopped it mid-training, the second trial could never start.
+    base = load_config(workspace / "retinanet_gid.yaml", ["train.epochs=3", "scaling.cpus_per_worker=3"])
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=base.to_dict(), trials_path=str(workspace / "stopped")), {"CPU": 0.01}
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"distill.gism.top_k": tune.grid_search([5, 10])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=1, time_budget_s=240),
+        run_config=tune.RunConfig(name="stopped", storage_path=str(workspace / "tune"), stop={"epoch": 1}),
+    )
+    results = tuner.fit()
+    assert len(results) == 2 and not results.errors
+    assert [r.metrics["epoch"] for r in results] == [1, 1]
+
+
+def test_a_nan_trial_fails_with_its_reason_and_the_sweep_goes_on(ray_local, workspace, mlflow_server):
+    space = {"distill.feature.weight": {"type": "choice", "values": [0.005, float("inf")]}}
+    path = write_sweep(
+        workspace, "nan", mlflow_server, frameworks=["retinanet"], space=space, trials=4,
+        scheduler={"type": "none"}, sampler={"type": "random", "seed": 3}, resources={"max_concurrent_trials": 1},
+    )
+    outcome = run_sweep(load_sweep(path))
+    (framework,) = outcome.frameworks
+    assert len(framework.results) == 4
+    statuses = {r.data.tags["status"] for r in child_runs(MlflowClient(mlflow_server), "nan")}
+    assert statuses == {"finished", "failed"}
+    for run in child_runs(MlflowClient(mlflow_server), "nan"):
+        if run.data.tags["status"] == "failed":
+            assert run.info.status == "FAILED" and "training loss became" in run.data.tags["error"]
+    assert "Failed trials:" in outcome.summary and "training loss became" in outcome.summary
+
+
+def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_local, workspace, mlflow_server):
+    path = write_sweep(
+        workspace, "resume", mlflow_server, frameworks=["retinanet"], trials=3,
+        scheduler={"type": "none"}, resources={"max_concurrent_trials": 1},
+    )
+    sweep = load_sweep(path)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "gid.cli", "sweep", str(path), "--address", ray_local.get_runtime_context().gcs_address],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+    )
+    client = MlflowClient(mlflow_server)
+    deadline = time.time() + 300
+    while not any(r.data.tags.get("status") == "finished" for r in child_runs(client, "resume")):
+        assert driver.poll() is None and time.time() < deadline, "the sweep ended before a trial finished"
+        time.sleep(2)
+    time.sleep(8)  # let Tune write its experiment state after the finished trial
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    finished_before = {r.data.tags[TRIAL_TAG] for r in child_runs(client, "resume") if r.data.tags.get("status") == "finished"}
+    checkpoints = {t: sorted(p.name for p in (workspace / "sweeps/resume/trials/retinanet" / t).glob("checkpoint_*")) for t in finished_before}
+
+    with pytest.raises(GidError, match="already exists"):
+        run_sweep(sweep)
+    outcome = run_sweep(sweep, resume=True)
+    assert len(outcome.frameworks[0].results) == 3
+    runs = child_runs(client, "resume")
+    assert len(runs) == 3 and len({r.data.tags[TRIAL_TAG] for r in runs}) == 3  # no duplicate runs
+    assert all(r.data.tags["status"] == "finished" for r in runs)
+    for trial_id in finished_before:  # finished trials were not trained again
+        assert sorted(p.name for p in (workspace / "sweeps/resume/trials/retinanet" / trial_id).glob("checkpoint_*")) == checkpoints[trial_id]
+    for run in runs:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "epoch")]
+        assert steps == sorted(set(steps)) == list(range(1, EPOCHS + 1))
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"space": {}}, "the search space is empty"),
+        ({"space": {"distill.gism.top_k": {"type": "int", "low": 50, "high": 5}}}, "must be below high"),
+        ({"space": {"distill.gism.nonsense": {"type": "float", "low": 0.1, "high": 0.2}}}, "unknown key"),
+        ({"space": {"distill.gism.nms_iou": {"type": "float", "low": 0.5, "high": 2.0}}}, "distill.gism.nms_iou"),
+        ({"frameworks": {"yolo": {"config": "x.yaml"}}}, "frameworks.yolo"),
+        ({"trials": 0}, "trials: Input should be greater than or equal to 1"),
+    ],
+)
+def test_bad_sweep_files_fail_before_any_compute(workspace, tmp_path, change, expected):
+    path = write_sweep(workspace, "bad", "sqlite:///unused.db", **change)
+    with pytest.raises(GidError, match=expected):
+        sweep = load_sweep(path)
+        for framework in sweep.frameworks:
+            sweep.base_config(framework)
