@@ -49,8 +49,9 @@ class Sampler(StrictModel):
 
 
 class Tracking(StrictModel):
-    tracking_uri: str | None = None  # None: MLflow's local store (sqlite:///mlflow.db); env MLFLOW_TRACKING_URI wins
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else MLflow's local default store
     experiment: str = "gid-sweeps"
+    artifact_location: str | None = None  # where a new experiment keeps artifacts (default: MLflow's)
 
 
 class SweepConfig(StrictModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ def best_runs(client, experiment_id: str, metric: str, sweep: str | None, top: i
 
 def exported_config(client, run, name: str) -> Config:
     """The trial's resolved config, renamed to a run of its own under the default storage."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file: no bar
     with tempfile.TemporaryDirectory() as directory:
         path = client.download_artifacts(run.info.run_id, "config.yaml", directory)
         data = yaml.safe_load(Path(path).read_text())

@@ -141,12 +141,12 @@ def save_plots(outcome: FrameworkOutcome, metric: str, out_dir: Path) -> list[Pa
 
 
 def log_sweep_report(
-    client: MlflowClient, parent_run_id: str, sweep: SweepConfig, outcomes: list[FrameworkOutcome], sweep_path: Path
+    client: MlflowClient, parent_run_id: str, sweep: SweepConfig, outcomes: list[FrameworkOutcome], local_dir: Path
 ) -> tuple[str, Path]:
     """Write the summary (Markdown, CSV) and plots under the sweep folder and on the parent run."""
     metric = sweep.objective.metric
     rows = [row for outcome in outcomes for row in trial_rows(outcome, metric)]
-    report_dir = sweep_path / "report"
+    report_dir = local_dir / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
     summary = summary_markdown(sweep, outcomes, rows)
     (report_dir / "summary.md").write_text(summary)

@@ -91,26 +91,43 @@ def sweep_base(sweep: SweepConfig, framework: str) -> Config:
     return base.model_copy(update={"scaling": scaling, "train": train})
 
 
-def optuna_storage(sweep: SweepConfig, sweep_path: Path) -> str:
-    return sweep.optuna_storage or f"sqlite:///{sweep_path / 'optuna.db'}"
+@dataclass(frozen=True)
+class SweepPaths:
+    """Where a sweep keeps things: ``root`` may be a bucket URI on clusters, ``local`` is on this machine."""
+
+    root: str  # <storage_path>/<name>: Tune experiments and the trials' Train runs
+    local: Path  # the report and the default Optuna database
+
+    @classmethod
+    def of(cls, sweep: SweepConfig) -> SweepPaths:
+        if "://" in sweep.storage_path:  # cloud storage: keep driver-side files next to the driver
+            return cls(f"{sweep.storage_path.rstrip('/')}/{sweep.name}", Path(".gid-sweeps").resolve() / sweep.name)
+        local = Path(sweep.storage_path).expanduser().resolve() / sweep.name
+        return cls(str(local), local)
+
+    def join(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def optuna_storage(self, sweep: SweepConfig) -> str:
+        return sweep.optuna_storage or f"sqlite:///{self.local / 'optuna.db'}"
 
 
 def run_framework(
-    sweep: SweepConfig, base: Config, sweep_path: Path, parent_run_id: str, resume: bool
+    sweep: SweepConfig, base: Config, paths: SweepPaths, parent_run_id: str, resume: bool
 ) -> FrameworkOutcome:
     framework = base.model.framework
     name = experiment_name(sweep, framework)
-    trials_path = str(sweep_path / "trials" / framework)
+    trials_path = paths.join("trials", framework)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base.to_dict(), trials_path=trials_path),
         # The trial function only drives its TorchTrainer, whose workers ask for the real resources
         # (Tune refuses an empty request, hence a token share of a CPU).
         {"CPU": 0.01},
     )
-    experiment_path = sweep_path / name
-    storage = optuna_storage(sweep, sweep_path)
-    if resume and tune.Tuner.can_restore(str(experiment_path)):
-        tuner = tune.Tuner.restore(str(experiment_path), trainable, resume_unfinished=True, resume_errored=False)
+    experiment_path = paths.join(name)
+    storage = paths.optuna_storage(sweep)
+    if resume and tune.Tuner.can_restore(experiment_path):
+        tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=False)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -125,7 +142,7 @@ def run_framework(
             ),
             run_config=tune.RunConfig(
                 name=name,
-                storage_path=str(sweep_path),
+                storage_path=paths.root,
                 callbacks=[
                     MlflowTrialCallback(
                         sweep.tracking.tracking_uri, sweep.tracking.experiment, parent_run_id, sweep.name, base, trials_path
@@ -149,17 +166,18 @@ class SweepOutcome:
 
 def run_sweep(sweep: SweepConfig, resume: bool = False, address: str | None = None) -> SweepOutcome:
     """Run (or resume) every framework's experiment of the sweep."""
-    sweep_path = Path(sweep.storage_path).expanduser().resolve() / sweep.name
-    if sweep_path.exists() and not resume:
-        raise GidError(f"sweep {sweep.name!r} already exists in {sweep_path}; pass --resume to continue it or pick another name")
+    paths = SweepPaths.of(sweep)
+    if not resume and any(tune.Tuner.can_restore(paths.join(experiment_name(sweep, fw))) for fw in sweep.frameworks):
+        raise GidError(f"sweep {sweep.name!r} already exists in {paths.root}; pass --resume to continue it or pick another name")
     bases = [sweep_base(sweep, framework) for framework in sweep.frameworks]  # bad input fails before any compute
-    client, experiment_id = connect(sweep.tracking.tracking_uri, sweep.tracking.experiment)
+    tracking = sweep.tracking
+    client, experiment_id = connect(tracking.tracking_uri, tracking.experiment, tracking.artifact_location)
     parent_run_id = parent_run(client, experiment_id, sweep.name, sweep.model_dump(mode="json", exclude={"space"}))
     ensure_ray(address)
-    sweep_path.mkdir(parents=True, exist_ok=True)
-    outcomes = [run_framework(sweep, base, sweep_path, parent_run_id, resume) for base in bases]
+    paths.local.mkdir(parents=True, exist_ok=True)
+    outcomes = [run_framework(sweep, base, paths, parent_run_id, resume) for base in bases]
     from search.report import log_sweep_report
 
-    summary, report_dir = log_sweep_report(client, parent_run_id, sweep, outcomes, sweep_path)
+    summary, report_dir = log_sweep_report(client, parent_run_id, sweep, outcomes, paths.local)
     client.set_terminated(parent_run_id, status="FINISHED")
     return SweepOutcome(outcomes, summary, report_dir, parent_run_id)

@@ -27,6 +27,7 @@ from search.trial import trial_config
 
 SWEEP_TAG, FRAMEWORK_TAG, TRIAL_TAG, ROLE_TAG = "gid.sweep", "gid.framework", "gid.trial_id", "gid.role"
 # Tune's own bookkeeping in every result: not worth a chart each.
+_TEXT_RESULTS = {"worker_nodes"}
 _SKIPPED_METRICS = {"training_iteration", "timestamp", "pid", "time_this_iter_s", "iterations_since_restore", "checkpoint_dir_name"}
 
 
@@ -41,12 +42,12 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def connect(tracking_uri: str | None, experiment: str) -> tuple[MlflowClient, str]:
+def connect(tracking_uri: str | None, experiment: str, artifact_location: str | None = None) -> tuple[MlflowClient, str]:
     """A client and the experiment id; a clear error before any compute if MLflow is unreachable."""
     client = MlflowClient(tracking_uri=tracking_uri)
     try:
         found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        experiment_id = found.experiment_id if found else client.create_experiment(experiment, artifact_location)
     except Exception as exc:  # noqa: BLE001 - any failure here means "cannot track"
         where = tracking_uri or "the default store"
         raise GidError(f"cannot reach MLflow at {where}: {str(exc).splitlines()[0]}") from None
@@ -148,7 +149,9 @@ class MlflowTrialCallback(Callback):
             if key not in _SKIPPED_METRICS and isinstance(value, (int, float)) and not isinstance(value, bool)
             and math.isfinite(value)
         ]
-        self._client.log_batch(run_id, metrics=metrics)
+        # Text results (e.g. worker_nodes: the Ray node ids of the trial's workers) become tags.
+        tags = [RunTag(f"gid.{k}", v) for k, v in result.items() if k in _TEXT_RESULTS and isinstance(v, str)]
+        self._client.log_batch(run_id, metrics=metrics, tags=tags)
 
     def _finish(self, trial: Trial, status: str, tags: dict[str, str]) -> None:
         run_id = self._run_for(trial)

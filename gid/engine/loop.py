@@ -13,6 +13,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -70,16 +71,21 @@ def _loader(dataset, batch_size: int, workers: int, shuffle: bool) -> DataLoader
     return ray.train.torch.prepare_data_loader(loader)
 
 
-def _gather(records: list[dict]) -> list[dict]:
-    """All workers' detections on every worker (each evaluated its shard of the val set)."""
+def _all_gather(value: object) -> list:
+    """``value`` from every worker, in rank order (just ``[value]`` without a process group)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return records
-    shards: list[list[dict]] = [[] for _ in range(dist.get_world_size())]
-    dist.all_gather_object(shards, records)
+        return [value]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def _gather_detections(records: list[dict]) -> list[dict]:
+    """All workers' detections (each evaluated its shard of the validation set)."""
     # The distributed sampler pads the last shard with repeated images: keep one copy of each.
     seen: set[int] = set()
     merged: list[dict] = []
-    for shard in shards:
+    for shard in _all_gather(records):
         merged += [r for r in shard if r["image_id"] not in seen]
         seen |= {r["image_id"] for r in shard}
     return merged
@@ -139,6 +145,8 @@ def train_loop_per_worker(config_dict: dict) -> None:
         if rank == 0:
             print(f"resumed from epoch {start_epoch} checkpoint")
     model = ray.train.torch.prepare_model(trainable)
+    # Where the workers run (a trial's workers may span nodes): reported, and tagged in MLflow.
+    worker_nodes = ",".join(_all_gather(ray.get_runtime_context().get_node_id()))
 
     for epoch in range(start_epoch, config.train.epochs):
         if isinstance(train_loader.sampler, DistributedSampler):
@@ -172,11 +180,14 @@ def train_loop_per_worker(config_dict: dict) -> None:
                     f"epoch {epoch + 1}/{config.train.epochs} iter {it + 1}/{len(train_loader)} "
                     f"loss {running.means()['loss']:.4f} lr {scheduler.get_last_lr()[0]:.4g} ({speed:.2f} s/it)"
                 )
-        metrics = {"epoch": epoch + 1, **running.means(), "epoch_time_s": time.perf_counter() - started}
+        metrics = {
+            "epoch": epoch + 1, **running.means(), "epoch_time_s": time.perf_counter() - started,
+            "worker_nodes": worker_nodes,
+        }
 
         last = epoch + 1 == config.train.epochs
         if last or (epoch + 1) % config.train.eval_every == 0:
-            records = _gather(predict(student, val_loader, val_set.label_to_category_id, device))
+            records = _gather_detections(predict(student, val_loader, val_set.label_to_category_id, device))
             metrics.update({f"val_{k}": v for k, v in coco_metrics(val_set.coco, records).items()})
             if rank == 0:
                 print(f"epoch {epoch + 1}/{config.train.epochs} val {format_metrics({k[4:]: v for k, v in metrics.items() if k.startswith('val_')})}")
