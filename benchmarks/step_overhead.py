@@ -19,7 +19,7 @@ A breakdown of the GID step follows, from timers this script wraps around the Di
 feature/relation pooling and losses, response mask and loss, the Faster R-CNN RoI response,
 backward and the optimizer step. A part called inside another timed part counts for the outer one.
 
-    python benchmarks/step_overhead.py --image-size 128 --batch-size 8 --out benchmarks/results.md
+    python benchmarks/step_overhead.py --image-size 128 --batch-size 8 --iters 10 --warmup 3 --out results.md
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from gid.models import build_detector
 
 FRAMEWORKS = ("retinanet", "fcos", "faster_rcnn")
 TARGET_RATIO = 1.15
+REPO = Path(__file__).resolve().parent.parent
 
 #: Breakdown rows: (label, timer names summed into it), in the order the GID step runs them.
 BREAKDOWN = (
@@ -66,7 +67,9 @@ BREAKDOWN = (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--frameworks", default=",".join(FRAMEWORKS), help="comma-separated subset of %(default)s")
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
@@ -209,6 +212,7 @@ def bench_framework(framework: str, args: argparse.Namespace, batch, device: tor
     def clip(params: list[torch.nn.Parameter]) -> None:
         if args.clip_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, args.clip_grad_norm)
+
     student_clock, gid_clock = Clock(device), Clock(device)
     finite = {"student": True, "gid": True}
 
@@ -292,6 +296,8 @@ def bench_framework(framework: str, args: argparse.Namespace, batch, device: tor
         "inference": med["inference"],
         "gid": med["gid"],
         "ratio": med["gid"] / (med["student"] + med["teacher"]),
+        # Preemption on a shared machine only ever adds time: the minima are the low-noise view.
+        "ratio_min": min(times["gid"]) / (min(times["student"]) + min(times["teacher"])),
         "student_parts": {k: student_clock.median(k) * 1e3 for k in ("forward", "backward", "step")},
         "breakdown": breakdown,
         "gis_per_image": statistics.median(gis_per_image) if gis_per_image else 0.0,
@@ -300,7 +306,9 @@ def bench_framework(framework: str, args: argparse.Namespace, batch, device: tor
     }
 
 
-def profile_extra_ops(steps: dict[str, Callable[[], None]], iters: int, rows: int = 12) -> list[tuple[str, float, float]]:
+def profile_extra_ops(
+    steps: dict[str, Callable[[], None]], iters: int, rows: int = 12
+) -> list[tuple[str, float, float]]:
     """Operators by self time per step: GID step minus (student step + teacher fwd), largest first."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -323,12 +331,11 @@ def commit() -> str:
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-            cwd=Path(__file__).resolve().parent,
+            cwd=REPO,
         )
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no", "gid/distill", "gid/models"],
-            capture_output=True, text=True,
-            cwd=Path(__file__).resolve().parent,
+            capture_output=True, text=True, cwd=REPO,
         ).stdout.strip()
         return out.stdout.strip() + (" + uncommitted changes in gid/distill or gid/models" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
@@ -359,21 +366,30 @@ def render(results: list[dict], args: argparse.Namespace, device: torch.device) 
         f"median of {args.iters} iterations after {args.warmup} warm-up",
         "",
         "| framework | student step ms | teacher fwd ms | GID step ms | ratio GID / (student + teacher) "
-        "| teacher inference ms (ref.) | GIs / image |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| ratio of the minima | teacher inference ms (ref.) | GIs / image |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         flag = "" if r["ratio"] <= TARGET_RATIO else " ⚠"
         lines.append(
             f"| {r['framework']} | {r['student']:.1f} | {r['teacher']:.1f} | {r['gid']:.1f} "
-            f"| **{r['ratio']:.3f}**{flag} | {r['inference']:.1f} | {r['gis_per_image']:.1f} |"
+            f"| **{r['ratio']:.3f}**{flag} | {r['ratio_min']:.3f} | {r['inference']:.1f} | {r['gis_per_image']:.1f} |"
         )
-    lines += ["", f"Target: ratio ≤ {TARGET_RATIO}.", ""]
+    lines += [
+        "",
+        f"Times are medians (the ratio of the minima uses each column's fastest iteration). Target: ratio ≤ "
+        f"{TARGET_RATIO}.",
+        "",
+    ]
     for r in results:
         sp = r["student_parts"]
+        gid_backward = dict(r["breakdown"])["backward"]
         lines += [
-            f"GID step breakdown, {r['framework']} (medians; GID step {r['gid']:.1f} ms; plain student step: "
-            f"forward {sp['forward']:.1f} / backward {sp['backward']:.1f} / clip + step {sp['step']:.1f} ms)",
+            f"GID step breakdown, {r['framework']} (medians). GID step {r['gid']:.1f} ms, "
+            f"{r['gid'] - r['student'] - r['teacher']:.1f} ms more than student step + teacher fwd. "
+            f"Plain student step: forward {sp['forward']:.1f} / backward {sp['backward']:.1f} / "
+            f"clip + step {sp['step']:.1f} ms, so the GID losses add about "
+            f"{gid_backward - sp['backward']:.1f} ms of backward.",
             "",
             "| part | ms | share of GID step |",
             "|---|---:|---:|",

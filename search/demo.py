@@ -30,7 +30,7 @@ class DemoSize:
     trials: int
 
 
-FULL = DemoSize(train_images=320, val_images=96, image_size=128, teacher_epochs=8, student_epochs=4, trials=4)
+FULL = DemoSize(train_images=256, val_images=64, image_size=128, teacher_epochs=6, student_epochs=3, trials=3)
 QUICK = DemoSize(train_images=32, val_images=16, image_size=64, teacher_epochs=1, student_epochs=1, trials=2)
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
-from mlflow.tracking import MlflowClient
 from optuna.visualization import matplotlib as optuna_plots
 
 from gid.errors import GidError
@@ -140,10 +139,8 @@ def save_plots(outcome: FrameworkOutcome, metric: str, out_dir: Path) -> list[Pa
     return paths
 
 
-def log_sweep_report(
-    client: MlflowClient, parent_run_id: str, sweep: SweepConfig, outcomes: list[FrameworkOutcome], local_dir: Path
-) -> tuple[str, Path]:
-    """Write the summary (Markdown, CSV) and plots under the sweep folder and on the parent run."""
+def write_sweep_report(sweep: SweepConfig, outcomes: list[FrameworkOutcome], local_dir: Path) -> tuple[str, Path]:
+    """Write the summary (Markdown), every trial (CSV) and the plots to ``local_dir/report``."""
     metric = sweep.objective.metric
     rows = [row for outcome in outcomes for row in trial_rows(outcome, metric)]
     report_dir = local_dir / "report"
@@ -153,5 +150,4 @@ def log_sweep_report(
     (report_dir / "trials.csv").write_text(trials_csv(rows))
     for outcome in outcomes:
         save_plots(outcome, metric, report_dir)
-    client.log_artifacts(parent_run_id, str(report_dir), "report")
     return summary, report_dir

@@ -7,6 +7,7 @@ learning the framework gap instead of the GID values that matter within each fra
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,9 @@ from gid.config import Config, DistillConfig
 from gid.engine.trainer import ensure_ray
 from gid.errors import GidError
 from search.config import SweepConfig
+from search.report import write_sweep_report
 from search.space import to_optuna
-from search.tracking import MlflowTrialCallback, connect, flatten, parent_run
+from search.tracking import MlflowTrialCallback, TrialLogger, connect, flatten, parent_run, sync_results
 from search.trial import run_trial
 
 
@@ -113,11 +115,11 @@ class SweepPaths:
 
 
 def run_framework(
-    sweep: SweepConfig, base: Config, paths: SweepPaths, parent_run_id: str, resume: bool
+    sweep: SweepConfig, base: Config, paths: SweepPaths, logger: TrialLogger, resume: bool
 ) -> FrameworkOutcome:
     framework = base.model.framework
     name = experiment_name(sweep, framework)
-    trials_path = paths.join("trials", framework)
+    trials_path = logger.trials_path
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base.to_dict(), trials_path=trials_path),
         # The trial function only drives its TorchTrainer, whose workers ask for the real resources
@@ -145,13 +147,18 @@ def run_framework(
                 storage_path=paths.root,
                 callbacks=[
                     MlflowTrialCallback(
-                        sweep.tracking.tracking_uri, sweep.tracking.experiment, parent_run_id, sweep.name, base, trials_path
+                        sweep.tracking.tracking_uri, sweep.tracking.experiment, logger.parent_run_id, sweep.name, base,
+                        trials_path,
                     )
                 ],
                 failure_config=tune.FailureConfig(max_failures=0),
             ),
         )
     results = tuner.fit()
+    try:  # fill in whatever the live callback could not write (MLflow down mid-sweep, a resume)
+        sync_results(logger, results)
+    except Exception as exc:  # noqa: BLE001 - results are safe in Ray's storage either way
+        print(f"MLflow unreachable ({str(exc).splitlines()[0]}); run the same `gid sweep --resume` later to fill it in")
     study = optuna.load_study(study_name=name, storage=storage)
     return FrameworkOutcome(framework, base, results, study, trials_path)
 
@@ -166,6 +173,9 @@ class SweepOutcome:
 
 def run_sweep(sweep: SweepConfig, resume: bool = False, address: str | None = None) -> SweepOutcome:
     """Run (or resume) every framework's experiment of the sweep."""
+    # A tracking server that goes away must cost seconds, not MLflow's default minutes of retries.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     paths = SweepPaths.of(sweep)
     if not resume and any(tune.Tuner.can_restore(paths.join(experiment_name(sweep, fw))) for fw in sweep.frameworks):
         raise GidError(f"sweep {sweep.name!r} already exists in {paths.root}; pass --resume to continue it or pick another name")
@@ -175,9 +185,15 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, address: str | None = No
     parent_run_id = parent_run(client, experiment_id, sweep.name, sweep.model_dump(mode="json", exclude={"space"}))
     ensure_ray(address)
     paths.local.mkdir(parents=True, exist_ok=True)
-    outcomes = [run_framework(sweep, base, paths, parent_run_id, resume) for base in bases]
-    from search.report import log_sweep_report
-
-    summary, report_dir = log_sweep_report(client, parent_run_id, sweep, outcomes, paths.local)
-    client.set_terminated(parent_run_id, status="FINISHED")
+    outcomes = []
+    for base in bases:
+        trials_path = paths.join("trials", base.model.framework)
+        logger = TrialLogger(client, experiment_id, parent_run_id, sweep.name, base, trials_path)
+        outcomes.append(run_framework(sweep, base, paths, logger, resume))
+    summary, report_dir = write_sweep_report(sweep, outcomes, paths.local)
+    try:
+        client.log_artifacts(parent_run_id, str(report_dir), "report")
+        client.set_terminated(parent_run_id, status="FINISHED")
+    except Exception as exc:  # noqa: BLE001 - the report is on disk either way
+        print(f"MLflow unreachable ({str(exc).splitlines()[0]}); the report is in {report_dir}")
     return SweepOutcome(outcomes, summary, report_dir, parent_run_id)

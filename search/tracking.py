@@ -8,7 +8,11 @@ sweep continues the same runs and MLflow never holds two runs for one trial.
 from __future__ import annotations
 
 import math
+import queue
+import re
 import tempfile
+import threading
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +21,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
-from ray.tune import Callback
+from ray.tune import Callback, ResultGrid
 from ray.tune.experiment import Trial
 
 from gid.config import Config
@@ -28,6 +32,7 @@ from search.trial import trial_config
 SWEEP_TAG, FRAMEWORK_TAG, TRIAL_TAG, ROLE_TAG = "gid.sweep", "gid.framework", "gid.trial_id", "gid.role"
 # Tune's own bookkeeping in every result: not worth a chart each.
 _TEXT_RESULTS = {"worker_nodes"}
+_CREDENTIALS = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 _SKIPPED_METRICS = {"training_iteration", "timestamp", "pid", "time_this_iter_s", "iterations_since_restore", "checkpoint_dir_name"}
 
 
@@ -42,20 +47,37 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def check_reachable(tracking_uri: str) -> None:
+    """Fail in seconds, not after MLflow's minutes of HTTP retries, when a tracking server is down."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=10):
+            pass
+    except (OSError, ValueError) as exc:
+        raise GidError(f"cannot reach the MLflow server at {redact(tracking_uri)} ({exc}); start it or fix tracking.tracking_uri") from None
+
+
 def connect(tracking_uri: str | None, experiment: str, artifact_location: str | None = None) -> tuple[MlflowClient, str]:
     """A client and the experiment id; a clear error before any compute if MLflow is unreachable."""
     client = MlflowClient(tracking_uri=tracking_uri)
+    check_reachable(client.tracking_uri)
     try:
         found = client.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found else client.create_experiment(experiment, artifact_location)
     except Exception as exc:  # noqa: BLE001 - any failure here means "cannot track"
-        where = tracking_uri or "the default store"
-        raise GidError(f"cannot reach MLflow at {where}: {str(exc).splitlines()[0]}") from None
+        raise GidError(f"cannot use MLflow at {redact(client.tracking_uri)}: {str(exc).splitlines()[0]}") from None
     return client, experiment_id
 
 
+def redact(value: str) -> str:
+    """Drop credentials from URLs (``scheme://user:secret@host`` -> ``scheme://***@host``)."""
+    return _CREDENTIALS.sub(r"\1***@", value)
+
+
 def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
-    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    """Params as text, credentials in URLs redacted (nothing secret ever reaches MLflow)."""
+    items = [Param(k, redact(str(v))[:6000]) for k, v in params.items()]
     for start in range(0, len(items), 100):  # MLflow's batch limit
         client.log_batch(run_id, params=items[start : start + 100])
 
@@ -78,99 +100,143 @@ def parent_run(client: MlflowClient, experiment_id: str, sweep: str, settings: d
     return run_id
 
 
-class MlflowTrialCallback(Callback):
-    """Logs each Tune trial as a child run of the sweep's parent run."""
+class TrialLogger:
+    """Child runs of one framework's trials: created once, metrics by epoch, never duplicated.
 
-    def __init__(
-        self,
-        tracking_uri: str | None,
-        experiment: str,
-        parent_run_id: str,
-        sweep: str,
-        base: Config,
-        trials_path: str,
-    ):
-        self.tracking_uri, self.experiment, self.parent_run_id = tracking_uri, experiment, parent_run_id
+    Every write is idempotent (runs are found by tags, epochs already in MLflow are skipped),
+    so the live callback and a later :func:`sync_results` can both write the same trials.
+    """
+
+    def __init__(self, client: MlflowClient, experiment_id: str, parent_run_id: str, sweep: str, base: Config, trials_path: str):
+        self.client, self.experiment_id, self.parent_run_id = client, experiment_id, parent_run_id
         self.sweep, self.base, self.trials_path = sweep, base, trials_path
         self.framework, self.epochs = base.model.framework, base.train.epochs
-        self._client: MlflowClient | None = None
         self._runs: dict[str, str] = {}  # trial id -> run id
-        self._last_step: dict[str, int] = {}  # trial id -> last epoch logged (no duplicates on resume)
+        self._last_step: dict[str, int] = {}  # trial id -> last epoch in MLflow
 
-    # Tune pickles callbacks into its experiment state: keep only the settings.
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_client": None, "_runs": {}, "_last_step": {}}
-
-    def setup(self, **info: Any) -> None:
-        self._client, self.experiment_id = connect(self.tracking_uri, self.experiment)
-
-    def _run_for(self, trial: Trial) -> str:
-        if trial.trial_id in self._runs:
-            return self._runs[trial.trial_id]
-        client = self._client
-        tags = {SWEEP_TAG: self.sweep, FRAMEWORK_TAG: self.framework, TRIAL_TAG: trial.trial_id, ROLE_TAG: "trial"}
-        run_id = find_run(client, self.experiment_id, tags)
+    def run_for(self, trial_id: str, params: dict[str, Any]) -> str:
+        if trial_id in self._runs:
+            return self._runs[trial_id]
+        tags = {SWEEP_TAG: self.sweep, FRAMEWORK_TAG: self.framework, TRIAL_TAG: trial_id, ROLE_TAG: "trial"}
+        run_id = find_run(self.client, self.experiment_id, tags)
         if run_id is None:
-            run = client.create_run(
-                self.experiment_id,
-                tags={**tags, MLFLOW_PARENT_RUN_ID: self.parent_run_id, MLFLOW_RUN_NAME: f"{self.framework}/{trial.trial_id}"},
-            )
-            run_id = run.info.run_id
-            config = trial_config(self.base.to_dict(), trial.config, trial.trial_id, self.trials_path).to_dict()
-            log_params(client, run_id, flatten(config))
+            run_tags = {**tags, MLFLOW_PARENT_RUN_ID: self.parent_run_id, MLFLOW_RUN_NAME: f"{self.framework}/{trial_id}"}
+            run_id = self.client.create_run(self.experiment_id, tags=run_tags).info.run_id
+            config = trial_config(self.base.to_dict(), params, trial_id, self.trials_path).to_dict()
+            log_params(self.client, run_id, flatten(config))
             self._log_yaml(run_id, config, "config.yaml")
-            self._last_step[trial.trial_id] = 0
+            self._last_step[trial_id] = 0
         else:
-            history = client.get_metric_history(run_id, "epoch")
-            self._last_step[trial.trial_id] = int(max((m.value for m in history), default=0))
-            client.update_run(run_id, status="RUNNING")
-        self._runs[trial.trial_id] = run_id
+            history = self.client.get_metric_history(run_id, "epoch")
+            self._last_step[trial_id] = int(max((m.value for m in history), default=0))
+        self._runs[trial_id] = run_id
         return run_id
 
     def _log_yaml(self, run_id: str, data: dict, name: str) -> None:
         with tempfile.TemporaryDirectory() as directory:
             path = Path(directory) / name
             path.write_text(yaml.safe_dump(data, sort_keys=False))
-            self._client.log_artifact(run_id, str(path))
+            self.client.log_artifact(run_id, str(path))
 
-    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        self._run_for(trial)
-
-    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
-        run_id = self._run_for(trial)
+    def log_result(self, trial_id: str, params: dict[str, Any], result: dict[str, Any]) -> None:
+        run_id = self.run_for(trial_id, params)
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
-        if epoch <= self._last_step.get(trial.trial_id, 0):
-            return  # already logged before the sweep was interrupted
-        self._last_step[trial.trial_id] = epoch
+        if epoch <= self._last_step.get(trial_id, 0):
+            return  # already in MLflow (e.g. logged before the sweep was interrupted)
         timestamp = int(result.get("timestamp", 0) * 1000)
         metrics = [
             Metric(key, float(value), timestamp, epoch)
             for key, value in result.items()
-            if key not in _SKIPPED_METRICS and isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value)
+            if key not in _SKIPPED_METRICS and not key.startswith("config/")
+            and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         ]
         # Text results (e.g. worker_nodes: the Ray node ids of the trial's workers) become tags.
         tags = [RunTag(f"gid.{k}", v) for k, v in result.items() if k in _TEXT_RESULTS and isinstance(v, str)]
-        self._client.log_batch(run_id, metrics=metrics, tags=tags)
+        self.client.log_batch(run_id, metrics=metrics, tags=tags)
+        self._last_step[trial_id] = epoch
 
-    def _finish(self, trial: Trial, status: str, tags: dict[str, str]) -> None:
-        run_id = self._run_for(trial)
-        client = self._client
-        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    def finish(self, trial_id: str, params: dict[str, Any], last_result: dict[str, Any], error: str | None) -> None:
+        """Tag the trial finished, pruned (stopped before its last epoch) or failed, and close its run."""
+        run_id = self.run_for(trial_id, params)
+        if error is not None:
+            status, tags = "FAILED", {"status": "failed", "pruned": "false", "error": error[:5000]}
+        else:
+            pruned = int(last_result.get("epoch", 0)) < self.epochs
+            status, tags = "FINISHED", {"status": "pruned" if pruned else "finished", "pruned": str(pruned).lower()}
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         # The last checkpoint of a distillation holds its GI pictures (local or mounted storage).
-        checkpoint = (trial.last_result or {}).get(CHECKPOINT_PATH_KEY)
+        checkpoint = last_result.get(CHECKPOINT_PATH_KEY)
         if checkpoint and (Path(checkpoint) / PICTURES_DIR).is_dir():
-            client.log_artifacts(run_id, str(Path(checkpoint) / PICTURES_DIR), PICTURES_DIR)
-        client.set_terminated(run_id, status=status)
+            self.client.log_artifacts(run_id, str(Path(checkpoint) / PICTURES_DIR), PICTURES_DIR)
+        self.client.set_terminated(run_id, status=status)
+
+
+class MlflowTrialCallback(Callback):
+    """Logs each Tune trial as a child run of the sweep's parent run, live.
+
+    Writes happen in order on a background thread: Tune's loop never waits for MLflow (a slow
+    or vanished server must not stall the trials). If MLflow becomes unreachable, training goes
+    on, the results stay in Ray's storage and :func:`sync_results` (run at the end of every
+    sweep and on ``--resume``) fills MLflow in.
+    """
+
+    def __init__(self, tracking_uri: str | None, experiment: str, parent_run_id: str, sweep: str, base: Config, trials_path: str):
+        self.settings = (tracking_uri, experiment, parent_run_id, sweep, base, trials_path)
+        self._writes: queue.Queue | None = None
+
+    # Tune pickles callbacks into its experiment state: keep only the settings.
+    def __getstate__(self) -> dict[str, Any]:
+        return {"settings": self.settings, "_writes": None}
+
+    def setup(self, **info: Any) -> None:
+        tracking_uri, experiment, parent_run_id, sweep, base, trials_path = self.settings
+        client, experiment_id = connect(tracking_uri, experiment)
+        logger = TrialLogger(client, experiment_id, parent_run_id, sweep, base, trials_path)
+        self._writes = queue.Queue()
+        self._writer = threading.Thread(target=self._write_all, args=(logger,), name="mlflow-writer", daemon=True)
+        self._writer.start()
+
+    def _write_all(self, logger: TrialLogger) -> None:
+        offline = False
+        while (item := self._writes.get()) is not None:
+            if offline:
+                continue  # sync_results catches up from Ray's storage later
+            method, args = item
+            try:
+                getattr(logger, method)(*args)
+            except Exception as exc:  # noqa: BLE001 - tracking must never stop training
+                print(f"MLflow unreachable ({str(exc).splitlines()[0]}); training goes on, MLflow is filled in at the end or with --resume")
+                offline = True
+
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self._writes.put(("run_for", (trial.trial_id, dict(trial.config))))
+
+    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
+        self._writes.put(("log_result", (trial.trial_id, dict(trial.config), dict(result))))
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        last_epoch = int((trial.last_result or {}).get("epoch", 0))
-        pruned = last_epoch < self.epochs
-        self._finish(trial, "FINISHED", {"status": "pruned" if pruned else "finished", "pruned": str(pruned).lower()})
+        self._writes.put(("finish", (trial.trial_id, dict(trial.config), dict(trial.last_result or {}), None)))
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        reason = trial_error(trial)
-        self._finish(trial, "FAILED", {"status": "failed", "pruned": "false", "error": reason[:5000]})
+        last = dict(trial.last_result or {})
+        self._writes.put(("finish", (trial.trial_id, dict(trial.config), last, trial_error(trial))))
+
+    def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
+        self._writes.put(None)
+        self._writer.join(timeout=300)
+
+
+def sync_results(logger: TrialLogger, results: ResultGrid) -> None:
+    """Write every trial of a finished experiment from Ray's storage to MLflow (idempotent)."""
+    for result in results:
+        history = result.metrics_dataframe
+        rows = history.to_dict("records") if history is not None else []
+        last = result.metrics or (rows[-1] if rows else {})
+        trial_id = last.get("trial_id") or Path(result.path).name
+        for row in rows:
+            logger.log_result(trial_id, result.config or {}, row)
+        error = None if result.error is None else str(result.error).strip().splitlines()[-1]
+        logger.finish(trial_id, result.config or {}, last, error)
 
 
 def trial_error(trial: Trial) -> str:

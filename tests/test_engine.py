@@ -1,22 +1,9 @@
 """The Ray Train loop on a real local Ray instance: DDP on CPU workers, checkpoints, resume."""
 
-from pathlib import Path
-
-import ray.train
+from support import EpochLog
 
 from gid.engine.trainer import MODEL_FILE, build_trainer, run_training
 from gid.models import load_model
-
-
-class EpochLog(ray.train.UserCallback):
-    """Appends each reported epoch to a file (callbacks run in Ray's controller, not here)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def after_report(self, run_context, metrics, checkpoint):
-        with self.path.open("a") as f:
-            f.write(f"{metrics[0]['epoch']}\n")
 
 
 def test_two_workers_train_checkpoint_and_resume(ray_local, tiny_config, tmp_path):

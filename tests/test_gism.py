@@ -252,3 +252,18 @@ def test_gism_stats():
     assert stats == pytest.approx({"gis_per_image": 2.0, "gi_gt_overlap": 0.75, "gi_from_teacher": 0.75})
     stats = gism_stats([empty, empty], gt_boxes)
     assert stats == {"gis_per_image": 0.0, "gi_gt_overlap": 0.0, "gi_from_teacher": 0.0}
+
+
+def test_prefix_nms_equals_full_nms_then_top_k():
+    from torchvision.ops import nms
+
+    from gid.distill.gism import _nms_top_k
+
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(50):
+        n = int(torch.randint(1, 3000, (1,), generator=generator))
+        xy = torch.rand(n, 2, generator=generator) * 100
+        boxes = torch.cat([xy, xy + 2 + torch.rand(n, 2, generator=generator) * 30], dim=1)
+        scores = torch.rand(n, generator=generator).sort(descending=True).values
+        iou, k = float(torch.rand(1, generator=generator)) * 0.8 + 0.1, int(torch.randint(1, 100, (1,), generator=generator))
+        assert torch.equal(_nms_top_k(boxes, scores, iou, k), nms(boxes, scores, iou)[:k]), (trial, n, iou, k)

@@ -11,19 +11,18 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from gid.config import load_config, validate
+from gid.config import load_config
 from gid.engine.trainer import run_training
 from gid.errors import GidError
-from gid.models import build_detector, save_model
 from search.config import load_sweep
 from search.export import export_best
 from search.sweep import run_sweep
 from search.trial import run_trial
 from search.tracking import FRAMEWORK_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_TAG
+from support import write_base_configs, write_sweep
 
 FRAMEWORKS = ("retinanet", "fcos")
 EPOCHS = 2
@@ -31,37 +30,9 @@ EPOCHS = 2
 
 @pytest.fixture(scope="module")
 def workspace(synth_root, tmp_path_factory) -> Path:
-    """Teachers (untrained: enough for the mechanics) and a base distill config per framework."""
     root = tmp_path_factory.mktemp("sweep")
-    for framework in FRAMEWORKS:
-        base = {
-            "data": {"root": str(synth_root), "image_size": 64, "batch_size": 8},
-            "model": {"framework": framework, "backbone": "resnet18", "fpn_channels": 64},
-            "train": {"epochs": EPOCHS, "lr": 0.01, "warmup_iters": 2, "log_every": 1000},
-        }
-        teacher_config = validate(base)
-        teacher = build_detector(teacher_config.model, 64, 7)
-        save_model(teacher, teacher_config, 7, root / f"{framework}_teacher.pt")
-        base["distill"] = {"teacher": str(root / f"{framework}_teacher.pt")}
-        (root / f"{framework}_gid.yaml").write_text(yaml.safe_dump(base))
+    write_base_configs(synth_root, root, FRAMEWORKS, EPOCHS)
     return root
-
-
-def write_sweep(workspace: Path, name: str, tracking_uri: str, frameworks=FRAMEWORKS, **extra) -> Path:
-    sweep = {
-        "name": name,
-        "frameworks": {fw: {"config": str(workspace / f"{fw}_gid.yaml")} for fw in frameworks},
-        "trials": 3,
-        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": 2},
-        "scheduler": {"type": "asha", "grace_period": 1},
-        "sampler": {"type": "tpe", "seed": 0},
-        "tracking": {"tracking_uri": tracking_uri, "experiment": "gid-test"},
-        "storage_path": str(workspace / "sweeps"),
-        **extra,
-    }
-    path = workspace / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
-    return path
 
 
 def child_runs(client: MlflowClient, sweep: str) -> list:

@@ -73,8 +73,12 @@ def pool_instances(
             )
         )
         order.append(index)
-    # Rows come out level by level; put them back in box order.
-    return torch.cat(pooled)[torch.argsort(torch.cat(order))]
+    # Rows come out level by level; put them back in box order. They often already are (all boxes on
+    # one level): then the gather, and its backward, would only copy every pooled feature.
+    pooled, order = torch.cat(pooled), torch.cat(order)
+    if bool((order[1:] > order[:-1]).all()):
+        return pooled
+    return pooled[torch.argsort(order)]
 
 
 def feature_loss(pooled_teacher: Tensor, pooled_student: Tensor) -> Tensor:

@@ -142,8 +142,9 @@ class DetectorView:
         return tuple(_STRIDE_PROBE_SIZE // m.shape[-1] for m in maps.values())
 
 
-class RetinaNetView(DetectorView):
-    framework = "retinanet"
+class _OneStageView(DetectorView):
+    """RetinaNet and FCOS: one dense head on P3–P7, whose maps are also the pooling levels."""
+
     first_level = 3
 
     @property
@@ -156,7 +157,13 @@ class RetinaNetView(DetectorView):
     def dense(self, features: Features) -> DenseOutput:
         maps = list(features.values())
         out = self.model.head(maps)
-        return DenseOutput(maps, self.first_level, out["cls_logits"], out["bbox_regression"])
+        return DenseOutput(
+            maps, self.first_level, out["cls_logits"], out["bbox_regression"], out.get("bbox_ctrness")
+        )
+
+
+class RetinaNetView(_OneStageView):
+    framework = "retinanet"
 
     def decode(self, deltas: Tensor, anchors: Tensor) -> Tensor:
         return self.model.box_coder.decode_single(deltas, anchors)
@@ -176,26 +183,11 @@ class RetinaNetView(DetectorView):
         return _iou_foreground(self.model.proposal_matcher, boxes, anchors)
 
 
-class FCOSView(DetectorView):
+class FCOSView(_OneStageView):
     framework = "fcos"
-    first_level = 3
-
-    @property
-    def anchor_generator(self) -> AnchorGenerator:
-        return self.model.anchor_generator
-
-    def num_classes(self) -> int:
-        return self.model.head.classification_head.num_classes
 
     def signature(self) -> dict[str, object]:
         return {**super().signature(), "center_sampling_radius": self.model.center_sampling_radius}
-
-    def dense(self, features: Features) -> DenseOutput:
-        maps = list(features.values())
-        out = self.model.head(maps)
-        return DenseOutput(
-            maps, self.first_level, out["cls_logits"], out["bbox_regression"], out["bbox_ctrness"]
-        )
 
     def decode(self, deltas: Tensor, anchors: Tensor) -> Tensor:
         return self.model.box_coder.decode(deltas, anchors)

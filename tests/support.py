@@ -1,0 +1,89 @@
+"""Helpers shared by tests (importable by Ray workers too: the tests folder is on their PYTHONPATH)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import ray.train
+import yaml
+
+from gid.config import validate
+from gid.models import build_detector, save_model
+
+
+class EpochLog(ray.train.UserCallback):
+    """Appends each reported epoch to a file (Train callbacks run in Ray's controller, not here)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def after_report(self, run_context, metrics, checkpoint):
+        with self.path.open("a") as f:
+            f.write(f"{metrics[0]['epoch']}\n")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mlflow_server(root: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """A real `mlflow server` on loopback over a store in ``root``; returns the process and its URI."""
+    root.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    log = (root / "server.log").open("a")
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+        ],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    return process, uri
+        except OSError:
+            if process.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+
+
+def write_base_configs(synth_root: Path, root: Path, frameworks, epochs: int = 2) -> None:
+    """An untrained teacher model file (enough for the mechanics) and a base distill config per framework."""
+    for framework in frameworks:
+        base = {
+            "data": {"root": str(synth_root), "image_size": 64, "batch_size": 8},
+            "model": {"framework": framework, "backbone": "resnet18", "fpn_channels": 64},
+            "train": {"epochs": epochs, "lr": 0.01, "warmup_iters": 2, "log_every": 1000},
+        }
+        teacher_config = validate(base)
+        save_model(build_detector(teacher_config.model, 64, 7), teacher_config, 7, root / f"{framework}_teacher.pt")
+        base["distill"] = {"teacher": str(root / f"{framework}_teacher.pt")}
+        (root / f"{framework}_gid.yaml").write_text(yaml.safe_dump(base))
+
+
+def write_sweep(root: Path, name: str, tracking_uri: str, frameworks=("retinanet", "fcos"), **extra) -> Path:
+    sweep = {
+        "name": name,
+        "frameworks": {fw: {"config": str(root / f"{fw}_gid.yaml")} for fw in frameworks},
+        "trials": 3,
+        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": 2},
+        "scheduler": {"type": "asha", "grace_period": 1},
+        "sampler": {"type": "tpe", "seed": 0},
+        "tracking": {"tracking_uri": tracking_uri, "experiment": "gid-test"},
+        "storage_path": str(root / "sweeps"),
+        **extra,
+    }
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    return path
