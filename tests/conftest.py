@@ -26,10 +26,13 @@ def ray_local():
     import ray
 
     from gid.engine.trainer import RAY_ENV_VARS
+    from support import free_port
 
     # Workers import helpers defined in test modules (e.g. Train callbacks) by module name.
     env_vars = {**RAY_ENV_VARS, "PYTHONPATH": str(Path(__file__).parent)}
-    ray.init(num_cpus=4, runtime_env={"env_vars": env_vars})
+    # A dashboard port of its own: Train needs the dashboard's state API, and another Ray on the
+    # machine (a developer's, a demo) may hold the default port.
+    ray.init(num_cpus=4, dashboard_port=free_port(), runtime_env={"env_vars": env_vars})
     yield ray
     ray.shutdown()
 
