@@ -216,18 +216,21 @@ def bench_framework(framework: str, args: argparse.Namespace, batch, device: tor
     student_clock, gid_clock = Clock(device), Clock(device)
     finite = {"student": True, "gid": True}
 
+    def backward_and_step(clock: Clock, loss: torch.Tensor, params, optimizer) -> None:
+        start = clock.now()
+        loss.backward()
+        clock.add("backward", clock.now() - start)
+        start = clock.now()
+        clip(params)
+        optimizer.step()
+        clock.add("step", clock.now() - start)
+
     def student_step() -> None:
         student_opt.zero_grad(set_to_none=True)
         start = student_clock.now()
         loss = sum(student(images, targets).values())  # torchvision's own loss dict
         student_clock.add("forward", student_clock.now() - start)
-        start = student_clock.now()
-        loss.backward()
-        student_clock.add("backward", student_clock.now() - start)
-        start = student_clock.now()
-        clip(student_params)
-        student_opt.step()
-        student_clock.add("step", student_clock.now() - start)
+        backward_and_step(student_clock, loss, student_params, student_opt)
         finite["student"] &= bool(torch.isfinite(loss))
 
     @torch.no_grad()
@@ -244,13 +247,7 @@ def bench_framework(framework: str, args: argparse.Namespace, batch, device: tor
         gid_opt.zero_grad(set_to_none=True)
         losses = distiller(images, targets)
         loss = total_loss(losses)
-        start = gid_clock.now()
-        loss.backward()
-        gid_clock.add("backward", gid_clock.now() - start)
-        start = gid_clock.now()
-        clip(gid_params)
-        gid_opt.step()
-        gid_clock.add("step", gid_clock.now() - start)
+        backward_and_step(gid_clock, loss, gid_params, gid_opt)
         finite["gid"] &= bool(torch.isfinite(loss))
         gis_per_image.append(float(losses["gism_gis_per_image"]))
 

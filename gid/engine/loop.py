@@ -108,7 +108,7 @@ class _RunningMean:
 def train_loop_per_worker(config_dict: dict) -> None:
     config = Config.model_validate(config_dict)
     context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    rank = context.get_world_rank()
     torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
     torch.manual_seed(config.train.seed + rank)
     device = ray.train.torch.get_device()
