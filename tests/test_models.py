@@ -45,9 +45,13 @@ def test_other_backbones_build_and_run(backbone):
     assert set(output) == {"boxes", "scores", "labels"}
 
 
-def test_auto_anchor_sizes_scale_with_input():
+def test_auto_anchor_sizes_scale_with_input_but_stay_twice_the_stride():
     assert anchor_sizes(ModelConfig(framework="retinanet"), 800) == [32, 64, 128, 256, 512]
     assert anchor_sizes(ModelConfig(framework="faster_rcnn"), 400) == [16, 32, 64, 128, 256]
+    # small inputs: COCO's sizes x 128/800 would fall below the strides 8..128 (4..64)
+    assert anchor_sizes(ModelConfig(framework="retinanet"), 128) == [16, 32, 64, 128, 256]
+    assert anchor_sizes(ModelConfig(framework="faster_rcnn"), 128) == [8, 16, 32, 64, 128]
+    assert anchor_sizes(ModelConfig(framework="retinanet"), 320) == [16, 32, 64, 128, 256]
     assert anchor_sizes(ModelConfig(framework="fcos"), 128) == [8, 16, 32, 64, 128]  # strides
     assert anchor_sizes(ModelConfig(anchor_sizes=[1, 2, 3, 4, 5]), 128) == [1, 2, 3, 4, 5]
 
