@@ -86,6 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="gradient norm clipping in both training steps, as the training loop does (0: off)",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda (timers synchronise on cuda)")
+    p.add_argument(
+        "--amp", action="store_true",
+        help="float16 autocast + gradient scaling in every step, as the training loop does on GPUs (cuda only)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="append the Markdown results to this file")
     p.add_argument(
@@ -100,6 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown framework(s) {sorted(unknown)}; choose from {', '.join(FRAMEWORKS)}")
     if args.iters < 1 or args.warmup < 0 or args.threads < 1:
         p.error("--iters and --threads must be >= 1, --warmup >= 0")
+    if args.amp and not args.device.startswith("cuda"):
+        p.error("--amp needs --device cuda (the training loop uses AMP on GPUs only)")
     return args
 
 
@@ -197,7 +203,8 @@ def bench_framework(framework: str, args: argparse.Namespace, batch, device: tor
         args.image_size, num_classes,
     ).to(device)
     gid_student = copy.deepcopy(student)  # same start, separate weights: each step trains its own
-    distiller = Distiller(teacher, gid_student, DistillConfig(teacher="unused"), args.image_size).train()
+    # .to(device) moves the adapter, which the Distiller creates on the CPU
+    distiller = Distiller(teacher, gid_student, DistillConfig(teacher="unused"), args.image_size).to(device).train()
     student.train()
     teacher_view = view_for(teacher)
     with torch.no_grad():
@@ -213,40 +220,51 @@ def bench_framework(framework: str, args: argparse.Namespace, batch, device: tor
         if args.clip_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, args.clip_grad_norm)
 
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.float16, enabled=args.amp)
+
+    scalers = {id(student_opt): torch.amp.GradScaler(enabled=args.amp), id(gid_opt): torch.amp.GradScaler(enabled=args.amp)}
     student_clock, gid_clock = Clock(device), Clock(device)
     finite = {"student": True, "gid": True}
 
     def backward_and_step(clock: Clock, loss: torch.Tensor, params, optimizer) -> None:
+        scaler = scalers[id(optimizer)]
         start = clock.now()
-        loss.backward()
+        scaler.scale(loss).backward()
         clock.add("backward", clock.now() - start)
         start = clock.now()
+        scaler.unscale_(optimizer)
         clip(params)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         clock.add("step", clock.now() - start)
 
     def student_step() -> None:
         student_opt.zero_grad(set_to_none=True)
         start = student_clock.now()
-        loss = sum(student(images, targets).values())  # torchvision's own loss dict
+        with autocast():
+            loss = sum(student(images, targets).values())  # torchvision's own loss dict
         student_clock.add("forward", student_clock.now() - start)
         backward_and_step(student_clock, loss, student_params, student_opt)
         finite["student"] &= bool(torch.isfinite(loss))
 
     @torch.no_grad()
     def teacher_forward() -> None:
-        teacher_view.dense(teacher_view.features(teacher_batch))
+        with autocast():
+            teacher_view.dense(teacher_view.features(teacher_batch))
 
     @torch.no_grad()
     def teacher_inference() -> None:
-        teacher(images)
+        with autocast():
+            teacher(images)
 
     gis_per_image = []
 
     def gid_step() -> None:
         gid_opt.zero_grad(set_to_none=True)
-        losses = distiller(images, targets)
-        loss = total_loss(losses)
+        with autocast():
+            losses = distiller(images, targets)
+            loss = total_loss(losses)
         backward_and_step(gid_clock, loss, gid_params, gid_opt)
         finite["gid"] &= bool(torch.isfinite(loss))
         gis_per_image.append(float(losses["gism_gis_per_image"]))
@@ -293,6 +311,7 @@ def bench_framework(framework: str, args: argparse.Namespace, batch, device: tor
         "inference": med["inference"],
         "gid": med["gid"],
         "ratio": med["gid"] / (med["student"] + med["teacher"]),
+        "gid_images_per_s": args.batch_size / statistics.median(times["gid"]),
         # Preemption on a shared machine only ever adds time: the minima are the low-noise view.
         "ratio_min": min(times["gid"]) / (min(times["student"]) + min(times["teacher"])),
         "student_parts": {k: student_clock.median(k) * 1e3 for k in ("forward", "backward", "step")},
@@ -360,17 +379,19 @@ def render(results: list[dict], args: argparse.Namespace, device: torch.device) 
         f"- commit: {commit()}",
         f"- teacher {args.teacher_backbone} FPN {args.teacher_fpn}, student {args.student_backbone} FPN "
         f"{args.student_fpn}; SGD lr {args.lr}, momentum 0.9, clip {args.clip_grad_norm or 'off'}; "
+        f"{'AMP (float16 autocast + gradient scaling)' if args.amp else 'float32'}; "
         f"median of {args.iters} iterations after {args.warmup} warm-up",
         "",
         "| framework | student step ms | teacher fwd ms | GID step ms | ratio GID / (student + teacher) "
-        "| ratio of the minima | teacher inference ms (ref.) | GIs / image |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| ratio of the minima | teacher inference ms (ref.) | GIs / image | GID images/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         flag = "" if r["ratio"] <= TARGET_RATIO else " ⚠"
         lines.append(
             f"| {r['framework']} | {r['student']:.1f} | {r['teacher']:.1f} | {r['gid']:.1f} "
-            f"| **{r['ratio']:.3f}**{flag} | {r['ratio_min']:.3f} | {r['inference']:.1f} | {r['gis_per_image']:.1f} |"
+            f"| **{r['ratio']:.3f}**{flag} | {r['ratio_min']:.3f} | {r['inference']:.1f} | {r['gis_per_image']:.1f} "
+            f"| {r['gid_images_per_s']:.1f} |"
         )
     lines += [
         "",
