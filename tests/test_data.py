@@ -65,11 +65,24 @@ def test_synthetic_annotations(synth):
     assert (areas < 16**2).mean() > 0.2 and (areas > 32**2).sum() >= 10
 
 
+def test_make_synthetic_object_count_and_size_options(tmp_path):
+    coco = COCO(make_synthetic(tmp_path, train=40, val=0, image_size=64, max_objects=3, min_object_size=16)
+                / "annotations" / "instances_train.json")
+    counts = [len(coco.imgToAnns[i]) for i in coco.imgs]
+    assert min(counts) >= 1 and max(counts) == 3
+    # a visible part can be smaller than the object, but never as small as the default's 6 px objects
+    assert min(max(ann["bbox"][2], ann["bbox"][3]) for ann in coco.anns.values()) >= 8
+
+
 def test_make_synthetic_rejects_bad_arguments(tmp_path):
     with pytest.raises(GidError, match="hexagon"):
         make_synthetic(tmp_path, train=1, classes=["circle", "hexagon"])
     with pytest.raises(GidError, match="image_size"):
         make_synthetic(tmp_path, train=1, image_size=16)
+    with pytest.raises(GidError, match="max_objects"):
+        make_synthetic(tmp_path, train=1, max_objects=0)
+    with pytest.raises(GidError, match="min_object_size"):
+        make_synthetic(tmp_path, train=1, image_size=64, min_object_size=40)
 
 
 def test_coco_dataset_on_synthetic(synth):

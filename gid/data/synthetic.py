@@ -1,7 +1,7 @@
 """A synthetic COCO-format detection data set: textured shapes on cluttered backgrounds.
 
 Each class is a shape. Every object gets a random colour pair, texture (solid, striped,
-checkered, dotted), rotation and size (6 px to half the image, log-uniform so small objects
+checkered, dotted), rotation and size (6 px to half the image by default, log-uniform so small objects
 are common), so a detector has to learn shape rather than colour or texture. Objects overlap,
 and sit on gradients with distractor strokes and blobs that are not objects, under colour
 jitter and Gaussian noise: enough headroom for a bigger detector to beat a smaller one.
@@ -22,6 +22,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ Texture = Callable[[np.ndarray, np.ndarray, float], np.ndarray]
 
 MIN_VISIBLE = 0.35  # fraction of an object's pixels that must show for it to be drawn
 MAX_OBJECTS = 12
-MIN_DIAMETER = 6.0  # pixels; the largest object spans half the image
+MIN_OBJECT_SIZE = 6.0  # diameter in pixels; the largest object spans half the image
 SPLITS = ("train", "val", "test")
 
 
@@ -100,6 +101,13 @@ def _dotted(u: np.ndarray, v: np.ndarray, period: float) -> np.ndarray:
 TEXTURES: tuple[Texture, ...] = (_solid, _striped, _checkered, _dotted)
 
 
+@dataclass(frozen=True)
+class _Scene:
+    shapes: Sequence[Mask]
+    max_objects: int
+    min_size: float  # smallest object diameter, pixels
+
+
 def make_synthetic(
     out_dir: Path,
     *,
@@ -109,24 +117,28 @@ def make_synthetic(
     image_size: int = 128,
     classes: Sequence[str] = DEFAULT_CLASSES,
     seed: int = 0,
+    max_objects: int = MAX_OBJECTS,
+    min_object_size: float = MIN_OBJECT_SIZE,
 ) -> Path:
     """Write the data set in COCO layout under ``out_dir`` and return ``out_dir``.
 
     Images go to ``out_dir/{split}/NNNNNN.png`` and annotations to
     ``out_dir/annotations/instances_{split}.json`` for each split with a positive count.
     ``classes`` picks shapes from :data:`SHAPES`; their order gives the category ids 1..C.
+    Each image holds 1 to ``max_objects`` objects whose diameters run from ``min_object_size``
+    pixels to half the image: fewer, larger objects make an easier data set.
     """
     counts = {"train": train, "val": val, "test": test}
-    _check_args(counts, image_size, classes, seed)
+    _check_args(counts, image_size, classes, seed, max_objects, min_object_size)
+    scene = _Scene(shapes=[SHAPES[name] for name in classes], max_objects=max_objects, min_size=min_object_size)
     out_dir = Path(out_dir)
-    shapes = [SHAPES[name] for name in classes]
     categories = [{"id": i + 1, "name": name} for i, name in enumerate(classes)]
     (out_dir / "annotations").mkdir(parents=True, exist_ok=True)
     # PNG encoding releases the GIL, so a writer thread overlaps it with drawing the next image
     with ThreadPoolExecutor(max_workers=2) as writer:
         for split_index, split in enumerate(SPLITS):
             if counts[split]:
-                data = _make_split(writer, out_dir, split, split_index, counts[split], image_size, shapes, seed)
+                data = _make_split(writer, out_dir, split, split_index, counts[split], image_size, scene, seed)
                 data["categories"] = categories
                 (out_dir / "annotations" / f"instances_{split}.json").write_text(json.dumps(data) + "\n")
     return out_dir
@@ -139,7 +151,7 @@ def _make_split(
     split_index: int,
     count: int,
     image_size: int,
-    shapes: Sequence[Mask],
+    scene: _Scene,
     seed: int,
 ) -> dict[str, list]:
     """Write one split's images and return its COCO "images" and "annotations"."""
@@ -149,7 +161,7 @@ def _make_split(
     for index in range(count):
         image_id = index + 1
         file_name = f"{index:06d}.png"
-        pixels, objects = render_image(np.random.default_rng([seed, split_index, index]), image_size, shapes)
+        pixels, objects = render_image(np.random.default_rng([seed, split_index, index]), image_size, scene)
         pending.append(writer.submit(_save_png, pixels, out_dir / split / file_name))
         if len(pending) > 8:  # bounds the images held in memory; re-raises write errors
             pending.popleft().result()
@@ -175,7 +187,9 @@ def _save_png(pixels: np.ndarray, path: Path) -> None:
     Image.fromarray(pixels).save(path, compress_level=1)
 
 
-def _check_args(counts: dict[str, int], image_size: int, classes: Sequence[str], seed: int) -> None:
+def _check_args(
+    counts: dict[str, int], image_size: int, classes: Sequence[str], seed: int, max_objects: int, min_object_size: float
+) -> None:
     for split, count in counts.items():
         if count < 0:
             raise GidError(f"synthetic data: the number of {split} images must be >= 0, got {count}")
@@ -185,15 +199,22 @@ def _check_args(counts: dict[str, int], image_size: int, classes: Sequence[str],
         raise GidError(f"synthetic data: seed must be >= 0, got {seed}")
     if not classes or len(set(classes)) != len(classes) or not set(classes) <= SHAPES.keys():
         raise GidError(f"synthetic data: classes must be distinct names from {list(SHAPES)}, got {list(classes)}")
+    if max_objects < 1:
+        raise GidError(f"synthetic data: max_objects must be at least 1, got {max_objects}")
+    if not 1 <= min_object_size <= image_size / 2:
+        raise GidError(
+            f"synthetic data: min_object_size must be between 1 and half the image ({image_size / 2:g} px), "
+            f"got {min_object_size:g}"
+        )
 
 
 def render_image(
-    rng: np.random.Generator, size: int, shapes: Sequence[Mask]
+    rng: np.random.Generator, size: int, scene: _Scene
 ) -> tuple[np.ndarray, list[tuple[int, list[float], float]]]:
     """One ``size`` x ``size`` RGB uint8 image and its ``(class index, xywh box, area)`` objects."""
     # drawn channels-first: numpy is slow on broadcasts whose innermost axis has length 3
     image = _background(rng, size)
-    objects = _draw_objects(rng, image, shapes)
+    objects = _draw_objects(rng, image, scene)
     # colour jitter (contrast about the mean, then brightness) and luminance noise over everything
     contrast, brightness = rng.uniform(0.6, 1.4), rng.uniform(0.7, 1.3)
     offset = float(image.mean() * (1 - contrast) * brightness)
@@ -244,9 +265,9 @@ def _window(cx: float, cy: float, rx: float, ry: float, size: int) -> tuple[slic
 
 
 def _draw_objects(
-    rng: np.random.Generator, image: np.ndarray, shapes: Sequence[Mask]
+    rng: np.random.Generator, image: np.ndarray, scene: _Scene
 ) -> list[tuple[int, list[float], float]]:
-    """Draw 1 to MAX_OBJECTS objects into CHW ``image``, topmost first, and return the visible ones.
+    """Draw 1 to ``scene.max_objects`` objects into CHW ``image``, topmost first, and return the visible ones.
 
     A centre at least half a radius from the border keeps most of the first (topmost) object
     inside the image, so every image has at least one object.
@@ -254,9 +275,9 @@ def _draw_objects(
     size = image.shape[-1]
     covered = np.zeros((size, size), dtype=bool)
     objects = []
-    for _ in range(rng.integers(1, MAX_OBJECTS + 1)):
-        label = int(rng.integers(len(shapes)))
-        diameter = math.exp(rng.uniform(math.log(MIN_DIAMETER), math.log(size / 2)))
+    for _ in range(rng.integers(1, scene.max_objects + 1)):
+        label = int(rng.integers(len(scene.shapes)))
+        diameter = math.exp(rng.uniform(math.log(scene.min_size), math.log(size / 2)))
         radius = diameter / 2
         cx, cy = rng.uniform(radius / 2, size - radius / 2, 2).tolist()
         angle = rng.uniform(0.0, 2 * np.pi)
@@ -266,7 +287,7 @@ def _draw_objects(
         dy = np.arange(y0, math.ceil(cy + radius), dtype=np.float32)[:, None] + (0.5 - cy)
         cos, sin = math.cos(angle), math.sin(angle)
         u, v = dx * cos + dy * sin, dy * cos - dx * sin
-        mask = shapes[label](u / radius, v / radius)
+        mask = scene.shapes[label](u / radius, v / radius)
         inside = np.s_[max(-y0, 0) : size - y0, max(-x0, 0) : size - x0]
         window = np.s_[max(y0, 0) : y0 + mask.shape[0], max(x0, 0) : x0 + mask.shape[1]]
         full_area = mask.sum()
