@@ -21,7 +21,10 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 def cmd_data_synth(args: argparse.Namespace) -> None:
     from gid.data import make_synthetic
 
-    kwargs = dict(train=args.train, val=args.val, test=args.test, image_size=args.image_size, seed=args.seed)
+    kwargs = dict(
+        train=args.train, val=args.val, test=args.test, image_size=args.image_size, seed=args.seed,
+        max_objects=args.max_objects, min_object_size=args.min_object_size,
+    )
     if args.classes:
         kwargs["classes"] = args.classes.split(",")
     out = make_synthetic(args.out, **kwargs)
@@ -66,6 +69,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     overrides = {"root": args.root, "format": args.format}
     data = config.data.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     dataset = build_dataset(data, args.split, train=False)
+    dataset.check_image_files()
     loader = DataLoader(dataset, batch_size=data.batch_size, collate_fn=collate)
     records = predict(model, loader, dataset.label_to_category_id, torch.device("cpu"))
     print(f"{args.checkpoint} on {data.root} [{args.split}]: {format_metrics(coco_metrics(dataset.coco, records))}")
@@ -111,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--val", type=int, default=500, help="validation images (default 500)")
     synth.add_argument("--test", type=int, default=0, help="held-out test images (default 0)")
     synth.add_argument("--image-size", type=int, default=128, help="image side in pixels (default 128)")
+    synth.add_argument("--max-objects", type=int, default=12, help="objects per image, at most (default 12)")
+    synth.add_argument(
+        "--min-object-size", type=float, default=6.0,
+        help="smallest object diameter in pixels; the largest is half the image (default 6)",
+    )
     synth.add_argument("--classes", default=None, help="comma-separated class names (default: the built-in six)")
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=cmd_data_synth)

@@ -172,10 +172,11 @@ def scaled_to_input(value: float | str, coco_value: float, image_size: int) -> f
 # --- loading -------------------------------------------------------------------------------
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path, kind: str = "config file") -> dict[str, Any]:
+    """A YAML mapping from ``path``, read with ``safe_load``: tags that would build Python objects are refused."""
     path = Path(path)
     if not path.is_file():
-        raise GidError(f"config file not found: {path}")
+        raise GidError(f"{kind} not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -183,7 +184,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
         where = f" at line {mark.line + 1}" if mark else ""
         raise GidError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(data, dict):
-        raise GidError(f"{path}: a config file must be a YAML mapping, got {type(data).__name__}")
+        raise GidError(f"{path}: a {kind} must be a YAML mapping, got {type(data).__name__}")
     return data
 
 

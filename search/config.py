@@ -59,6 +59,9 @@ class SweepConfig(StrictModel):
     frameworks: dict[Literal["retinanet", "fcos", "faster_rcnn"], FrameworkSweep] = Field(min_length=1)
     space: dict[str, Dimension] = Field(default_factory=lambda: dict(DEFAULT_SPACE), validate_default=True)
     trials: int = Field(20, ge=1)  # per framework
+    # Per framework: end the experiment once its trials have trained this many epochs in all
+    # (None: run all `trials`). Equal budgets make search strategies comparable.
+    budget_epochs: int | None = Field(None, ge=1)
     resources: Resources = Resources()
     objective: Objective = Objective()
     scheduler: Scheduler = Scheduler()
@@ -102,7 +105,7 @@ def check_space_keys(config: Config, space: dict[str, Dimension]) -> None:
 
 
 def load_sweep(path: Path, overrides: list[str] | None = None) -> SweepConfig:
-    data = apply_overrides(read_yaml(path), overrides or [])
+    data = apply_overrides(read_yaml(path, "sweep file"), overrides or [])
     try:
         return SweepConfig.model_validate(data)
     except ValidationError as exc:

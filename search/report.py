@@ -15,6 +15,7 @@ from optuna.visualization import matplotlib as optuna_plots
 from gid.errors import GidError
 from gid.models import read_checkpoint
 from search.config import SweepConfig
+from search.tracking import error_reason
 
 if TYPE_CHECKING:
     from search.sweep import FrameworkOutcome
@@ -40,7 +41,7 @@ def trial_rows(outcome: FrameworkOutcome, metric: str) -> list[TrialRow]:
             status = "failed"
         else:
             status = "finished" if epochs >= outcome.base.train.epochs else "pruned"
-        error = str(result.error).strip().splitlines()[-1] if result.error is not None else ""
+        error = error_reason(str(result.error)) if result.error is not None else ""
         rows.append(
             TrialRow(
                 outcome.framework, metrics.get("trial_id", Path(result.path).name), status, epochs,

@@ -18,6 +18,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from gid.config import Config, DistillConfig
+from gid.engine.preflight import check_run_inputs, check_writable
 from gid.engine.trainer import ensure_ray
 from gid.errors import GidError
 from search.config import SweepConfig
@@ -75,6 +76,25 @@ def build_scheduler(sweep: SweepConfig, epochs: int):
         grace_period=min(sweep.scheduler.grace_period, epochs),
         reduction_factor=sweep.scheduler.reduction_factor,
     )
+
+
+class EpochBudget(tune.Stopper):
+    """Ends the experiment once its trials have trained ``budget`` epochs in all.
+
+    Counts each trial's highest reported epoch (Tune repeats a trial's last result when it ends).
+    A resumed sweep counts only the trials it runs or continues, so it gets the budget again.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.epochs: dict[str, int] = {}
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        self.epochs[trial_id] = max(self.epochs.get(trial_id, 0), int(result.get("epoch", 0)))
+        return False
+
+    def stop_all(self) -> bool:
+        return sum(self.epochs.values()) >= self.budget
 
 
 def sweep_base(sweep: SweepConfig, framework: str) -> Config:
@@ -152,6 +172,7 @@ def run_framework(
                     )
                 ],
                 failure_config=tune.FailureConfig(max_failures=0),
+                stop=EpochBudget(sweep.budget_epochs) if sweep.budget_epochs else None,
             ),
         )
     results = tuner.fit()
@@ -179,7 +200,11 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, address: str | None = No
     paths = SweepPaths.of(sweep)
     if not resume and any(tune.Tuner.can_restore(paths.join(experiment_name(sweep, fw))) for fw in sweep.frameworks):
         raise GidError(f"sweep {sweep.name!r} already exists in {paths.root}; pass --resume to continue it or pick another name")
-    bases = [sweep_base(sweep, framework) for framework in sweep.frameworks]  # bad input fails before any compute
+    # Bad input fails here, before MLflow or Ray see the sweep.
+    bases = [sweep_base(sweep, framework) for framework in sweep.frameworks]
+    check_writable(sweep.storage_path, "storage_path")
+    for base in bases:
+        check_run_inputs(base)
     tracking = sweep.tracking
     client, experiment_id = connect(tracking.tracking_uri, tracking.experiment, tracking.artifact_location)
     parent_run_id = parent_run(client, experiment_id, sweep.name, sweep.model_dump(mode="json", exclude={"space"}))

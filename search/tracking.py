@@ -235,13 +235,18 @@ def sync_results(logger: TrialLogger, results: ResultGrid) -> None:
         trial_id = last.get("trial_id") or Path(result.path).name
         for row in rows:
             logger.log_result(trial_id, result.config or {}, row)
-        error = None if result.error is None else str(result.error).strip().splitlines()[-1]
+        error = None if result.error is None else error_reason(str(result.error))
         logger.finish(trial_id, result.config or {}, last, error)
 
 
 def trial_error(trial: Trial) -> str:
-    """The last line of the trial's error (e.g. the NaN message), not Ray's whole traceback."""
+    """The reason the trial failed (e.g. the NaN message), not Ray's whole traceback."""
     path = trial.error_file
     text = Path(path).read_text() if path and Path(path).exists() else str(getattr(trial, "error_msg", "") or "")
+    return error_reason(text)
+
+
+def error_reason(text: str) -> str:
+    """The last line of a trial's error; for gid's own errors just the message, as `gid` prints it."""
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "unknown error"
+    return lines[-1].removeprefix(f"{GidError.__module__}.{GidError.__name__}: ") if lines else "unknown error"

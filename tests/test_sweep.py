@@ -140,6 +140,17 @@ def test_a_nan_trial_fails_with_its_reason_and_the_sweep_goes_on(ray_local, work
     assert "Failed trials:" in outcome.summary and "training loss became" in outcome.summary
 
 
+def test_an_epoch_budget_ends_the_sweep_once_spent(ray_local, workspace, mlflow_server):
+    path = write_sweep(
+        workspace, "budget", mlflow_server, frameworks=["fcos"], trials=10, budget_epochs=3,
+        scheduler={"type": "none"}, resources={"max_concurrent_trials": 1},
+    )
+    (framework,) = run_sweep(load_sweep(path)).frameworks
+    epochs = [int((r.metrics or {}).get("epoch", 0)) for r in framework.results]
+    # two-epoch trials: the first finishes, the second is stopped after one epoch, none follows
+    assert sum(epochs) == 3 and len(framework.results) < 10
+
+
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_local, workspace, mlflow_server):
     path = write_sweep(
         workspace, "resume", mlflow_server, frameworks=["retinanet"], trials=3,

@@ -58,6 +58,15 @@ class DetectionDataset(Dataset):
         image_id = self.ids[index]
         return self.transforms(self._load_image(image_id), self._target(image_id))
 
+    def check_image_files(self) -> None:
+        """Fail now, not mid-epoch in a worker, if an image the data set lists is not on disk."""
+        paths = [self.images / self.coco.imgs[image_id]["file_name"] for image_id in self.ids]
+        missing = [path for path in paths if not path.is_file()]
+        if missing:
+            raise GidError(
+                f"image file not found: {missing[0]} (listed in {self.source}; {len(missing)} of {len(paths)} missing)"
+            )
+
     def _load_image(self, image_id: int) -> Image.Image:
         info = self.coco.imgs[image_id]
         path = self.images / info["file_name"]
@@ -118,27 +127,52 @@ def coco_from_dict(data: Any, source: str) -> COCO:
     _require(data["images"], ("id", "file_name", "width", "height"), "image", source)
     _require(data["categories"], ("id", "name"), "category", source)
     _require(data["annotations"], ("id", "image_id", "category_id", "bbox"), "annotation", source)
-    image_ids = {image["id"] for image in data["images"]}
+    for image in data["images"]:
+        _check_image(image, source)
+    images = {image["id"]: image for image in data["images"]}
     category_ids = {cat["id"] for cat in data["categories"]}
     for ann in data["annotations"]:
-        if ann["category_id"] not in category_ids:
-            raise GidError(
-                f"{source}: annotation {ann['id']} has category_id {ann['category_id']}, "
-                f"which is not in 'categories' (ids {sorted(category_ids)})"
-            )
-        if ann["image_id"] not in image_ids:
-            raise GidError(f"{source}: annotation {ann['id']} has image_id {ann['image_id']}, which is not in 'images'")
-        bbox = ann["bbox"]
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
-            raise GidError(f"{source}: annotation {ann['id']} has bbox {bbox!r}; expected [x, y, width, height]")
+        _check_annotation(ann, images, category_ids, source)
         # COCOeval reads both
         ann.setdefault("iscrowd", 0)
-        ann.setdefault("area", bbox[2] * bbox[3])
+        ann.setdefault("area", ann["bbox"][2] * ann["bbox"][3])
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress
         coco.createIndex()
     return coco
+
+
+def _check_image(image: dict, source: str) -> None:
+    size = image["width"], image["height"]
+    if not all(isinstance(v, int) and v > 0 for v in size):
+        raise GidError(f"{source}: image {image['id']} has width, height {size!r}; expected whole pixels > 0")
+
+
+def _check_annotation(ann: dict, images: dict[int, dict], category_ids: set, source: str) -> None:
+    """One annotation refers to a known image and category and has a box on that image.
+
+    Zero-width or zero-height boxes pass (torchvision drops them, and COCO itself has some);
+    a negative size or a box wholly outside its image is a broken annotation.
+    """
+    where = f"{source}: annotation {ann['id']}"
+    if ann["category_id"] not in category_ids:
+        raise GidError(
+            f"{where} has category_id {ann['category_id']}, which is not in 'categories' (ids {sorted(category_ids)})"
+        )
+    if ann["image_id"] not in images:
+        raise GidError(f"{where} has image_id {ann['image_id']}, which is not in 'images'")
+    bbox = ann["bbox"]
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+        raise GidError(f"{where} has bbox {bbox!r}; expected [x, y, width, height]")
+    x, y, w, h = bbox
+    if w < 0 or h < 0:
+        raise GidError(f"{where} has bbox {bbox} with a negative width or height; COCO boxes are [x, y, width, height]")
+    image = images[ann["image_id"]]
+    if w > 0 and h > 0 and (x >= image["width"] or y >= image["height"] or x + w <= 0 or y + h <= 0):
+        raise GidError(
+            f"{where} has bbox {bbox}, wholly outside its {image['width']}x{image['height']} image {image['file_name']}"
+        )
 
 
 def _require(items: list, keys: tuple[str, ...], kind: str, source: str) -> None:

@@ -22,6 +22,7 @@ from gid.distill.losses import (
 )
 from gid.distill.outputs import GeneralInstances
 from gid.distill.views import DetectorView, check_compatible, view_for
+from gid.errors import GidError
 from gid.models import load_model
 
 # The paper's pixel constants at COCO scale (800 px), rescaled for the actual input size.
@@ -59,7 +60,10 @@ class Distiller(nn.Module):
         cls, student: nn.Module, config: DistillConfig, image_size: int, device: torch.device | None = None
     ) -> Distiller:
         teacher, _, _ = load_model(Path(config.teacher))
-        return cls(teacher.to(device) if device is not None else teacher, student, config, image_size)
+        try:
+            return cls(teacher.to(device) if device is not None else teacher, student, config, image_size)
+        except GidError as exc:  # name the file: the student comes from the config, the teacher from here
+            raise GidError(f"distill.teacher {config.teacher}: {exc}") from None
 
     @property
     def teacher(self) -> nn.Module:

@@ -8,9 +8,12 @@ persistence and resumption (``ray.train.report`` / ``ray.train.get_checkpoint``)
 from __future__ import annotations
 
 import math
+import re
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import ray
@@ -24,11 +27,39 @@ from torch.utils.data import DataLoader, DistributedSampler
 from gid.config import Config, TrainConfig
 from gid.data import build_dataset, collate
 from gid.engine.evaluation import coco_metrics, format_metrics, predict
+from gid.errors import GidError
 from gid.models import build_detector, load_weights, read_checkpoint
 from gid.models.checkpoint import FORMAT, atomic_save
 
 CHECKPOINT_FILE = "checkpoint.pt"
 PICTURES_DIR = "gi_pictures"  # in the last checkpoint of a distillation: what GISM picked
+
+
+_OUT_OF_MEMORY = ("out of memory", "can't allocate memory")  # CUDA's and the CPU allocator's wording
+
+
+def out_of_memory_reason(exc: BaseException) -> str | None:
+    """One line saying memory ran out and what to lower; None when ``exc`` is not an allocation failure."""
+    text = str(exc).strip()
+    if not isinstance(exc, (torch.OutOfMemoryError, MemoryError)) and not any(m in text for m in _OUT_OF_MEMORY):
+        return None
+    first = text.splitlines()[0] if text else type(exc).__name__
+    first = re.sub(r"^\[enforce fail at [^\]]*\][^.]*\.\s*", "", first).split(" (originally from")[0]  # c10's prefix
+    # Keep what ran out and how much was asked for, not the allocator's tuning advice.
+    detail = ". ".join(s for s in first.split(". ") if re.search(r"\ballocate\b|out of memory", s)) or first
+    return f"out of memory ({detail}); lower data.batch_size or data.image_size, or use a smaller model"
+
+
+@contextmanager
+def out_of_memory_as_user_error() -> Iterator[None]:
+    """A failed allocation (CUDA or CPU) becomes a one-line GidError: the run fails with its reason."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        reason = out_of_memory_reason(exc)
+        if reason is None:
+            raise
+        raise GidError(reason) from None
 
 
 def build_trainable(config: Config, num_classes: int, device: torch.device) -> nn.Module:
@@ -105,6 +136,7 @@ class _RunningMean:
         return {name: total / max(self.count, 1) for name, total in self.sums.items()}
 
 
+@out_of_memory_as_user_error()
 def train_loop_per_worker(config_dict: dict) -> None:
     config = Config.model_validate(config_dict)
     context = ray.train.get_context()
@@ -148,6 +180,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
     # Where the workers run (a trial's workers may span nodes): reported, and tagged in MLflow.
     worker_nodes = ",".join(_all_gather(ray.get_runtime_context().get_node_id()))
 
+    first_step_at = None  # wall clock of this run's first training step: startup cost, for benchmarks
     for epoch in range(start_epoch, config.train.epochs):
         if isinstance(train_loader.sampler, DistributedSampler):
             train_loader.sampler.set_epoch(epoch)
@@ -155,6 +188,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
         running = _RunningMean()
         started = time.perf_counter()
         for it, (images, targets) in enumerate(train_loader):
+            first_step_at = first_step_at or time.time()
             with torch.autocast(device.type, enabled=use_amp):
                 outputs = model(list(images), list(targets))
             if config.distill is None:  # name a bare detector's losses as the Distiller does
@@ -182,7 +216,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
                 )
         metrics = {
             "epoch": epoch + 1, **running.means(), "epoch_time_s": time.perf_counter() - started,
-            "worker_nodes": worker_nodes,
+            "first_step_at": first_step_at, "worker_nodes": worker_nodes,
         }
 
         last = epoch + 1 == config.train.epochs

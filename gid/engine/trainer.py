@@ -14,6 +14,7 @@ from ray.train.torch import TorchTrainer
 
 from gid.config import Config
 from gid.engine.loop import CHECKPOINT_FILE, PICTURES_DIR, train_loop_per_worker
+from gid.engine.preflight import check_run_inputs, check_writable
 from gid.errors import GidError
 from gid.models.checkpoint import atomic_save, read_checkpoint
 
@@ -105,6 +106,8 @@ def run_training(config: Config, address: str | None = None) -> TrainingOutcome:
     if config.run.name is None:
         raise GidError("run.name is not set; pass --set run.name=NAME")
     config = config.with_absolute_paths()
+    check_writable(config.run.storage_path, "run.storage_path")
+    check_run_inputs(config)
     ensure_ray(address)
     with raise_user_error():
         result = build_trainer(config).fit()
