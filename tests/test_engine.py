@@ -1,5 +1,7 @@
 """The Ray Train loop on a real local Ray instance: DDP on CPU workers, checkpoints, resume."""
 
+import time
+
 from support import EpochLog
 
 from gid.engine.trainer import MODEL_FILE, build_trainer, run_training
@@ -11,10 +13,14 @@ def test_two_workers_train_checkpoint_and_resume(ray_local, tiny_config, tmp_pat
         train={"epochs": 2}, scaling={"num_workers": 2, "use_gpu": False},
     )
     log = tmp_path / "epochs.txt"
+    started = time.time()
     result = build_trainer(config, callbacks=[EpochLog(log)]).fit()
     assert result.metrics["epoch"] == 2
     assert 0.0 <= result.metrics["val_ap"] <= 1.0
     assert result.metrics["loss"] > 0 and result.metrics["loss_gt_classification"] > 0
+    # a worker holds a detector, its data and optimizer: well over 100 MiB resident
+    assert 100 < result.metrics["memory_peak_mb"] < 64 * 1024
+    assert started < result.metrics["first_step_at"] < time.time()
     assert log.read_text().split() == ["1", "2"]
     assert result.checkpoint is not None
 

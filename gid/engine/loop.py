@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import resource
 import tempfile
 import time
 from collections import defaultdict
@@ -60,6 +61,13 @@ def out_of_memory_as_user_error() -> Iterator[None]:
         if reason is None:
             raise
         raise GidError(reason) from None
+
+
+def memory_peak_mb(device: torch.device) -> float:
+    """This worker's peak memory so far: GPU memory allocated by torch on a GPU, else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
 
 
 def build_trainable(config: Config, num_classes: int, device: torch.device) -> nn.Module:
@@ -216,7 +224,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
                 )
         metrics = {
             "epoch": epoch + 1, **running.means(), "epoch_time_s": time.perf_counter() - started,
-            "first_step_at": first_step_at, "worker_nodes": worker_nodes,
+            "first_step_at": first_step_at, "memory_peak_mb": memory_peak_mb(device), "worker_nodes": worker_nodes,
         }
 
         last = epoch + 1 == config.train.epochs

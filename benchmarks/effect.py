@@ -1,0 +1,351 @@
+"""Does GID help? Teacher, student alone, GID at the spec's defaults, each loss alone, and GID tuned.
+
+For each framework, on synthetic data with a held-out ``test`` split, it trains through the product's
+own paths (``run_training`` on Ray Train, ``run_sweep`` + ``export_best`` for the tuned values):
+
+* **teacher**: the bigger backbone on a longer schedule (one seed);
+* **student**: the small backbone alone;
+* **GID default**: the student distilled at gid-spec.md's defaults;
+* **feature / relation / response only**: one GID loss switched on (one seed);
+* **GID tuned**: the student distilled with the best values a sweep on the validation split found.
+
+Every model is COCO-evaluated on the test split, which neither training nor the sweep sees. Rows
+student / GID default / GID tuned repeat over ``--seeds`` training seeds (mean ± std). Finished runs
+are kept in ``OUT/results.json``, so an interrupted benchmark picks up where it stopped.
+
+    python benchmarks/effect.py --out runs/bench-effect            # the full table (CPU: ~150 min)
+    python benchmarks/effect.py --quick --out runs/bench-effect-q  # a smaller table (CPU: ~20 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import yaml
+from step_overhead import cpu_name  # this folder is on sys.path when the script runs
+
+REPO = Path(__file__).resolve().parent.parent
+FRAMEWORKS = ("retinanet", "fcos", "faster_rcnn")
+METRICS = ("ap", "ap50", "ap75", "aps")
+SINGLE_LOSSES = ("feature", "relation", "response")
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Data, models and schedules: sized so the teacher clearly beats the student within the budget."""
+
+    train_images: int
+    val_images: int
+    test_images: int
+    image_size: int
+    max_objects: int
+    min_object_size: float
+    teacher_backbone: str
+    teacher_fpn: int
+    teacher_epochs: int
+    student_backbone: str
+    student_fpn: int
+    student_epochs: int
+    lr: float
+    seeds: int
+    sweep_trials: int
+    frameworks: tuple[str, ...] = ("fcos", "retinanet", "faster_rcnn")  # fastest learner first
+    single_losses: bool = True
+
+
+FULL = Scale(
+    train_images=1024, val_images=128, test_images=256, image_size=64, max_objects=4, min_object_size=12,
+    teacher_backbone="resnet50", teacher_fpn=128, teacher_epochs=16,
+    student_backbone="resnet18", student_fpn=64, student_epochs=4,
+    lr=0.02, seeds=3, sweep_trials=4,
+)
+QUICK = replace(
+    FULL, train_images=512, val_images=64, test_images=128, teacher_epochs=10, student_epochs=4,
+    seeds=2, sweep_trials=2, frameworks=("fcos",), single_losses=False,
+)
+# On a GPU the same command trains on more, larger images for longer.
+GPU = replace(
+    FULL, train_images=8192, val_images=512, test_images=1024, image_size=256, max_objects=8, min_object_size=12,
+    teacher_epochs=24, student_epochs=12,
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="working folder: data, runs, results.json, effect.md")
+    p.add_argument("--quick", action="store_true", help="FCOS only, 2 seeds, no single-loss rows, a 2-trial sweep")
+    p.add_argument("--gpu", action="store_true", help="the GPU scale: 8k images of 256 px, longer schedules")
+    p.add_argument("--frameworks", help=f"comma-separated subset of {','.join(FRAMEWORKS)}")
+    p.add_argument("--seeds", type=int, help="training seeds of the student / GID rows")
+    args = p.parse_args(argv)
+    scale = GPU if args.gpu else QUICK if args.quick else FULL
+    if args.frameworks:
+        chosen = tuple(f.strip() for f in args.frameworks.split(","))
+        if not set(chosen) <= set(FRAMEWORKS):
+            p.error(f"--frameworks: choose from {','.join(FRAMEWORKS)}")
+        scale = replace(scale, frameworks=chosen)
+    if args.seeds:
+        scale = replace(scale, seeds=args.seeds)
+    args.scale = scale
+    return args
+
+
+class Results:
+    """Finished runs by key, saved after each one so a restart skips them."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.runs: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
+
+    def get_or_run(self, key: str, run) -> dict:
+        if key not in self.runs:
+            self.runs[key] = run()
+            self.path.write_text(json.dumps(self.runs, indent=1))
+        return self.runs[key]
+
+
+def test_metrics(model_path: Path, data_root: Path) -> dict[str, float]:
+    """COCO metrics of a model file on the held-out test split."""
+    from torch.utils.data import DataLoader
+
+    from gid.data import build_dataset, collate
+    from gid.engine.evaluation import coco_metrics, predict
+    from gid.models import load_model
+
+    model, config, _ = load_model(model_path)
+    dataset = build_dataset(config.data.model_copy(update={"root": data_root}), "test", train=False)
+    loader = DataLoader(dataset, batch_size=16, collate_fn=collate)
+    return coco_metrics(dataset.coco, predict(model, loader, dataset.label_to_category_id, torch.device("cpu")))
+
+
+class Bench:
+    def __init__(self, out: Path, scale: Scale) -> None:
+        self.out, self.scale = out, scale
+        self.results = Results(out / "results.json")
+        self.configs = out / "configs"
+        self.configs.mkdir(parents=True, exist_ok=True)
+
+    def base(self, framework: str, role: str) -> dict:
+        s = self.scale
+        teacher = role == "teacher"
+        return {
+            "data": {"root": str(self.out / "data"), "image_size": s.image_size, "batch_size": 8},
+            "model": {
+                "framework": framework,
+                "backbone": s.teacher_backbone if teacher else s.student_backbone,
+                "fpn_channels": s.teacher_fpn if teacher else s.student_fpn,
+            },
+            "train": {
+                "epochs": s.teacher_epochs if teacher else s.student_epochs, "lr": s.lr, "schedule": "cosine",
+                "warmup_iters": 100, "log_every": 50,
+            },
+            "run": {"storage_path": str(self.out / "runs")},
+            "scaling": {"cpus_per_worker": os.cpu_count() or 1},
+        }
+
+    def write_config(self, name: str, data: dict) -> Path:
+        path = self.configs / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    def train(self, key: str, data: dict) -> dict:
+        """Train one config (its run named after ``key``) and evaluate it on the test split."""
+        from gid.config import validate
+        from gid.engine.trainer import run_training
+
+        def run() -> dict:
+            config = validate({**data, "run": {**data["run"], "name": key.replace("/", "_")}}, source=key)
+            print(f"\n=== {key}", flush=True)
+            started = time.perf_counter()
+            outcome = run_training(config)
+            seconds = time.perf_counter() - started
+            return {"test": test_metrics(outcome.model_path, self.out / "data"), "seconds": seconds,
+                    "val_ap": outcome.metrics.get("val_ap"), "memory_peak_mb": outcome.metrics.get("memory_peak_mb"),
+                    "model": str(outcome.model_path)}
+
+        return self.results.get_or_run(key, run)
+
+    def teacher(self, framework: str) -> Path:
+        return Path(self.train(f"{framework}/teacher/0", self.base(framework, "teacher"))["model"])
+
+    def gid_config(self, framework: str, teacher: Path, **distill) -> dict:
+        return {**self.base(framework, "student"), "distill": {"teacher": str(teacher), **distill}}
+
+    def tuned_config(self, framework: str, teacher: Path) -> dict:
+        """The best values of a TPE + ASHA sweep on the validation split, as an exported config."""
+        from gid.config import load_config
+        from search.config import SweepConfig
+        from search.export import export_best
+        from search.sweep import run_sweep
+
+        exported = self.out / "best" / f"{framework}.yaml"
+        if not exported.exists():
+            s = self.scale
+            base = self.write_config(f"{framework}_gid", self.gid_config(framework, teacher))
+            tracking = {"tracking_uri": f"sqlite:///{self.out / 'mlflow.db'}", "experiment": "gid-bench-effect"}
+            sweep = SweepConfig.model_validate({
+                "name": f"effect-{framework}",
+                "frameworks": {framework: {"config": str(base)}},
+                "trials": s.sweep_trials,
+                "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": 2},
+                "scheduler": {"type": "asha", "grace_period": max(1, s.student_epochs // 2)},
+                "sampler": {"type": "tpe", "seed": 0},
+                "tracking": tracking,
+                "storage_path": str(self.out / "sweeps"),
+            })
+            print(f"\n=== {framework}/sweep: {s.sweep_trials} trials", flush=True)
+            started = time.perf_counter()
+            run_sweep(sweep, resume=(self.out / "sweeps" / sweep.name).exists())
+            self.results.runs[f"{framework}/sweep"] = {"seconds": time.perf_counter() - started}
+            (best,) = export_best(
+                self.out / "best" / framework, tracking_uri=tracking["tracking_uri"],
+                experiment=tracking["experiment"], sweep=sweep.name,
+            )
+            exported.parent.mkdir(parents=True, exist_ok=True)
+            exported.write_text(best.path.read_text())
+        return load_config(exported).to_dict()
+
+    def framework(self, framework: str) -> None:
+        s = self.scale
+        teacher = self.teacher(framework)
+        for seed in range(s.seeds):
+            student = self.base(framework, "student")
+            student["train"]["seed"] = seed
+            self.train(f"{framework}/student/{seed}", student)
+            gid = self.gid_config(framework, teacher)
+            gid["train"]["seed"] = seed
+            self.train(f"{framework}/gid_default/{seed}", gid)
+        if s.single_losses:
+            for loss in SINGLE_LOSSES:
+                switches = {other: {"enabled": other == loss} for other in SINGLE_LOSSES}
+                self.train(f"{framework}/{loss}_only/0", self.gid_config(framework, teacher, **switches))
+        tuned = self.tuned_config(framework, teacher)
+        for seed in range(s.seeds):
+            tuned["train"]["seed"] = seed
+            self.train(f"{framework}/gid_tuned/{seed}", tuned)
+
+
+ROWS = (
+    ("teacher", "teacher"),
+    ("student", "student alone"),
+    ("gid_default", "GID, spec defaults"),
+    ("feature_only", "feature loss only"),
+    ("relation_only", "relation loss only"),
+    ("response_only", "response loss only"),
+    ("gid_tuned", "GID, tuned"),
+)
+
+
+def summarise(runs: dict[str, dict], framework: str, row: str) -> dict | None:
+    found = [r for key, r in runs.items() if key.startswith(f"{framework}/{row}/")]
+    if not found:
+        return None
+    stats = {}
+    for metric in METRICS:
+        values = [100 * r["test"][metric] for r in found]
+        stats[metric] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None)
+    stats["seeds"] = len(found)
+    stats["minutes"] = statistics.mean(r["seconds"] for r in found) / 60
+    return stats
+
+
+def fmt(mean: float, std: float | None) -> str:
+    return f"{mean:.1f} ± {std:.1f}" if std is not None else f"{mean:.1f}"
+
+
+def commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+        return head.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def render(runs: dict[str, dict], scale: Scale, argv: list[str], wall_minutes: float) -> str:
+    s = scale
+    lines = [
+        "### GID effect on the held-out test split",
+        "",
+        f"- command: `python benchmarks/effect.py {' '.join(argv)}`",
+        f"- machine: {cpu_name()}, {os.cpu_count()} cores, "
+        f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; torch {torch.__version__}",
+        f"- commit: {commit()}; wall time of this invocation {wall_minutes:.0f} min",
+        f"- data: synthetic, {s.train_images} train / {s.val_images} val / {s.test_images} test images of "
+        f"{s.image_size} px, 1–{s.max_objects} objects of {s.min_object_size:g} px to half the image",
+        f"- teacher {s.teacher_backbone} FPN {s.teacher_fpn}, {s.teacher_epochs} epochs; student "
+        f"{s.student_backbone} FPN {s.student_fpn}, {s.student_epochs} epochs; SGD lr {s.lr}, cosine, batch 8",
+        f"- tuned: TPE + ASHA sweep of {s.sweep_trials} trials on the val split, the best exported and re-trained",
+        "",
+        "| framework | row | seeds | AP | AP50 | AP75 | APs | train min / run | Δ AP vs student |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for framework in s.frameworks:
+        student = summarise(runs, framework, "student")
+        for row, label in ROWS:
+            stats = summarise(runs, framework, row)
+            if stats is None:
+                continue
+            delta = f"{stats['ap'][0] - student['ap'][0]:+.1f}" if student and row != "student" else ""
+            cells = " | ".join(fmt(*stats[m]) for m in METRICS)
+            lines.append(f"| {framework} | {label} | {stats['seeds']} | {cells} | {stats['minutes']:.1f} | {delta} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: dict[str, dict], scale: Scale, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(scale.frameworks), figsize=(4.5 * len(scale.frameworks), 3.6), squeeze=False)
+    for ax, framework in zip(axes[0], scale.frameworks):
+        labels, means, errors = [], [], []
+        for row, label in ROWS:
+            stats = summarise(runs, framework, row)
+            if stats:
+                labels.append(label.replace(", ", "\n"))
+                means.append(stats["ap"][0])
+                errors.append(stats["ap"][1] or 0.0)
+        ax.bar(range(len(means)), means, yerr=errors, capsize=3, color="#4c72b0")
+        ax.set_xticks(range(len(means)), labels, rotation=60, ha="right", fontsize=7)
+        ax.set_title(framework)
+        ax.set_ylabel("test AP")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    scale, out = args.scale, args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scale.json").write_text(json.dumps(asdict(scale), indent=1))
+    from gid.data import make_synthetic
+
+    if not (out / "data" / "annotations" / "instances_test.json").exists():
+        make_synthetic(
+            out / "data", train=scale.train_images, val=scale.val_images, test=scale.test_images,
+            image_size=scale.image_size, max_objects=scale.max_objects, min_object_size=scale.min_object_size,
+        )
+    started = time.perf_counter()
+    bench = Bench(out, scale)
+    for framework in scale.frameworks:
+        bench.framework(framework)
+    text = render(bench.results.runs, scale, argv, (time.perf_counter() - started) / 60)
+    (out / "effect.md").write_text(text)
+    plot(bench.results.runs, scale, out / "effect.png")
+    print("\n" + text)
+    print(f"table: {out / 'effect.md'}   plot: {out / 'effect.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Data loading: samples per second of the training loader, against what a training step consumes.
+
+It times the exact loader a worker builds (``build_dataset`` with training augmentation, ``collate``,
+``--batch-size``) over a synthetic set for each ``--workers`` count, then times ``--steps`` GID
+training steps of the student on batches from memory, so the two rates come from the same machine.
+
+    python benchmarks/loader_throughput.py --image-size 64 --batches 60 --workers 0,1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from gid.config import DataConfig, DistillConfig, ModelConfig
+from gid.data import build_dataset, collate, make_synthetic
+from gid.distill import Distiller
+from gid.models import build_detector
+from step_overhead import cpu_name  # this folder is on sys.path when the script runs
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batches", type=int, default=60, help="batches timed per loader")
+    p.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts")
+    p.add_argument("--steps", type=int, default=5, help="GID steps timed (after one warm-up)")
+    p.add_argument("--framework", default="fcos")
+    p.add_argument("--threads", type=int, default=2)
+    return p.parse_args(argv)
+
+
+def loader_rate(dataset, batch_size: int, workers: int, batches: int) -> float:
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, collate_fn=collate)
+    iterator = iter(loader)
+    next(iterator)  # worker start-up is paid once per run, not per batch
+    started = time.perf_counter()
+    for _ in range(batches):
+        next(iterator)
+    return batches * batch_size / (time.perf_counter() - started)
+
+
+def step_rate(args: argparse.Namespace, dataset) -> float:
+    """Images per second of a GID training step (forward, backward, SGD) on batches already in memory."""
+    teacher = build_detector(ModelConfig(framework=args.framework, backbone="resnet50", fpn_channels=128),
+                             args.image_size, dataset.num_classes)
+    student = build_detector(ModelConfig(framework=args.framework), args.image_size, dataset.num_classes)
+    distiller = Distiller(teacher, copy.deepcopy(student), DistillConfig(teacher="unused"), args.image_size).train()
+    optimizer = torch.optim.SGD([p for p in distiller.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    batch = collate([dataset[i] for i in range(args.batch_size)])
+    times = []
+    for step in range(args.steps + 1):
+        started = time.perf_counter()
+        losses = distiller(*batch)
+        optimizer.zero_grad(set_to_none=True)
+        sum(v for k, v in losses.items() if k.startswith("loss_")).backward()
+        optimizer.step()
+        if step:  # the first step pays for lazy initialisation
+            times.append(time.perf_counter() - started)
+    return args.batch_size / statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="gid-loader-") as root:
+        images = max(args.batches + 1, args.batch_size) * args.batch_size
+        make_synthetic(Path(root), train=images, val=0, image_size=args.image_size, max_objects=4, min_object_size=12)
+        dataset = build_dataset(DataConfig(root=Path(root), image_size=args.image_size), "train", train=True)
+        rates = {w: loader_rate(dataset, args.batch_size, w, args.batches) for w in map(int, args.workers.split(","))}
+        consumed = step_rate(args, dataset)
+    lines = [
+        f"### Loader throughput: image {args.image_size}, batch {args.batch_size}",
+        "",
+        f"- command: `python benchmarks/loader_throughput.py {' '.join(argv)}`",
+        f"- machine: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}, {args.threads} threads",
+        "",
+        "| loader workers | samples/s | × what a GID step consumes |",
+        "|---:|---:|---:|",
+    ]
+    lines += [f"| {w} | {rate:.0f} | {rate / consumed:.1f}× |" for w, rate in rates.items()]
+    lines += ["", f"A GID training step ({args.framework}, ResNet-50 teacher, ResNet-18 student) consumes "
+              f"{consumed:.1f} images/s here."]
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
