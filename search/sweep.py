@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
+from ray.util.placement_group import PlacementGroup, remove_placement_group
+from ray.util.state import list_placement_groups
 
 from gid.config import Config, DistillConfig
 from gid.engine.preflight import check_run_inputs, check_writable
@@ -97,6 +100,26 @@ class EpochBudget(tune.Stopper):
         return sum(self.epochs.values()) >= self.budget
 
 
+def live_placement_groups() -> set[str]:
+    """Ids of this job's placement groups that are pending or created (Ray's state API)."""
+    job = ray.get_runtime_context().get_job_id()
+    groups = list_placement_groups(filters=[("state", "!=", "REMOVED")], detail=True, limit=10_000)
+    return {group.placement_group_id for group in groups if group.creator_job_id == job}
+
+
+def remove_leftover_placement_groups(before: set[str]) -> None:
+    """Remove the placement groups this job made since ``before`` that outlived their experiment.
+
+    Tune ends an experiment (its trials all done, or ``budget_epochs`` spent) by killing the trials
+    still running. A trial killed while its Train worker group's placement group was still pending
+    leaves the group behind: granted later, it holds CPUs or GPUs that no one will release, and the
+    next experiment's trials wait for them forever. Once ``Tuner.fit`` returns, none of this job's
+    groups made during it are in use.
+    """
+    for group_id in live_placement_groups() - before:
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group_id)))
+
+
 def sweep_base(sweep: SweepConfig, framework: str) -> Config:
     """The framework's base config with the sweep's trial resources, paths made absolute."""
     base = sweep.base_config(framework).with_absolute_paths()
@@ -175,7 +198,9 @@ def run_framework(
                 stop=EpochBudget(sweep.budget_epochs) if sweep.budget_epochs else None,
             ),
         )
+    groups_before = live_placement_groups()
     results = tuner.fit()
+    remove_leftover_placement_groups(groups_before)
     try:  # fill in whatever the live callback could not write (MLflow down mid-sweep, a resume)
         sync_results(logger, results)
     except Exception as exc:  # noqa: BLE001 - results are safe in Ray's storage either way

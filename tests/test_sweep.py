@@ -12,14 +12,16 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+import ray
 from ray import tune
+from ray.util.placement_group import placement_group, remove_placement_group
 
 from gid.config import load_config
 from gid.engine.trainer import run_training
 from gid.errors import GidError
 from search.config import load_sweep
 from search.export import export_best
-from search.sweep import run_sweep
+from search.sweep import live_placement_groups, remove_leftover_placement_groups, run_sweep
 from search.trial import run_trial
 from search.tracking import FRAMEWORK_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_TAG
 from support import write_base_configs, write_sweep
@@ -121,6 +123,19 @@ def test_a_trial_stopped_early_frees_its_workers_for_the_next(ray_local, workspa
     results = tuner.fit()
     assert len(results) == 2 and not results.errors
     assert [r.metrics["epoch"] for r in results] == [1, 1]
+
+
+def test_placement_groups_left_by_an_experiment_are_removed(ray_local):
+    # What a trial killed at the end of an experiment leaves: its Train group, granted or still pending.
+    kept = placement_group([{"CPU": 1}])
+    ray.get(kept.ready())
+    before = live_placement_groups()
+    granted, pending = placement_group([{"CPU": 1}]), placement_group([{"CPU": 1000}])
+    ray.get(granted.ready())
+    assert {granted.id.hex(), pending.id.hex()} <= live_placement_groups()
+    remove_leftover_placement_groups(before)
+    assert live_placement_groups() == before and kept.id.hex() in before
+    remove_placement_group(kept)
 
 
 def test_a_nan_trial_fails_with_its_reason_and_the_sweep_goes_on(ray_local, workspace, mlflow_server):
