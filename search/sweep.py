@@ -102,8 +102,12 @@ class EpochBudget(tune.Stopper):
 
 def live_placement_groups() -> set[str]:
     """Ids of this job's placement groups that are pending or created (Ray's state API)."""
-    job = ray.get_runtime_context().get_job_id()
-    groups = list_placement_groups(filters=[("state", "!=", "REMOVED")], detail=True, limit=10_000)
+    context = ray.get_runtime_context()
+    groups = list_placement_groups(
+        # the cluster this driver is connected to: other Ray instances may run on the same machine
+        address=context.gcs_address, filters=[("state", "!=", "REMOVED")], detail=True, limit=10_000,
+    )
+    job = context.get_job_id()
     return {group.placement_group_id for group in groups if group.creator_job_id == job}
 
 
