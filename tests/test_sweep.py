@@ -134,7 +134,8 @@ def test_placement_groups_left_by_an_experiment_are_removed(ray_local):
     ray.get(granted.ready())
     assert {granted.id.hex(), pending.id.hex()} <= live_placement_groups()
     remove_leftover_placement_groups(before)
-    assert live_placement_groups() == before and kept.id.hex() in before
+    live = live_placement_groups()  # (Ray may meanwhile clean up earlier tests' groups itself)
+    assert granted.id.hex() not in live and pending.id.hex() not in live and kept.id.hex() in live
     remove_placement_group(kept)
 
 
