@@ -87,11 +87,25 @@ class TrainConfig(StrictModel):
         return self
 
 
+# NCCL refuses two ranks of one process group on the same GPU ("invalid usage"), which is where
+# fractional GPUs put a run's workers.
+SHARED_GPU_ERROR = (
+    "gpus_per_worker below 1 with more than one worker puts one run's workers on the same GPU, which NCCL "
+    "refuses; set gpus_per_worker to 1, or use one worker per run and let fractional GPUs share a card between trials"
+)
+
+
 class ScalingConfig(StrictModel):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool | Literal["auto"] = "auto"  # auto: GPUs when the Ray cluster has any
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(1, gt=0)  # fractional GPUs let trials share a card
+
+    @model_validator(mode="after")
+    def _one_gpu_per_worker_of_a_run(self) -> ScalingConfig:
+        if self.use_gpu is not False and self.num_workers > 1 and self.gpus_per_worker < 1:
+            raise ValueError(SHARED_GPU_ERROR)
+        return self
 
 
 class RunConfig(StrictModel):

@@ -5,9 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from gid.config import Config, StrictModel, apply_overrides, format_validation_error, load_config, read_yaml, set_value
+from gid.config import (
+    SHARED_GPU_ERROR,
+    Config,
+    StrictModel,
+    apply_overrides,
+    format_validation_error,
+    load_config,
+    read_yaml,
+    set_value,
+)
 from gid.errors import GidError
 from search.space import DEFAULT_SPACE, Choice, Dimension
 
@@ -26,6 +35,12 @@ class Resources(StrictModel):
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0)  # 0: CPU training; fractions let trials share a GPU
     max_concurrent_trials: int = Field(1, ge=1)  # Tune cannot see Train workers: bound it here
+
+    @model_validator(mode="after")
+    def _one_gpu_per_worker_of_a_trial(self) -> Resources:
+        if self.workers_per_trial > 1 and 0 < self.gpus_per_worker < 1:
+            raise ValueError(SHARED_GPU_ERROR)
+        return self
 
 
 class Objective(StrictModel):

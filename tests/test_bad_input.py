@@ -174,6 +174,7 @@ CASES = [
     ("distill without teacher", lambda c: ["distill", str(c.config())], "needs a distill section"),
     ("train with a teacher", lambda c: ["train", str(c.config(distill=True))], "run it with `gid distill`"),
     ("too few classes", lambda c: c.train({"model": {"num_classes": 3}}), "model.num_classes is 3 but the data has 6 classes"),
+    ("GPU fractions for one run's workers", lambda c: c.train({"scaling": {"num_workers": 2, "gpus_per_worker": 0.5}}), "puts one run's workers on the same GPU"),
     ("COCO with data.classes", lambda c: c.train({"data": {"classes": ["a"]}}), "data.classes applies to VOC data only"),
     # --- data ------------------------------------------------------------------------------
     ("missing image file", lambda c: c.train(c.data(edit_train(add_missing_image))), "image file not found: "),
@@ -223,6 +224,7 @@ CASES = [
     ("sweep base missing", lambda c: c.sweep({"frameworks": {"retinanet": {"config": str(c.tmp / "nope.yaml")}}}), "config file not found"),
     ("sweep teacher that runs code", lambda c: c.sweep(base={"distill": {"teacher": str(c.files["runs_code"])}}), "refusing to load"),
     ("sweep base data broken", lambda c: c.sweep(base=c.data(edit_train(first_annotation("category_id", 99)))), "category_id 99"),
+    ("sweep GPU fractions per trial", lambda c: c.sweep({"resources": {"workers_per_trial": 2, "gpus_per_worker": 0.25}}), "resources: gpus_per_worker below 1"),
     ("sweep storage under a file", lambda c: c.sweep({"storage_path": str(c.files["a_file"] / "sweeps")}), "is a file, not a folder; set storage_path"),
 ]
 

@@ -1,9 +1,13 @@
 """The Ray Train loop on a real local Ray instance: DDP on CPU workers, checkpoints, resume."""
 
 import time
+import warnings
+
+import torch
 
 from support import EpochLog
 
+from gid.engine.loop import apply_gradients
 from gid.engine.trainer import MODEL_FILE, build_trainer, run_training
 from gid.models import load_model
 
@@ -41,3 +45,18 @@ def test_run_training_exports_a_model_file(ray_local, tiny_config, tmp_path):
     model, stored, num_classes = load_model(outcome.model_path)
     assert stored.model.framework == "fcos" and num_classes == 7
     assert set(outcome.metrics) >= {"epoch", "loss", "val_ap", "val_ap50", "val_ap75", "val_aps", "val_apm", "val_apl"}
+
+
+def test_the_lr_schedule_waits_while_amp_skips_overflowed_steps():
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 0.5**it)
+    scaler = torch.amp.GradScaler("cpu")  # the CUDA scaler's logic, runnable without a GPU
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "lr_scheduler.step() before optimizer.step()"
+        apply_gradients((weight * float("inf")).sum(), optimizer, scaler, scheduler, [weight], None)
+        assert torch.equal(weight.detach(), torch.ones(2))  # AMP skipped the overflowed step...
+        assert scheduler.last_epoch == 0  # ...and the schedule waited with it
+        apply_gradients(weight.sum(), optimizer, scaler, scheduler, [weight], clip_grad_norm=10.0)
+    assert torch.equal(weight.detach(), torch.zeros(2))  # a full step at the first LR (1.0)
+    assert scheduler.last_epoch == 1 and scheduler.get_last_lr() == [0.5]

@@ -145,6 +145,27 @@ class _RunningMean:
 
 
 @out_of_memory_as_user_error()
+def apply_gradients(
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    params: list[torch.nn.Parameter],
+    clip_grad_norm: float | None,
+) -> None:
+    """Backward pass and one optimizer step; the LR schedule advances only when the weights do."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if clip_grad_norm is not None:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+    scaler.step(optimizer)
+    scale = scaler.get_scale()
+    scaler.update()
+    if scaler.get_scale() >= scale:  # AMP lowers the scale when it skips a step for inf/NaN gradients
+        scheduler.step()
+
+
 def train_loop_per_worker(config_dict: dict) -> None:
     config = Config.model_validate(config_dict)
     context = ray.train.get_context()
@@ -207,14 +228,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
                     f"training loss became {loss.item()} at epoch {epoch + 1}, iteration {it + 1} "
                     f"({', '.join(f'{k}={float(v):.4g}' for k, v in outputs.items())}); lower train.lr or the loss weights"
                 )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if config.train.clip_grad_norm is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, config.train.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            apply_gradients(loss, optimizer, scaler, scheduler, params, config.train.clip_grad_norm)
             running.add({"loss": loss.detach(), **{k: v.detach() for k, v in outputs.items()}})
             if rank == 0 and (it + 1) % config.train.log_every == 0:
                 speed = (time.perf_counter() - started) / (it + 1)
