@@ -13,18 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
-from ray.util.placement_group import PlacementGroup, remove_placement_group
-from ray.util.state import list_placement_groups
 
 from gid.config import Config, DistillConfig
 from gid.engine.preflight import check_run_inputs, check_writable
 from gid.engine.trainer import ensure_ray
 from gid.errors import GidError
 from search.config import SweepConfig
+from search.leftovers import Leftovers
 from search.report import write_sweep_report
 from search.space import to_optuna
 from search.tracking import MlflowTrialCallback, TrialLogger, connect, flatten, parent_run, sync_results
@@ -98,30 +96,6 @@ class EpochBudget(tune.Stopper):
 
     def stop_all(self) -> bool:
         return sum(self.epochs.values()) >= self.budget
-
-
-def live_placement_groups() -> set[str]:
-    """Ids of this job's placement groups that are pending or created (Ray's state API)."""
-    context = ray.get_runtime_context()
-    groups = list_placement_groups(
-        # the cluster this driver is connected to: other Ray instances may run on the same machine
-        address=context.gcs_address, filters=[("state", "!=", "REMOVED")], detail=True, limit=10_000,
-    )
-    job = context.get_job_id()
-    return {group.placement_group_id for group in groups if group.creator_job_id == job}
-
-
-def remove_leftover_placement_groups(before: set[str]) -> None:
-    """Remove the placement groups this job made since ``before`` that outlived their experiment.
-
-    Tune ends an experiment (its trials all done, or ``budget_epochs`` spent) by killing the trials
-    still running. A trial killed while its Train worker group's placement group was still pending
-    leaves the group behind: granted later, it holds CPUs or GPUs that no one will release, and the
-    next experiment's trials wait for them forever. Once ``Tuner.fit`` returns, none of this job's
-    groups made during it are in use.
-    """
-    for group_id in live_placement_groups() - before:
-        remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group_id)))
 
 
 def sweep_base(sweep: SweepConfig, framework: str) -> Config:
@@ -202,9 +176,10 @@ def run_framework(
                 stop=EpochBudget(sweep.budget_epochs) if sweep.budget_epochs else None,
             ),
         )
-    groups_before = live_placement_groups()
+    leftovers = Leftovers()
     results = tuner.fit()
-    remove_leftover_placement_groups(groups_before)
+    if ended := leftovers.end():
+        print(f"ended {ended} Ray Train run(s) that stopped trials left running")
     try:  # fill in whatever the live callback could not write (MLflow down mid-sweep, a resume)
         sync_results(logger, results)
     except Exception as exc:  # noqa: BLE001 - results are safe in Ray's storage either way

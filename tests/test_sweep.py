@@ -21,7 +21,8 @@ from gid.engine.trainer import run_training
 from gid.errors import GidError
 from search.config import load_sweep
 from search.export import export_best
-from search.sweep import live_placement_groups, remove_leftover_placement_groups, run_sweep
+from search.leftovers import Leftovers, live_placement_groups
+from search.sweep import run_sweep
 from search.trial import run_trial
 from search.tracking import FRAMEWORK_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_TAG
 from support import write_base_configs, write_sweep
@@ -125,18 +126,39 @@ def test_a_trial_stopped_early_frees_its_workers_for_the_next(ray_local, workspa
     assert [r.metrics["epoch"] for r in results] == [1, 1]
 
 
-def test_placement_groups_left_by_an_experiment_are_removed(ray_local):
-    # What a trial killed at the end of an experiment leaves: its Train group, granted or still pending.
-    kept = placement_group([{"CPU": 1}])
-    ray.get(kept.ready())
-    before = live_placement_groups()
-    granted, pending = placement_group([{"CPU": 1}]), placement_group([{"CPU": 1000}])
+@ray.remote(num_cpus=0)
+class TrainController:
+    """Stands in for a Ray Train controller that outlived its killed trial: it keeps asking for workers."""
+
+    def __init__(self):
+        self.groups = []
+
+    def retry(self) -> str:
+        self.groups.append(placement_group([{"CPU": 1000}]))  # never granted, like a busy cluster's
+        return self.groups[-1].id.hex()
+
+    def alive(self) -> bool:
+        return True
+
+
+def test_what_an_experiment_left_running_is_ended(ray_local):
+    kept_controller, kept_group = TrainController.remote(), placement_group([{"CPU": 1}])
+    ray.get([kept_group.ready(), kept_controller.alive.remote()])
+    leftovers = Leftovers()
+    orphan = TrainController.remote()
+    orphan_groups = [ray.get(orphan.retry.remote()) for _ in range(2)]
+    granted = placement_group([{"CPU": 1}])  # a trial's group, granted after its trial was killed
     ray.get(granted.ready())
-    assert {granted.id.hex(), pending.id.hex()} <= live_placement_groups()
-    remove_leftover_placement_groups(before)
+    assert {*orphan_groups, granted.id.hex()} <= live_placement_groups()
+    assert leftovers.end() == 1
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(orphan.retry.remote(), timeout=60)
     live = live_placement_groups()  # (Ray may meanwhile clean up earlier tests' groups itself)
-    assert granted.id.hex() not in live and pending.id.hex() not in live and kept.id.hex() in live
-    remove_placement_group(kept)
+    assert not live & {*orphan_groups, granted.id.hex()}
+    assert kept_group.id.hex() in live  # what was there before the experiment stays
+    assert ray.get(kept_controller.alive.remote())
+    ray.kill(kept_controller)
+    remove_placement_group(kept_group)
 
 
 def test_a_nan_trial_fails_with_its_reason_and_the_sweep_goes_on(ray_local, workspace, mlflow_server):
