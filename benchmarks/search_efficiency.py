@@ -95,6 +95,8 @@ def run_strategy(args: argparse.Namespace, base: Path, strategy: str, seed: int)
         if metrics.get("epoch") == args.epochs and metrics.get("val_ap") is not None:
             best = max(best, metrics["val_ap"])
         curve.append((spent, best))
+    if spent < args.budget:  # Ctrl-C ends a Tune experiment early but cleanly: not a result
+        raise SystemExit(f"sweep {name} ended after {spent} of {args.budget} trial-epochs; not recorded")
     training = 0.0
     startups, memory = [], []
     for result in results:
