@@ -212,7 +212,7 @@ class Bench:
             )
             exported.parent.mkdir(parents=True, exist_ok=True)
             exported.write_text(best.path.read_text())
-        return load_config(exported).to_dict()
+        return {**load_config(exported).to_dict(), "run": self.base(framework, "student")["run"]}  # runs in OUT
 
     def framework(self, framework: str) -> None:
         s = self.scale
