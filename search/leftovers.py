@@ -1,14 +1,15 @@
 """What an experiment can leave running after ``Tuner.fit`` returns, and how to end it.
 
 Tune ends an experiment (its trials all done, or ``budget_epochs`` spent) by killing the trials still
-running. A trial killed while it was starting its Ray Train run can leave that run's controller
-actor alive: the controller outlives its trial and keeps retrying to start a worker group, each time
-with a new placement group. Granted, such a group holds CPUs or GPUs that no one releases, and the
-next experiment's trials wait for them forever. Seen on 2-core sweeps, not reproducible on demand.
+running. A trial's Ray Train controller dies with it, but not at once: one that was waiting for its
+worker group asked for a new placement group while it shut down (Ray's logs showed the request 130 ms
+after its SIGTERM, 60 ms after Tune's cleanup had returned), and a controller can outlive its trial
+altogether. A placement group outlives its creator, so such a group, once granted, holds CPUs or GPUs
+that no one releases, and the next experiment's trials wait for them forever.
 
-``Leftovers`` notes what was live before an experiment; ``end`` then stops this job's Train
-controllers and removes its placement groups that appeared since. Once ``Tuner.fit`` has returned,
-none of them is in use.
+``Leftovers`` notes what was live before an experiment. Once ``Tuner.fit`` has returned, none of
+this job's Train controllers or placement groups made since is in use: ``end`` kills the controllers,
+then removes new placement groups until none has appeared for a few seconds.
 """
 
 from __future__ import annotations
@@ -72,13 +73,16 @@ class Leftovers:
     controllers: set[str] = field(default_factory=lambda: set(live_actors(TRAIN_CONTROLLER)))
     groups: set[str] = field(default_factory=live_placement_groups)
 
-    def end(self, timeout_s: float = 30.0) -> int:
+    def end(self, quiet_s: float = 5.0, timeout_s: float = 60.0) -> int:
         """End the controllers and placement groups that appeared since; returns how many controllers."""
         orphans = {id_: actor for id_, actor in live_actors(TRAIN_CONTROLLER).items() if id_ not in self.controllers}
         ray.get([_kill_on_its_node(actor) for actor in orphans.values()])
         deadline = time.monotonic() + timeout_s
-        while orphans.keys() & live_actors(TRAIN_CONTROLLER).keys() and time.monotonic() < deadline:
-            time.sleep(0.5)  # until dead: a live one would make new groups
-        for group_id in live_placement_groups() - self.groups:
-            remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group_id)))
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < quiet_s and time.monotonic() < deadline:
+            if new_groups := live_placement_groups() - self.groups:  # a dying controller's last request, too
+                for group_id in new_groups:
+                    remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group_id)))
+                quiet_since = time.monotonic()
+            time.sleep(0.5)
         return len(orphans)

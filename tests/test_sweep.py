@@ -21,7 +21,7 @@ from gid.engine.trainer import run_training
 from gid.errors import GidError
 from search.config import load_sweep
 from search.export import export_best
-from search.leftovers import Leftovers, live_placement_groups
+from search.leftovers import TRAIN_CONTROLLER, Leftovers, live_actors, live_placement_groups
 from search.sweep import run_sweep
 from search.trial import run_trial
 from search.tracking import FRAMEWORK_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_TAG
@@ -140,6 +140,10 @@ class TrainController:
     def alive(self) -> bool:
         return True
 
+    def retry_in(self, seconds: float) -> str:
+        time.sleep(seconds)
+        return self.retry()
+
 
 def test_what_an_experiment_left_running_is_ended(ray_local):
     kept_controller, kept_group = TrainController.remote(), placement_group([{"CPU": 1}])
@@ -150,11 +154,18 @@ def test_what_an_experiment_left_running_is_ended(ray_local):
     granted = placement_group([{"CPU": 1}])  # a trial's group, granted after its trial was killed
     ray.get(granted.ready())
     assert {*orphan_groups, granted.id.hex()} <= live_placement_groups()
+    # a controller already dying when the experiment ends (so no longer listed) makes its last request late
+    dying = TrainController.options(name="dying").remote()
+    ray.get(dying.alive.remote())
+    leftovers.controllers |= {id_ for id_, actor in live_actors(TRAIN_CONTROLLER).items() if actor.name == "dying"}
+    late_group = dying.retry_in.remote(1.0)
     assert leftovers.end() == 1
+    late_group = ray.get(late_group)
     with pytest.raises(ray.exceptions.RayActorError):
         ray.get(orphan.retry.remote(), timeout=60)
     live = live_placement_groups()  # (Ray may meanwhile clean up earlier tests' groups itself)
-    assert not live & {*orphan_groups, granted.id.hex()}
+    assert not live & {*orphan_groups, granted.id.hex(), late_group}
+    ray.kill(dying)
     assert kept_group.id.hex() in live  # what was there before the experiment stays
     assert ray.get(kept_controller.alive.remote())
     ray.kill(kept_controller)
