@@ -180,17 +180,17 @@ def test_kuberay_manifests_have_what_kuberay_needs():
 # --- resources and helpers ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("gpus", [1, 0.5, 0.25, 0])
-def test_trial_workers_ask_for_whole_or_fractional_gpus_as_configured(tmp_path, gpus):
+@pytest.mark.parametrize("workers, gpus", [(4, 1), (1, 0.5), (1, 0.25), (4, 0)])  # fractions: one worker a trial
+def test_trial_workers_ask_for_whole_or_fractional_gpus_as_configured(tmp_path, workers, gpus):
     base = {"model": {"framework": "retinanet", "num_classes": 7}, "distill": {"teacher": str(tmp_path / "teacher.pt")}}
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     sweep = SweepConfig.model_validate({
         "name": "resources",
         "frameworks": {"retinanet": {"config": str(tmp_path / "base.yaml")}},
-        "resources": {"workers_per_trial": 4, "cpus_per_worker": 3, "gpus_per_worker": gpus},
+        "resources": {"workers_per_trial": workers, "cpus_per_worker": 3, "gpus_per_worker": gpus},
     })
     scaling = build_trainer(sweep_base(sweep, "retinanet")).scaling_config
-    assert scaling.num_workers == 4 and scaling.use_gpu == (gpus > 0)
+    assert scaling.num_workers == workers and scaling.use_gpu == (gpus > 0)
     expected = {"CPU": 3, "GPU": gpus} if gpus else {"CPU": 3}
     assert scaling.resources_per_worker == expected
 
