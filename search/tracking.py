@@ -170,6 +170,16 @@ class TrialLogger:
             self.client.log_artifacts(run_id, str(Path(checkpoint) / PICTURES_DIR), PICTURES_DIR)
         self.client.set_terminated(run_id, status=status)
 
+    def close_lost(self) -> None:
+        """Mark lost the trial runs still open once every trial of the experiment is written: trials started
+        just before the driver died that the experiment state Tune had saved does not hold. A resumed
+        experiment runs new trials in their place."""
+        tags = {SWEEP_TAG: self.sweep, FRAMEWORK_TAG: self.framework, ROLE_TAG: "trial"}
+        query = " and ".join([*(f"tags.`{k}` = '{v}'" for k, v in tags.items()), "attributes.status = 'RUNNING'"])
+        for run in self.client.search_runs([self.experiment_id], filter_string=query, max_results=10_000):
+            self.client.set_tag(run.info.run_id, "status", "lost")
+            self.client.set_terminated(run.info.run_id, status="KILLED")
+
 
 class MlflowTrialCallback(Callback):
     """Logs each Tune trial as a child run of the sweep's parent run, live.
@@ -237,6 +247,7 @@ def sync_results(logger: TrialLogger, results: ResultGrid) -> None:
             logger.log_result(trial_id, result.config or {}, row)
         error = None if result.error is None else error_reason(str(result.error))
         logger.finish(trial_id, result.config or {}, last, error)
+    logger.close_lost()
 
 
 def trial_error(trial: Trial) -> str:

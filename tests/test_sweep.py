@@ -40,6 +40,8 @@ def workspace(synth_root, tmp_path_factory) -> Path:
 
 def child_runs(client: MlflowClient, sweep: str) -> list:
     experiment = client.get_experiment_by_name("gid-test")
+    if experiment is None:  # no sweep has logged yet
+        return []
     query = f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{ROLE_TAG}` = 'trial'"
     return client.search_runs([experiment.experiment_id], filter_string=query)
 
@@ -222,11 +224,19 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_local, wor
     finished_before = {r.data.tags[TRIAL_TAG] for r in child_runs(client, "resume") if r.data.tags.get("status") == "finished"}
     checkpoints = {t: sorted(p.name for p in (workspace / "sweeps/resume/trials/retinanet" / t).glob("checkpoint_*")) for t in finished_before}
 
+    # A trial that started just before the kill, after Tune last saved its state: its run stays open.
+    experiment_id = client.get_experiment_by_name("gid-test").experiment_id
+    tags = {SWEEP_TAG: "resume", FRAMEWORK_TAG: "retinanet", TRIAL_TAG: "lost0000", ROLE_TAG: "trial"}
+    unsaved = client.create_run(experiment_id, tags=tags).info.run_id
+
     with pytest.raises(GidError, match="already exists"):
         run_sweep(sweep)
     outcome = run_sweep(sweep, resume=True)
     assert len(outcome.frameworks[0].results) == 3
-    runs = child_runs(client, "resume")
+    all_runs = child_runs(client, "resume")
+    lost = [r for r in all_runs if r.data.tags["status"] == "lost"]
+    assert unsaved in {r.info.run_id for r in lost} and all(r.info.status == "KILLED" for r in lost)
+    runs = [r for r in all_runs if r not in lost]
     assert len(runs) == 3 and len({r.data.tags[TRIAL_TAG] for r in runs}) == 3  # no duplicate runs
     assert all(r.data.tags["status"] == "finished" for r in runs)
     for trial_id in finished_before:  # finished trials were not trained again

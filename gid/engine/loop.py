@@ -144,7 +144,6 @@ class _RunningMean:
         return {name: total / max(self.count, 1) for name, total in self.sums.items()}
 
 
-@out_of_memory_as_user_error()
 def apply_gradients(
     loss: torch.Tensor,
     optimizer: torch.optim.Optimizer,
@@ -166,6 +165,7 @@ def apply_gradients(
         scheduler.step()
 
 
+@out_of_memory_as_user_error()
 def train_loop_per_worker(config_dict: dict) -> None:
     config = Config.model_validate(config_dict)
     context = ray.train.get_context()
