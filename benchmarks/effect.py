@@ -212,7 +212,8 @@ class Bench:
             )
             exported.parent.mkdir(parents=True, exist_ok=True)
             exported.write_text(best.path.read_text())
-        return {**load_config(exported).to_dict(), "run": self.base(framework, "student")["run"]}  # runs in OUT
+        base = self.base(framework, "student")  # where it runs and on how many threads, like every other row
+        return {**load_config(exported).to_dict(), "run": base["run"], "scaling": base["scaling"]}
 
     def framework(self, framework: str) -> None:
         s = self.scale
