@@ -3,12 +3,15 @@
 Both strategies run as ordinary `gid sweep`s (``run_sweep``) over the default search space on the
 same GID base config; each experiment ends once its trials have trained ``--budget`` epochs in all
 (the sweep file's ``budget_epochs``). For every sweep seed it records the best validation AP of a
-trial that trained the full schedule, and the best-so-far curve over the epochs spent.
+trial that trained the full schedule, and the best-so-far curve over the epochs spent. A third
+strategy, ``tpe3+asha``, lets TPE's model take over after 3 random trials instead of Optuna's 10
+(``sampler.startup_trials``), which a small budget otherwise never reaches.
 
 The same sweeps give the trial overhead: seconds from a trial's start to its first training step,
 and the share of the sweep's slot time (wall time × concurrent trials) not spent in training steps.
 
     python benchmarks/search_efficiency.py --out runs/bench-search --teacher runs/bench-effect/runs/fcos_teacher_0/model.pt
+    python benchmarks/search_efficiency.py ... --strategies tpe3+asha   # one strategy; finished sweeps are kept
 """
 
 from __future__ import annotations
@@ -25,9 +28,12 @@ import yaml
 from effect import FULL  # this folder is on sys.path when the script runs
 
 STRATEGIES = {
-    "tpe+asha": {"sampler": "tpe", "scheduler": "asha"},
-    "random": {"sampler": "random", "scheduler": "none"},
+    "tpe+asha": {"sampler": {"type": "tpe"}, "scheduler": "asha"},
+    "random": {"sampler": {"type": "random"}, "scheduler": "none"},
+    # TPE past its random start-up within a small budget: Optuna's default start-up is 10 trials
+    "tpe3+asha": {"sampler": {"type": "tpe", "startup_trials": 3}, "scheduler": "asha"},
 }
+COLOURS = {"tpe+asha": "#c44e52", "random": "#4c72b0", "tpe3+asha": "#55a868"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,7 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget", type=int, default=12, help="trial-epochs per sweep")
     p.add_argument("--train-images", type=int, default=256)
     p.add_argument("--concurrent", type=int, default=2, help="trials at a time (one CPU each)")
-    return p.parse_args(argv)
+    p.add_argument("--strategies", default=",".join(STRATEGIES), help=f"comma-separated subset of {','.join(STRATEGIES)}")
+    args = p.parse_args(argv)
+    args.strategies = [s.strip() for s in args.strategies.split(",")]
+    if not set(args.strategies) <= set(STRATEGIES):
+        p.error(f"--strategies: choose from {','.join(STRATEGIES)}")
+    return args
 
 
 def write_base(args: argparse.Namespace, data_root: Path) -> Path:
@@ -79,7 +90,7 @@ def run_strategy(args: argparse.Namespace, base: Path, strategy: str, seed: int)
         "budget_epochs": args.budget,
         "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": args.concurrent},
         "scheduler": {"type": choice["scheduler"], "grace_period": 1},
-        "sampler": {"type": choice["sampler"], "seed": seed, "paper_defaults_first": False},
+        "sampler": {**choice["sampler"], "seed": seed, "paper_defaults_first": False},
         "tracking": {"tracking_uri": f"sqlite:///{args.out / 'mlflow.db'}", "experiment": "gid-bench-search"},
         "storage_path": str(args.out / "sweeps"),
     })
@@ -167,7 +178,7 @@ def plot(runs: dict[str, dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for strategy, colour in zip(STRATEGIES, ("#c44e52", "#4c72b0")):
+    for strategy, colour in COLOURS.items():
         for i, (key, r) in enumerate(sorted(k for k in runs.items() if k[0].startswith(strategy + "/"))):
             xs, ys = zip(*r["curve"]) if r["curve"] else ((), ())
             ax.step(xs, [100 * y for y in ys], where="post", color=colour, alpha=0.8, label=strategy if i == 0 else None)
@@ -196,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     results_path = args.out / "results.json"
     runs = json.loads(results_path.read_text()) if results_path.exists() else {}
     for seed in range(args.seeds):
-        for strategy in STRATEGIES:
+        for strategy in args.strategies:
             key = f"{strategy}/{seed}"
             if key not in runs:
                 runs[key] = run_strategy(args, base, strategy, seed)

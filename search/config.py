@@ -61,6 +61,15 @@ class Sampler(StrictModel):
     type: Literal["tpe", "random"] = "tpe"
     seed: int = 0
     paper_defaults_first: bool = True  # evaluate the spec's defaults as the first trial
+    # TPE samples at random until this many trials have finished (Optuna's default: 10); small sweeps
+    # need fewer to reach the model-guided phase at all.
+    startup_trials: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _startup_trials_are_tpe_only(self) -> Sampler:
+        if self.type == "random" and "startup_trials" in self.model_fields_set:
+            raise ValueError("startup_trials applies to sampler.type tpe only; remove it or set type: tpe")
+        return self
 
 
 class Tracking(StrictModel):

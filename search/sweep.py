@@ -54,8 +54,11 @@ def build_searcher(sweep: SweepConfig, framework: str, storage: str) -> OptunaSe
     if objective.second_metric:
         metrics.append(objective.second_metric)
         modes.append(objective.second_mode)
-    seed = sweep.sampler.seed
-    sampler = optuna.samplers.TPESampler(seed=seed) if sweep.sampler.type == "tpe" else optuna.samplers.RandomSampler(seed)
+    choice = sweep.sampler
+    if choice.type == "tpe":
+        sampler = optuna.samplers.TPESampler(n_startup_trials=choice.startup_trials, seed=choice.seed)
+    else:
+        sampler = optuna.samplers.RandomSampler(choice.seed)
     # OptunaSearch ignores TuneConfig's metric/mode: it must be told itself.
     return OptunaSearch(
         space=to_optuna(sweep.space),

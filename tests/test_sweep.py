@@ -22,7 +22,7 @@ from gid.errors import GidError
 from search.config import load_sweep
 from search.export import export_best
 from search.leftovers import TRAIN_CONTROLLER, Leftovers, live_actors, live_placement_groups
-from search.sweep import run_sweep
+from search.sweep import build_searcher, run_sweep
 from search.trial import run_trial
 from search.tracking import FRAMEWORK_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_TAG
 from support import write_base_configs, write_sweep
@@ -246,6 +246,23 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_local, wor
         assert steps == sorted(set(steps)) == list(range(1, EPOCHS + 1))
 
 
+def test_tpe_leaves_random_sampling_after_its_startup_trials(workspace, tmp_path):
+    def suggestions(startup_trials: int) -> list[dict]:
+        sampler = {"type": "tpe", "seed": 0, "paper_defaults_first": False, "startup_trials": startup_trials}
+        sweep = load_sweep(write_sweep(workspace, f"startup{startup_trials}", "sqlite:///unused.db", sampler=sampler))
+        searcher = build_searcher(sweep, "retinanet", f"sqlite:///{tmp_path / f'optuna{startup_trials}.db'}")
+        configs = []
+        for i in range(4):
+            config = searcher.suggest(f"trial{i}")
+            searcher.on_trial_complete(f"trial{i}", {"val_ap": config["distill.gism.top_k"] / 100})
+            configs.append(config)
+        return configs
+
+    early, default = suggestions(2), suggestions(10)
+    assert early[:2] == default[:2]  # both still random, from the same seed
+    assert early[2:] != default[2:]  # TPE's model has taken over in the first sweep only
+
+
 @pytest.mark.parametrize(
     "change, expected",
     [
@@ -255,6 +272,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_local, wor
         ({"space": {"distill.gism.nms_iou": {"type": "float", "low": 0.5, "high": 2.0}}}, "distill.gism.nms_iou"),
         ({"frameworks": {"yolo": {"config": "x.yaml"}}}, "frameworks.yolo"),
         ({"trials": 0}, "trials: Input should be greater than or equal to 1"),
+        ({"sampler": {"type": "random", "startup_trials": 3}}, "startup_trials applies to sampler.type tpe only"),
     ],
 )
 def test_bad_sweep_files_fail_before_any_compute(workspace, tmp_path, change, expected):
