@@ -14,7 +14,7 @@ student / GID default / GID tuned repeat over ``--seeds`` training seeds (mean Â
 are kept in ``OUT/results.json``, so an interrupted benchmark picks up where it stopped.
 
     python benchmarks/effect.py --out runs/bench-effect            # the full table (2 CPUs: FCOS 56 min, RetinaNet 62, Faster R-CNN 128)
-    python benchmarks/effect.py --quick --out runs/bench-effect-q  # a smaller table, FCOS only (2 CPUs: ~15 min, estimated)
+    python benchmarks/effect.py --quick --out runs/bench-effect-q  # a smaller table, FCOS only (2 CPUs: 13 min; its teacher is too weak to teach)
 """
 
 from __future__ import annotations
