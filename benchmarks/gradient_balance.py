@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from gid.config import validate
+from gid.config import Config, validate
 from gid.data import build_dataset, collate
 from gid.engine.loop import build_trainable, student_and_adapter
 from gid.models import read_checkpoint
@@ -49,10 +49,7 @@ def last_checkpoint(run: Path) -> dict:
     return read_checkpoint(found[-1])
 
 
-def distiller(state: dict, trained: bool) -> torch.nn.Module:
-    config = validate(state["config"], source="checkpoint config")
-    if config.distill is None:
-        raise SystemExit("the checkpoint is of a run without distillation; pass a `gid distill` run")
+def distiller(state: dict, config: Config, trained: bool) -> torch.nn.Module:
     torch.manual_seed(config.train.seed)
     trainable = build_trainable(config, state["num_classes"], torch.device("cpu"))
     if trained:
@@ -63,8 +60,7 @@ def distiller(state: dict, trained: bool) -> torch.nn.Module:
     return trainable.train()
 
 
-def batches(state: dict, count: int):
-    config = validate(state["config"], source="checkpoint config")
+def batches(config: Config, count: int):
     dataset = build_dataset(config.data, "train", train=True)
     loader = DataLoader(dataset, batch_size=config.data.batch_size, shuffle=True, collate_fn=collate,
                         generator=torch.Generator().manual_seed(0))
@@ -100,11 +96,15 @@ def balance(model: torch.nn.Module, images, targets, clip: float | None) -> dict
 
 def measure(run: Path, count: int) -> list[tuple[str, dict[str, float]]]:
     state = last_checkpoint(run)
-    clip = state["config"]["train"].get("clip_grad_norm")
+    config = validate(state["config"], source=f"{run} (checkpoint config)")
+    if config.distill is None:
+        raise SystemExit(f"{run}: a run without distillation; pass a `gid distill` run")
     rows = []
     for trained in (False, True):
-        model = distiller(state, trained)
-        per_batch = [balance(model, images, targets, clip) for images, targets in batches(state, count)]
+        model = distiller(state, config, trained)
+        per_batch = [
+            balance(model, images, targets, config.train.clip_grad_norm) for images, targets in batches(config, count)
+        ]
         mean = {key: statistics.mean(b[key] for b in per_batch) for key in per_batch[0]}
         rows.append((f"epoch {state['epoch']}" if trained else "start", mean))
     return rows
