@@ -26,9 +26,11 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import ray
 import torch
 import yaml
 from step_overhead import cpu_name  # this folder is on sys.path when the script runs
@@ -86,6 +88,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpu", action="store_true", help="the GPU scale: 8k images of 256 px, longer schedules")
     p.add_argument("--frameworks", help=f"comma-separated subset of {','.join(FRAMEWORKS)}")
     p.add_argument("--seeds", type=int, help="training seeds of the student / GID rows")
+    p.add_argument(
+        "--lanes", type=int, default=torch.cuda.device_count() or os.cpu_count() or 1,
+        help="runs side by side, each on its share of the CPUs (default: one per GPU, else one per CPU)",
+    )
     args = p.parse_args(argv)
     scale = GPU if args.gpu else QUICK if args.quick else FULL
     if args.frameworks:
@@ -95,22 +101,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         scale = replace(scale, frameworks=chosen)
     if args.seeds:
         scale = replace(scale, seeds=args.seeds)
+    if args.lanes < 1:
+        p.error("--lanes: give 1 or more")
     args.scale = scale
     return args
 
 
 class Results:
-    """Finished runs by key, saved after each one so a restart skips them."""
+    """Finished runs by key, saved after each one so a restart skips them.
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    An interrupted benchmark resumes in a later sitting, so the table's wall time is the sum of
+    the sittings' (``sittings.json`` beside the results).
+    """
+
+    def __init__(self, path: Path, lanes: int) -> None:
+        self.path, self.sittings_path = path, path.with_name("sittings.json")
         self.runs: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
+        self.sittings = json.loads(self.sittings_path.read_text()) if self.sittings_path.exists() else []
+        self.sitting = {"minutes": 0.0, "lanes": lanes, "commit": commit()}  # listed once it finishes a run
+        self.started = time.perf_counter()
 
-    def get_or_run(self, key: str, run) -> dict:
-        if key not in self.runs:
-            self.runs[key] = run()
-            self.path.write_text(json.dumps(self.runs, indent=1))
-        return self.runs[key]
+    def add(self, key: str, result: dict) -> None:
+        self.runs[key] = result
+        self.path.write_text(json.dumps(self.runs, indent=1))
+        if self.sitting not in self.sittings:
+            self.sittings.append(self.sitting)
+        self.sitting["minutes"] = (time.perf_counter() - self.started) / 60
+        self.sittings_path.write_text(json.dumps(self.sittings, indent=1))
 
 
 def test_metrics(model_path: Path, data_root: Path) -> dict[str, float]:
@@ -127,10 +144,64 @@ def test_metrics(model_path: Path, data_root: Path) -> dict[str, float]:
     return coco_metrics(dataset.coco, predict(model, loader, dataset.label_to_category_id, torch.device("cpu")))
 
 
+# The two kinds of job, as Ray tasks of their own, so that several run side by side on one Ray
+# instance. They hold no CPU themselves: the Train workers and Tune trials they start do.
+@ray.remote(num_cpus=0)
+def train_and_test(key: str, data: dict, data_root: Path) -> dict:
+    """Train one config (its run named after ``key``) and evaluate it on the test split."""
+    from gid.config import validate
+    from gid.engine.trainer import run_training
+
+    config = validate({**data, "run": {**data["run"], "name": key.replace("/", "_")}}, source=key)
+    print(f"=== {key}: started", flush=True)
+    started = time.perf_counter()
+    outcome = run_training(config)
+    seconds = time.perf_counter() - started
+    torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
+    return {"test": test_metrics(outcome.model_path, data_root), "seconds": seconds,
+            "val_ap": outcome.metrics.get("val_ap"), "memory_peak_mb": outcome.metrics.get("memory_peak_mb"),
+            "model": str(outcome.model_path)}
+
+
+@ray.remote(num_cpus=0)
+def sweep_and_export(sweep: dict, resume: bool, best_folder: Path, exported: Path) -> dict:
+    """Run a sweep and write its best trial's config to ``exported``."""
+    from search.config import SweepConfig
+    from search.export import export_best
+    from search.sweep import run_sweep
+
+    config = SweepConfig.model_validate(sweep)
+    print(f"=== {config.name}: {config.trials} trials started", flush=True)
+    started = time.perf_counter()
+    run_sweep(config, resume=resume)
+    seconds = time.perf_counter() - started
+    (best,) = export_best(
+        best_folder, tracking_uri=config.tracking.tracking_uri, experiment=config.tracking.experiment, sweep=config.name
+    )
+    exported.parent.mkdir(parents=True, exist_ok=True)
+    exported.write_text(best.path.read_text())
+    return {"seconds": seconds, "config": str(exported)}
+
+
+@dataclass(frozen=True)
+class Job:
+    key: str
+    needs: tuple[str, ...]  # keys whose results this job's config is built from
+    lanes: int  # how many of the parallel lanes it occupies while it runs
+    launch: Callable[[], ray.ObjectRef]  # called once its needs are met
+
+
 class Bench:
-    def __init__(self, out: Path, scale: Scale) -> None:
-        self.out, self.scale = out, scale
-        self.results = Results(out / "results.json")
+    """The table's runs as jobs with dependencies, run ``lanes`` at a time on one Ray instance.
+
+    At these sizes a training run gains little from a second thread (its steps are small and
+    partly serial), so two one-thread runs side by side finish far sooner than two two-thread
+    runs one after another.
+    """
+
+    def __init__(self, out: Path, scale: Scale, lanes: int) -> None:
+        self.out, self.scale, self.lanes = out, scale, lanes
+        self.results = Results(out / "results.json", lanes)
         self.configs = out / "configs"
         self.configs.mkdir(parents=True, exist_ok=True)
 
@@ -149,7 +220,7 @@ class Bench:
                 "warmup_iters": 100, "log_every": 50,
             },
             "run": {"storage_path": str(self.out / "runs")},
-            "scaling": {"cpus_per_worker": os.cpu_count() or 1},
+            "scaling": {"cpus_per_worker": max(1, (os.cpu_count() or 1) // self.lanes)},
         }
 
     def write_config(self, name: str, data: dict) -> Path:
@@ -157,82 +228,101 @@ class Bench:
         path.write_text(yaml.safe_dump(data, sort_keys=False))
         return path
 
-    def train(self, key: str, data: dict) -> dict:
-        """Train one config (its run named after ``key``) and evaluate it on the test split."""
-        from gid.config import validate
-        from gid.engine.trainer import run_training
+    def training(self, key: str, config: Callable[[], dict], needs: tuple[str, ...] = ()) -> Job:
+        return Job(key, needs, 1, lambda: train_and_test.remote(key, config(), self.out / "data"))
 
-        def run() -> dict:
-            config = validate({**data, "run": {**data["run"], "name": key.replace("/", "_")}}, source=key)
-            print(f"\n=== {key}", flush=True)
-            started = time.perf_counter()
-            outcome = run_training(config)
-            seconds = time.perf_counter() - started
-            return {"test": test_metrics(outcome.model_path, self.out / "data"), "seconds": seconds,
-                    "val_ap": outcome.metrics.get("val_ap"), "memory_peak_mb": outcome.metrics.get("memory_peak_mb"),
-                    "model": str(outcome.model_path)}
+    def student_config(self, framework: str, seed: int) -> dict:
+        config = self.base(framework, "student")
+        config["train"]["seed"] = seed
+        return config
 
-        return self.results.get_or_run(key, run)
+    def gid_config(self, framework: str, seed: int = 0, **distill) -> dict:
+        teacher = self.results.runs[f"{framework}/teacher/0"]["model"]
+        return {**self.student_config(framework, seed), "distill": {"teacher": teacher, **distill}}
 
-    def teacher(self, framework: str) -> Path:
-        return Path(self.train(f"{framework}/teacher/0", self.base(framework, "teacher"))["model"])
+    def sweep(self, framework: str) -> Job:
+        """A TPE + ASHA sweep on the validation split, the spec's defaults as its first trial."""
+        s = self.scale
+        tracking = {"tracking_uri": f"sqlite:///{self.out / 'mlflow.db'}", "experiment": "gid-bench-effect"}
+        name = f"effect-{framework}"
 
-    def gid_config(self, framework: str, teacher: Path, **distill) -> dict:
-        return {**self.base(framework, "student"), "distill": {"teacher": str(teacher), **distill}}
-
-    def tuned_config(self, framework: str, teacher: Path) -> dict:
-        """The best values of a TPE + ASHA sweep on the validation split, as an exported config."""
-        from gid.config import load_config
-        from search.config import SweepConfig
-        from search.export import export_best
-        from search.sweep import run_sweep
-
-        exported = self.out / "best" / f"{framework}.yaml"
-        if not exported.exists():
-            s = self.scale
-            base = self.write_config(f"{framework}_gid", self.gid_config(framework, teacher))
-            tracking = {"tracking_uri": f"sqlite:///{self.out / 'mlflow.db'}", "experiment": "gid-bench-effect"}
-            sweep = SweepConfig.model_validate({
-                "name": f"effect-{framework}",
+        def launch() -> ray.ObjectRef:
+            base = self.write_config(f"{framework}_gid", self.gid_config(framework))
+            sweep = {
+                "name": name,
                 "frameworks": {framework: {"config": str(base)}},
                 "trials": s.sweep_trials,
-                "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": 2},
+                "resources": {
+                    "workers_per_trial": 1, "cpus_per_worker": self.base(framework, "student")["scaling"]["cpus_per_worker"],
+                    "max_concurrent_trials": self.lanes,
+                },
                 "scheduler": {"type": "asha", "grace_period": max(1, s.student_epochs // 2)},
                 "sampler": {"type": "tpe", "seed": 0},
                 "tracking": tracking,
                 "storage_path": str(self.out / "sweeps"),
-            })
-            print(f"\n=== {framework}/sweep: {s.sweep_trials} trials", flush=True)
-            started = time.perf_counter()
-            run_sweep(sweep, resume=(self.out / "sweeps" / sweep.name).exists())
-            self.results.runs[f"{framework}/sweep"] = {"seconds": time.perf_counter() - started}
-            (best,) = export_best(
-                self.out / "best" / framework, tracking_uri=tracking["tracking_uri"],
-                experiment=tracking["experiment"], sweep=sweep.name,
-            )
-            exported.parent.mkdir(parents=True, exist_ok=True)
-            exported.write_text(best.path.read_text())
-        base = self.base(framework, "student")  # where it runs and on how many threads, like every other row
-        return {**load_config(exported).to_dict(), "run": base["run"], "scaling": base["scaling"]}
+            }
+            resume = (self.out / "sweeps" / name).exists()
+            best = self.out / "best"
+            return sweep_and_export.remote(sweep, resume, best / framework, best / f"{framework}.yaml")
 
-    def framework(self, framework: str) -> None:
+        return Job(f"{framework}/sweep", (f"{framework}/teacher/0",), self.lanes, launch)
+
+    def tuned_config(self, framework: str, seed: int) -> dict:
+        from gid.config import load_config
+
+        exported = load_config(Path(self.results.runs[f"{framework}/sweep"]["config"])).to_dict()
+        base = self.base(framework, "student")  # where it runs and on how many threads, like every other row
+        exported["train"]["seed"] = seed
+        return {**exported, "run": base["run"], "scaling": base["scaling"]}
+
+    def jobs(self) -> list[Job]:
+        """Every run of the table, the long chains (teacher, then the runs that need it) first."""
         s = self.scale
-        teacher = self.teacher(framework)
-        for seed in range(s.seeds):
-            student = self.base(framework, "student")
-            student["train"]["seed"] = seed
-            self.train(f"{framework}/student/{seed}", student)
-            gid = self.gid_config(framework, teacher)
-            gid["train"]["seed"] = seed
-            self.train(f"{framework}/gid_default/{seed}", gid)
-        if s.single_losses:
-            for loss in SINGLE_LOSSES:
-                switches = {other: {"enabled": other == loss} for other in SINGLE_LOSSES}
-                self.train(f"{framework}/{loss}_only/0", self.gid_config(framework, teacher, **switches))
-        tuned = self.tuned_config(framework, teacher)
-        for seed in range(s.seeds):
-            tuned["train"]["seed"] = seed
-            self.train(f"{framework}/gid_tuned/{seed}", tuned)
+        teachers, students, distilled, sweeps, tuned = [], [], [], [], []
+        for framework in s.frameworks:
+            teacher = f"{framework}/teacher/0"
+            teachers.append(self.training(teacher, lambda f=framework: self.base(f, "teacher")))
+            for seed in range(s.seeds):
+                students.append(self.training(
+                    f"{framework}/student/{seed}", lambda f=framework, seed=seed: self.student_config(f, seed)
+                ))
+                distilled.append(self.training(
+                    f"{framework}/gid_default/{seed}", lambda f=framework, seed=seed: self.gid_config(f, seed), (teacher,)
+                ))
+            sweeps.append(self.sweep(framework))
+            if s.single_losses:
+                for loss in SINGLE_LOSSES:
+                    switches = {other: {"enabled": other == loss} for other in SINGLE_LOSSES}
+                    distilled.append(self.training(
+                        f"{framework}/{loss}_only/0", lambda f=framework, sw=switches: self.gid_config(f, **sw), (teacher,)
+                    ))
+            for seed in range(s.seeds):
+                tuned.append(self.training(
+                    f"{framework}/gid_tuned/{seed}", lambda f=framework, seed=seed: self.tuned_config(f, seed),
+                    (f"{framework}/sweep",),
+                ))
+        # Longest teacher first: the framework order puts the fastest learner first.
+        return teachers[::-1] + sweeps[::-1] + distilled + tuned[::-1] + students
+
+    def run(self) -> None:
+        """Start every ready job that fits in the free lanes, in the order of ``jobs()``; repeat."""
+        waiting = [job for job in self.jobs() if job.key not in self.results.runs]
+        running: dict[ray.ObjectRef, Job] = {}
+        while waiting or running:
+            free = self.lanes - sum(job.lanes for job in running.values())
+            for job in list(waiting):
+                if job.lanes <= free and all(need in self.results.runs for need in job.needs):
+                    running[job.launch()] = job
+                    waiting.remove(job)
+                    free -= job.lanes
+            if not running:
+                raise RuntimeError(f"jobs whose needs never finish: {[job.key for job in waiting]}")
+            (done,), _ = ray.wait(list(running), num_returns=1)
+            job = running.pop(done)
+            self.results.add(job.key, ray.get(done))
+            left = len(waiting) + len(running)
+            print(f"=== {job.key}: done in {self.results.runs[job.key]['seconds'] / 60:.1f} min; {left} jobs left",
+                  flush=True)
 
 
 ROWS = (
@@ -271,7 +361,7 @@ def commit() -> str:
         return "unknown"
 
 
-def render(runs: dict[str, dict], scale: Scale, argv: list[str], wall_minutes: float) -> str:
+def render(runs: dict[str, dict], scale: Scale, argv: list[str], sittings: list[dict]) -> str:
     s = scale
     lines = [
         "### GID effect on the held-out test split",
@@ -279,7 +369,8 @@ def render(runs: dict[str, dict], scale: Scale, argv: list[str], wall_minutes: f
         f"- command: `python benchmarks/effect.py {' '.join(argv)}`",
         f"- machine: {cpu_name()}, {os.cpu_count()} cores, "
         f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; torch {torch.__version__}",
-        f"- commit: {commit()}; wall time of this invocation {wall_minutes:.0f} min",
+        f"- commit: {commit()}; wall time {sum(sitting['minutes'] for sitting in sittings):.0f} min in "
+        f"{len(sittings)} sitting(s) of {', '.join(str(sitting['lanes']) for sitting in sittings)} run(s) side by side",
         f"- data: synthetic, {s.train_images} train / {s.val_images} val / {s.test_images} test images of "
         f"{s.image_size} px, 1–{s.max_objects} objects of {s.min_object_size:g} px to half the image",
         f"- teacher {s.teacher_backbone} FPN {s.teacher_fpn}, {s.teacher_epochs} epochs; student "
@@ -337,11 +428,12 @@ def main(argv: list[str] | None = None) -> None:
             out / "data", train=scale.train_images, val=scale.val_images, test=scale.test_images,
             image_size=scale.image_size, max_objects=scale.max_objects, min_object_size=scale.min_object_size,
         )
-    started = time.perf_counter()
-    bench = Bench(out, scale)
-    for framework in scale.frameworks:
-        bench.framework(framework)
-    text = render(bench.results.runs, scale, argv, (time.perf_counter() - started) / 60)
+    from gid.engine.trainer import ensure_ray
+
+    ensure_ray()
+    bench = Bench(out, scale, args.lanes)
+    bench.run()
+    text = render(bench.results.runs, scale, argv, bench.results.sittings)
     (out / "effect.md").write_text(text)
     plot(bench.results.runs, scale, out / "effect.png")
     print("\n" + text)
