@@ -67,7 +67,7 @@ class Scale:
 FULL = Scale(
     train_images=1024, val_images=128, test_images=256, image_size=64, max_objects=4, min_object_size=12,
     teacher_backbone="resnet50", teacher_fpn=128, teacher_epochs=16,
-    student_backbone="resnet18", student_fpn=64, student_epochs=4,
+    student_backbone="resnet18", student_fpn=64, student_epochs=3,
     lr=0.02, seeds=3, sweep_trials=4,
 )
 QUICK = replace(
@@ -124,6 +124,10 @@ class Results:
     def add(self, key: str, result: dict) -> None:
         self.runs[key] = result
         self.path.write_text(json.dumps(self.runs, indent=1))
+        self.tick()
+
+    def tick(self) -> None:
+        """Save this sitting's wall time so far, so that an interrupted sitting still counts."""
         if self.sitting not in self.sittings:
             self.sittings.append(self.sitting)
         self.sitting["minutes"] = (time.perf_counter() - self.started) / 60
@@ -317,7 +321,11 @@ class Bench:
                     free -= job.lanes
             if not running:
                 raise RuntimeError(f"jobs whose needs never finish: {[job.key for job in waiting]}")
-            (done,), _ = ray.wait(list(running), num_returns=1)
+            finished, _ = ray.wait(list(running), num_returns=1, timeout=60)
+            self.results.tick()
+            if not finished:
+                continue
+            (done,) = finished
             job = running.pop(done)
             self.results.add(job.key, ray.get(done))
             left = len(waiting) + len(running)
