@@ -13,7 +13,7 @@ Every model is COCO-evaluated on the test split, which neither training nor the 
 student / GID default / GID tuned repeat over ``--seeds`` training seeds (mean ± std). Finished runs
 are kept in ``OUT/results.json``, so an interrupted benchmark picks up where it stopped.
 
-    python benchmarks/effect.py --out runs/bench-effect            # the full table (2 CPUs: FCOS 56 min, RetinaNet 62, Faster R-CNN 128)
+    python benchmarks/effect.py --out runs/bench-effect            # the full table, runs side by side (--lanes)
     python benchmarks/effect.py --quick --out runs/bench-effect-q  # a smaller table, FCOS only (2 CPUs: 13 min; its teacher is too weak to teach)
 """
 
