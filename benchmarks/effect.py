@@ -13,8 +13,8 @@ Every model is COCO-evaluated on the test split, which neither training nor the 
 student / GID default / GID tuned repeat over ``--seeds`` training seeds (mean ± std). Finished runs
 are kept in ``OUT/results.json``, so an interrupted benchmark picks up where it stopped.
 
-    python benchmarks/effect.py --out runs/bench-effect            # the full table, runs side by side (--lanes)
-    python benchmarks/effect.py --quick --out runs/bench-effect-q  # a smaller table, FCOS only (2 CPUs: 13 min; its teacher is too weak to teach)
+    python benchmarks/effect.py --out runs/bench-effect            # the full table (2 CPUs: 136 min, two runs side by side)
+    python benchmarks/effect.py --quick --out runs/bench-effect-q  # a smaller table, FCOS only (2 CPUs: 11 min; its teacher is too weak to teach)
 """
 
 from __future__ import annotations
