@@ -128,7 +128,7 @@ class Results:
 
     def tick(self) -> None:
         """Save this sitting's wall time so far, so that an interrupted sitting still counts."""
-        if self.sitting not in self.sittings:
+        if not self.sittings or self.sittings[-1] is not self.sitting:
             self.sittings.append(self.sitting)
         self.sitting["minutes"] = (time.perf_counter() - self.started) / 60
         self.sittings_path.write_text(json.dumps(self.sittings, indent=1))
@@ -161,7 +161,7 @@ def train_and_test(key: str, data: dict, data_root: Path) -> dict:
     started = time.perf_counter()
     outcome = run_training(config)
     seconds = time.perf_counter() - started
-    torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
+    torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))  # evaluate on this run's share too
     return {"test": test_metrics(outcome.model_path, data_root), "seconds": seconds,
             "val_ap": outcome.metrics.get("val_ap"), "memory_peak_mb": outcome.metrics.get("memory_peak_mb"),
             "model": str(outcome.model_path)}
@@ -205,6 +205,7 @@ class Bench:
 
     def __init__(self, out: Path, scale: Scale, lanes: int) -> None:
         self.out, self.scale, self.lanes = out, scale, lanes
+        self.cpus_per_run = max(1, (os.cpu_count() or 1) // lanes)
         self.results = Results(out / "results.json", lanes)
         self.configs = out / "configs"
         self.configs.mkdir(parents=True, exist_ok=True)
@@ -224,7 +225,7 @@ class Bench:
                 "warmup_iters": 100, "log_every": 50,
             },
             "run": {"storage_path": str(self.out / "runs")},
-            "scaling": {"cpus_per_worker": max(1, (os.cpu_count() or 1) // self.lanes)},
+            "scaling": {"cpus_per_worker": self.cpus_per_run},
         }
 
     def write_config(self, name: str, data: dict) -> Path:
@@ -257,8 +258,7 @@ class Bench:
                 "frameworks": {framework: {"config": str(base)}},
                 "trials": s.sweep_trials,
                 "resources": {
-                    "workers_per_trial": 1, "cpus_per_worker": self.base(framework, "student")["scaling"]["cpus_per_worker"],
-                    "max_concurrent_trials": self.lanes,
+                    "workers_per_trial": 1, "cpus_per_worker": self.cpus_per_run, "max_concurrent_trials": self.lanes,
                 },
                 "scheduler": {"type": "asha", "grace_period": max(1, s.student_epochs // 2)},
                 "sampler": {"type": "tpe", "seed": 0},
