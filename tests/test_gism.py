@@ -1,13 +1,16 @@
-"""GISM on hand-made dense outputs (spec §2, §8 properties 1-5)."""
+"""GISM on hand-made and real dense outputs (spec §2, §8 properties 1-5)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torchvision.ops import clip_boxes_to_image, nms, remove_small_boxes
 
-from gid.config import GismConfig
+from gid.config import GismConfig, ModelConfig
 from gid.distill.gism import filter_instances, gi_scores, gism_stats, select_general_instances
 from gid.distill.outputs import AnchorLayout, DenseOutput, GeneralInstances
+from gid.distill.views import view_for
+from gid.models.detectors import build_detector
 
 # Student probabilities of ~0: the paper score of an anchor is then its teacher probability.
 NEVER = -30.0
@@ -254,11 +257,61 @@ def test_gism_stats():
     assert stats == {"gis_per_image": 0.0, "gi_gt_overlap": 0.0, "gi_from_teacher": 0.0}
 
 
-def test_prefix_nms_equals_full_nms_then_top_k():
-    from torchvision.ops import nms
+# --- the batched selection equals the per-image algorithm it replaced ---------------------------
+#
+# The reference below is the selection as it was written before it was batched: one image at a
+# time, top-k, decode, clip, size and score filter, then NMS on a growing prefix of the candidates.
 
-    from gid.distill.gism import _nms_top_k
 
+def reference_select(teacher, student, layout, decode, config, min_box_size) -> list[GeneralInstances]:
+    p_teacher = teacher.cls_logits.detach().float().sigmoid()
+    p_student = student.cls_logits.detach().float().sigmoid()
+    scores = gi_scores(p_teacher, p_student, config.score_mode)
+    teacher_wins = p_teacher.amax(dim=-1) >= p_student.amax(dim=-1)
+    return [
+        reference_select_one_image(
+            scores[i],
+            teacher_wins[i],
+            teacher.bbox_regression[i].detach(),
+            student.bbox_regression[i].detach(),
+            layout.anchors[i],
+            layout.image_sizes[i],
+            decode,
+            config,
+            min_box_size,
+        )
+        for i in range(scores.shape[0])
+    ]
+
+
+def reference_select_one_image(
+    scores, teacher_wins, deltas_teacher, deltas_student, anchors, image_size, decode, config, min_box_size
+) -> GeneralInstances:
+    scores, index = scores.topk(min(config.pre_nms_top_k, scores.numel()))
+    from_teacher = teacher_wins[index]
+    deltas = torch.where(from_teacher[:, None], deltas_teacher[index], deltas_student[index])
+    boxes = clip_boxes_to_image(decode(deltas.float(), anchors[index]), image_size)
+    keep = remove_small_boxes(boxes, min_box_size)
+    keep = keep[scores[keep] >= config.min_score]
+    keep = keep[reference_nms_top_k(boxes[keep], scores[keep], config.nms_iou, config.top_k)]
+    return GeneralInstances(
+        boxes=boxes[keep], scores=scores[keep], anchor_index=index[keep], from_teacher=from_teacher[keep]
+    )
+
+
+def reference_nms_top_k(boxes, scores, iou_threshold, k, first_prefix=128):
+    """``nms(boxes, scores, iou_threshold)[:k]`` on growing prefixes of score-sorted boxes."""
+    num_boxes = len(scores)
+    size = max(first_prefix, 8 * k)
+    while size < num_boxes:
+        kept = nms(boxes[:size], scores[:size], iou_threshold)
+        if len(kept) >= k:
+            return kept[:k]
+        size *= 4
+    return nms(boxes, scores, iou_threshold)[:k]
+
+
+def test_reference_prefix_nms_equals_full_nms_then_top_k():
     generator = torch.Generator().manual_seed(0)
     for trial in range(50):
         n = int(torch.randint(1, 3000, (1,), generator=generator))
@@ -266,4 +319,133 @@ def test_prefix_nms_equals_full_nms_then_top_k():
         boxes = torch.cat([xy, xy + 2 + torch.rand(n, 2, generator=generator) * 30], dim=1)
         scores = torch.rand(n, generator=generator).sort(descending=True).values
         iou, k = float(torch.rand(1, generator=generator)) * 0.8 + 0.1, int(torch.randint(1, 100, (1,), generator=generator))
-        assert torch.equal(_nms_top_k(boxes, scores, iou, k), nms(boxes, scores, iou)[:k]), (trial, n, iou, k)
+        assert torch.equal(reference_nms_top_k(boxes, scores, iou, k), nms(boxes, scores, iou)[:k]), (trial, n, iou, k)
+
+
+def assert_same_selection(teacher, student, layout, decode, cfg, min_box_size) -> list[GeneralInstances]:
+    """The batched selection returns, image by image, exactly what the reference returns."""
+    batched = select_general_instances(teacher, student, layout, decode, cfg, min_box_size)
+    expected = reference_select(teacher, student, layout, decode, cfg, min_box_size)
+    assert len(batched) == len(expected)
+    for i, (gi, ref) in enumerate(zip(batched, expected)):
+        for field in ("boxes", "scores", "anchor_index", "from_teacher"):
+            got, want = getattr(gi, field), getattr(ref, field)
+            assert got.dtype == want.dtype and got.shape == want.shape, (i, field, got.shape, want.shape)
+            assert torch.equal(got, want), (i, field)
+    return batched
+
+
+def clustered_batch(batch: int, anchors: int, classes: int, generator: torch.Generator):
+    """Anchors crowded around a few objects, as a detector's are: NMS must suppress a lot."""
+    centres = torch.rand(batch, 6, 2, generator=generator) * 200
+    which = torch.randint(0, 6, (batch, anchors), generator=generator)
+    centre = centres.gather(1, which[..., None].expand(-1, -1, 2))
+    centre = centre + torch.randn(batch, anchors, 2, generator=generator) * 6
+    half = torch.rand(batch, anchors, 2, generator=generator) * 30 + 2
+    anchor_boxes = torch.cat([centre - half, centre + half], dim=2)
+    outputs = [
+        dense(
+            torch.randn(batch, anchors, classes, generator=generator) * 3,
+            torch.randn(batch, anchors, 4, generator=generator) * 3,
+        )
+        for _ in range(2)
+    ]
+    sizes = [tuple(torch.randint(120, 240, (2,), generator=generator).tolist()) for _ in range(batch)]
+    return *outputs, AnchorLayout(list(anchor_boxes), [anchors], sizes)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_batched_selection_equals_the_per_image_reference(seed):
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(6):
+        batch = int(torch.randint(1, 9, (1,), generator=generator))
+        anchors = int(torch.randint(1, 4000, (1,), generator=generator))
+        teacher, student, layout = clustered_batch(batch, anchors, classes=3, generator=generator)
+        cfg = config(
+            score_mode=["paper", "reference"][int(torch.randint(0, 2, (1,), generator=generator))],
+            pre_nms_top_k=int(torch.randint(1, 3500, (1,), generator=generator)),
+            min_score=float(torch.rand(1, generator=generator)) * 0.3,
+            nms_iou=float(torch.rand(1, generator=generator)) * 0.6 + 0.1,
+            top_k=int(torch.randint(1, 60, (1,), generator=generator)),
+        )
+        min_box_size = float(torch.rand(1, generator=generator)) * 20
+        assert_same_selection(teacher, student, layout, add_deltas, cfg, min_box_size)
+
+
+@pytest.mark.parametrize("nms_iou", [0.3, 0.5, 1.0])
+def test_batched_selection_keeps_the_order_of_ties_and_duplicates(nms_iou):
+    # Scores from a handful of values (ties everywhere) and boxes from a handful of shapes
+    # (exact duplicates, identical IoUs): the order among equals must be the reference's.
+    generator = torch.Generator().manual_seed(1)
+    batch, anchors = 5, 600
+    shapes = torch.tensor(
+        [[0.0, 0.0, 30.0, 30.0], [10.0, 0.0, 40.0, 30.0], [60.0, 60.0, 90.0, 100.0], [0.0, 0.0, 15.0, 15.0]]
+    )
+    anchor_boxes = shapes[torch.randint(0, 4, (batch, anchors), generator=generator)]
+    probs = torch.randint(0, 4, (batch, anchors, 1), generator=generator) / 4 + 0.1
+    teacher = dense(logit(probs), torch.zeros(batch, anchors, 4))
+    student = dense(torch.full((batch, anchors, 1), NEVER), torch.zeros(batch, anchors, 4))
+    layout = AnchorLayout(list(anchor_boxes), [anchors], [(100, 100)] * batch)
+    for top_k in (1, 3, 10):
+        cfg = config(nms_iou=nms_iou, top_k=top_k)
+        gis = assert_same_selection(teacher, student, layout, add_deltas, cfg, 1.0)
+        assert top_k == 1 or any(len(gi.boxes) > 1 for gi in gis)
+
+
+def test_batched_selection_at_an_iou_equal_to_the_threshold():
+    # Two boxes with IoU exactly 1/3 in float32 but above the float64 threshold 1/3 rounds to:
+    # torchvision compares in double, and so must the batched NMS.
+    anchors = torch.tensor([[0.0, 0.0, 20.0, 10.0], [10.0, 0.0, 30.0, 10.0]])  # IoU 100 / 300
+    teacher = dense(logit([[[0.9], [0.8]]]), torch.zeros(1, 2, 4))
+    student = dense(torch.full((1, 2, 1), NEVER), torch.zeros(1, 2, 4))
+    layout = AnchorLayout([anchors], [2], [(50, 50)])
+    iou = float(torch.tensor(1 / 3))  # the float32 IoU, as a double
+    for threshold in (iou, 1 / 3, 0.3333333, 0.33333334):
+        assert_same_selection(teacher, student, layout, add_deltas, config(nms_iou=threshold), 1.0)
+
+
+def test_batched_selection_when_nothing_survives_in_some_images():
+    generator = torch.Generator().manual_seed(2)
+    teacher, student, layout = clustered_batch(4, 500, classes=2, generator=generator)
+    # Image 1: every box tiny; image 2: teacher and student agree (all scores 0).
+    anchors = [a.clone() for a in layout.anchors]
+    anchors[1][:, 2:] = anchors[1][:, :2] + 1.0
+    student.cls_logits[2] = teacher.cls_logits[2]
+    student.bbox_regression[1] = teacher.bbox_regression[1] = 0.0
+    layout = AnchorLayout(anchors, layout.num_per_level, layout.image_sizes)
+    gis = assert_same_selection(teacher, student, layout, add_deltas, config(min_score=0.01), 5.0)
+    assert [len(gi.boxes) for gi in gis][1:3] == [0, 0] and len(gis[0].boxes) > 0
+    # Nothing anywhere: no candidate passes the score filter.
+    gis = assert_same_selection(teacher, student, layout, add_deltas, config(min_score=1.0), 5.0)
+    assert all(gi.boxes.shape == (0, 4) for gi in gis)
+
+
+def tiny_detector(framework: str, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = build_detector(ModelConfig(framework=framework, backbone="resnet18", fpn_channels=64), 64, 4)
+    return model.eval()
+
+
+@pytest.mark.parametrize("framework", ["retinanet", "fcos", "faster_rcnn"])
+def test_batched_selection_on_real_detector_outputs(framework):
+    # Untrained teacher and student of different seeds, images of different shapes (so the
+    # transform gives each its own image size and pads the batch).
+    teacher_view, student_view = view_for(tiny_detector(framework, 0)), view_for(tiny_detector(framework, 1))
+    generator = torch.Generator().manual_seed(3)
+    images = [torch.rand(3, h, w, generator=generator) for h, w in [(64, 64), (48, 64), (64, 40), (56, 56)]]
+    with torch.no_grad():
+        batch, _ = student_view.transform(images)
+        features = student_view.features(batch)
+        student = student_view.dense(features)
+        layout = student_view.anchor_layout(batch, features)
+        teacher = teacher_view.dense(teacher_view.features(batch))
+    assert len(set(layout.image_sizes)) > 1
+    knobs = [
+        ({}, 0.8),
+        ({"nms_iou": 0.5, "top_k": 30, "pre_nms_top_k": 300}, 2.0),
+        ({"score_mode": "reference", "top_k": 100}, 0.0),  # zero-area boxes too: NaN IoUs
+    ]
+    for overrides, min_box_size in knobs:
+        cfg = config(**overrides)
+        gis = assert_same_selection(teacher, student, layout, student_view.decode, cfg, min_box_size)
+        assert sum(len(gi.boxes) for gi in gis) > 0

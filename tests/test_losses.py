@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
+from torchvision.ops.poolers import LevelMapper
 
 from gid.distill.losses import (
     build_adapter,
@@ -16,6 +17,7 @@ from gid.distill.losses import (
     pool_instances,
     relation_loss,
     response_loss,
+    roi_align_by_matmul,
     roi_response_loss,
 )
 from gid.distill.outputs import DenseOutput
@@ -104,6 +106,103 @@ def test_pool_instances_with_no_boxes_stays_in_the_graph():
     loss = feature_loss(pooled.detach(), pooled)
     loss.backward()
     assert loss.item() == 0.0 and maps[0].grad is not None
+
+
+def torchvision_roi_align(feature_map, rois, roi_size, spatial_scale):
+    return roi_align(feature_map, rois, roi_size, spatial_scale=spatial_scale, sampling_ratio=2, aligned=True)
+
+
+def assert_same_roi_align(feature_map, rois, roi_size, spatial_scale):
+    """roi_align_by_matmul gives torchvision's values and gradients w.r.t. the map."""
+    feature_map = feature_map.detach().requires_grad_()
+    generator = torch.Generator().manual_seed(9)
+    upstream = torch.randn(len(rois), feature_map.shape[1], roi_size, roi_size, generator=generator)
+    results = []
+    for align in (roi_align_by_matmul, torchvision_roi_align):
+        pooled = align(feature_map, rois, roi_size, spatial_scale)
+        (grad,) = torch.autograd.grad(pooled, feature_map, upstream)
+        results.append((pooled, grad))
+    (pooled, grad), (expected, expected_grad) = results
+    assert pooled.shape == expected.shape
+    torch.testing.assert_close(pooled, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-4)
+
+
+def random_rois(num: int, num_images: int, extent: float, generator) -> torch.Tensor:
+    """Boxes anywhere from well outside to inside an image of side ``extent``, of any size."""
+    corner = torch.rand(num, 2, generator=generator) * extent * 1.6 - extent * 0.3
+    size = torch.rand(num, 2, generator=generator) ** 3 * extent  # many tiny boxes
+    image = torch.randint(0, num_images, (num, 1), generator=generator).float()  # in no particular order
+    return torch.cat([image, corner, corner + size], dim=1)
+
+
+@pytest.mark.parametrize("map_size", [(1, 1), (1, 5), (3, 7), (8, 8), (16, 12), (25, 40)])
+def test_roi_align_by_matmul_equals_torchvision_on_random_boxes(map_size):
+    generator = torch.Generator().manual_seed(sum(map_size))
+    stride = 8
+    feature_map = torch.randn(3, 5, *map_size, generator=generator)
+    rois = random_rois(40, 3, max(map_size) * stride, generator)
+    for roi_size in (1, 4, 7):
+        assert_same_roi_align(feature_map, rois, roi_size, 1.0 / stride)
+
+
+def test_roi_align_by_matmul_follows_roi_aligns_boundary_rules():
+    # Boxes whose samples land exactly on -1, 0, the last pixel centre and the map edge, just
+    # beyond them, or are degenerate (zero or negative size): one wrong comparison would move a
+    # whole pixel's weight in or out of a bin.
+    height, width = 6, 9
+    feature_map = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(0))
+    edges = [-2.0, -1.5, -1.0, -0.75, -0.5, 0.0, 0.5, 1.0]
+    edges += [height - 1.5, height - 0.5, height, height + 0.5, height + 1.0]
+    rois = []
+    for image, (a, b) in enumerate((a, b) for a in edges for b in edges):
+        rois.append([image % 2, a + 0.5, b + 0.5, a + 2.5, b + 0.5])  # zero height
+        rois.append([image % 2, a, b, b, a])
+        rois.append([image % 2, a, a, b + 1, b + 1])
+        rois.append([image % 2, b, a, b, a + 4])  # zero width
+    rois = torch.tensor(rois)
+    for roi_size in (1, 2, 3):
+        assert_same_roi_align(feature_map, rois, roi_size, 1.0)
+        assert_same_roi_align(feature_map, rois * torch.tensor([1, 2, 2, 2, 2]), roi_size, 0.5)
+
+
+def test_roi_align_by_matmul_without_boxes():
+    feature_map = torch.randn(2, 3, 8, 8, requires_grad=True)
+    pooled = roi_align_by_matmul(feature_map, torch.zeros(0, 5), 4, 0.125)
+    assert pooled.shape == (0, 3, 4, 4)
+    pooled.sum().backward()
+    assert torch.all(feature_map.grad == 0)
+    # Images without a box among images with boxes.
+    assert_same_roi_align(feature_map, torch.tensor([[1.0, 0.0, 0.0, 30.0, 20.0]] * 3), 4, 0.125)
+
+
+@pytest.mark.parametrize("image", [64, 128])
+def test_pool_instances_equals_roi_align_level_by_level(image):
+    # Realistic pooling: 5 FPN levels (strides 8-128), GIs of every size, one image without GIs.
+    generator = torch.Generator().manual_seed(image)
+    sides = [-(-image // 2**level) for level in range(3, 8)]
+    maps = [torch.randn(4, 6, side, side, generator=generator).requires_grad_() for side in sides]
+    boxes = []
+    for n in (10, 0, 7, 10):
+        corner = torch.rand(n, 2, generator=generator) * image * 1.2 - image * 0.1
+        boxes.append(torch.cat([corner, corner + torch.rand(n, 2, generator=generator) * image + 1], dim=1))
+    canonical = 224.0 * image / 800
+    pooled = pool_instances(maps, FIRST_LEVEL, boxes, 10, canonical)
+    upstream = torch.randn(pooled.shape, generator=generator)
+    grads = torch.autograd.grad(pooled, maps, upstream)
+
+    levels = LevelMapper(FIRST_LEVEL, FIRST_LEVEL + 4, canonical, 4)(boxes)
+    assert len(levels.unique()) >= 3
+    rois = torch.cat([torch.cat([torch.full((len(b), 1), float(i)), b], dim=1) for i, b in enumerate(boxes)])
+    expected = torch.zeros_like(pooled)
+    for offset, feature_map in enumerate(maps):
+        at_level = levels == offset
+        stride = 2 ** (FIRST_LEVEL + offset)
+        expected[at_level] = torchvision_roi_align(feature_map, rois[at_level], 10, 1.0 / stride)
+    expected_grads = torch.autograd.grad(expected, maps, upstream)
+    torch.testing.assert_close(pooled, expected, rtol=1e-5, atol=1e-5)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-4)
 
 
 # --- feature loss ----------------------------------------------------------------------------

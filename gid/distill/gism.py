@@ -6,11 +6,12 @@ ground truth, except in the ablation filter and the logging statistics at the en
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torchvision.ops import box_iou, clip_boxes_to_image, nms, remove_small_boxes
+from torchvision.ops import box_iou
 
 from gid.config import GismConfig
 from gid.distill.outputs import AnchorLayout, DenseOutput, GeneralInstances
@@ -20,7 +21,8 @@ SEMI_POSITIVE_IOU = 0.7
 NEGATIVE_IOU = 0.3
 GT_OVERLAP_IOU = 0.5
 
-#: Candidates the first NMS pass looks at (see _nms_top_k); any value gives the same result.
+#: Candidates per image the first NMS round looks at (see _first_nms_survivors); any value gives
+#: the same result.
 _NMS_FIRST_PREFIX = 128
 
 
@@ -48,6 +50,9 @@ def select_general_instances(
 ) -> list[GeneralInstances]:
     """Select the GIs of every image of the batch, each image on its own (spec §2).
 
+    All images are processed together (one top-k, one decode, NMS for all at once), but nothing
+    crosses from one image to another: every step works on the rows of ``[B, pre_nms_top_k]``
+    candidate tensors, one row per image.
     ``decode(deltas [N, 4], anchors [N, 4]) -> boxes [N, 4]`` is the detector's own box decoder;
     ``min_box_size`` is in pixels (already scaled to the input size). Everything returned is
     detached: GIs are places to distil at, not something to learn.
@@ -56,65 +61,113 @@ def select_general_instances(
     p_student = student.cls_logits.detach().float().sigmoid()
     scores = gi_scores(p_teacher, p_student, config.score_mode)
     teacher_wins = p_teacher.amax(dim=-1) >= p_student.amax(dim=-1)
-    return [
-        _select_one_image(
-            scores[i],
-            teacher_wins[i],
-            teacher.bbox_regression[i].detach(),
-            student.bbox_regression[i].detach(),
-            layout.anchors[i],
-            layout.image_sizes[i],
-            decode,
-            config,
-            min_box_size,
-        )
-        for i in range(scores.shape[0])
+
+    # Candidates: the pre_nms_top_k best anchors of each image over all levels, best first.
+    scores, index = scores.topk(min(config.pre_nms_top_k, scores.shape[1]), dim=1)
+    from_teacher = teacher_wins.gather(1, index)
+    boxes = _decode_candidates(teacher, student, layout, decode, index, from_teacher)
+    boxes = _clip_to_images(boxes, layout.image_sizes)
+    widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+    eligible = (widths >= min_box_size) & (heights >= min_box_size) & (scores >= config.min_score)
+
+    survivor = _first_nms_survivors(boxes, eligible, config.nms_iou, config.top_k)
+    found = survivor >= 0
+    # The final host synchronisation (NMS has one per prefix it tries): each image's number of GIs.
+    counts = found.sum(dim=1).tolist()
+    position = survivor.clamp(min=0)
+    picked = [
+        boxes.gather(1, position[..., None].expand(-1, -1, 4)),
+        scores.gather(1, position),
+        index.gather(1, position),
+        from_teacher.gather(1, position),
     ]
+    per_image = [tensor[found].split(counts) for tensor in picked]  # survivors come first in each row
+    return [GeneralInstances(*fields) for fields in zip(*per_image)]
 
 
-def _select_one_image(
-    scores: Tensor,
-    teacher_wins: Tensor,
-    deltas_teacher: Tensor,
-    deltas_student: Tensor,
-    anchors: Tensor,
-    image_size: tuple[int, int],
+def _decode_candidates(
+    teacher: DenseOutput,
+    student: DenseOutput,
+    layout: AnchorLayout,
     decode: Callable[[Tensor, Tensor], Tensor],
-    config: GismConfig,
-    min_box_size: float,
-) -> GeneralInstances:
-    """Top-k over all levels, decode, clip, size and score filter, class-agnostic NMS, top-K."""
-    scores, index = scores.topk(min(config.pre_nms_top_k, scores.numel()))
-    from_teacher = teacher_wins[index]
-    # The box of the more confident model (ties go to the teacher); only candidates are decoded.
-    deltas = torch.where(from_teacher[:, None], deltas_teacher[index], deltas_student[index])
-    boxes = clip_boxes_to_image(decode(deltas.float(), anchors[index]), image_size)
+    index: Tensor,
+    from_teacher: Tensor,
+) -> Tensor:
+    """``[B, N, 4]`` boxes of the candidates ``index [B, N]``, from the more confident model's deltas.
 
-    keep = remove_small_boxes(boxes, min_box_size)
-    keep = keep[scores[keep] >= config.min_score]
-    keep = keep[_nms_top_k(boxes[keep], scores[keep], config.nms_iou, config.top_k)]
-    return GeneralInstances(
-        boxes=boxes[keep], scores=scores[keep], anchor_index=index[keep], from_teacher=from_teacher[keep]
-    )
-
-
-def _nms_top_k(boxes: Tensor, scores: Tensor, iou_threshold: float, k: int) -> Tensor:
-    """``nms(boxes, scores, iou_threshold)[:k]`` for ``scores`` sorted in descending order.
-
-    Greedy NMS keeps a box unless a higher-scoring kept box overlaps it, so whether a box is kept
-    depends only on the boxes before it: NMS over the first n candidates keeps exactly the first
-    survivors of NMS over all of them (torchvision's NMS sorts stably, so ties keep their order).
-    The first k survivors are therefore found on a growing prefix instead of suppressing all
-    ``pre_nms_top_k`` candidates against each other, the selection's main cost otherwise.
+    Ties go to the teacher (``from_teacher``); only the candidates are decoded, in one call.
     """
-    num_boxes = len(scores)
-    size = max(_NMS_FIRST_PREFIX, 8 * k)
-    while size < num_boxes:
-        kept = nms(boxes[:size], scores[:size], iou_threshold)
-        if len(kept) >= k:
-            return kept[:k]
-        size *= 4
-    return nms(boxes, scores, iou_threshold)[:k]
+    corners = index[..., None].expand(-1, -1, 4)
+    deltas = torch.where(
+        from_teacher[..., None],
+        teacher.bbox_regression.detach().gather(1, corners),
+        student.bbox_regression.detach().gather(1, corners),
+    )
+    anchors = torch.stack(layout.anchors).gather(1, corners)
+    return decode(deltas.float().flatten(0, 1), anchors.flatten(0, 1)).reshape(deltas.shape)
+
+
+def _clip_to_images(boxes: Tensor, image_sizes: list[tuple[int, int]]) -> Tensor:
+    """``clip_boxes_to_image`` of every image's boxes ``[B, N, 4]`` to its own (height, width)."""
+    limits = torch.tensor([[w, h, w, h] for h, w in image_sizes], dtype=boxes.dtype, device=boxes.device)
+    return boxes.clamp(min=0).minimum(limits[:, None, :])
+
+
+def _first_nms_survivors(boxes: Tensor, eligible: Tensor, iou_threshold: float, k: int) -> Tensor:
+    """Positions ``[B, k]`` of the first k survivors of NMS over the ``eligible`` boxes of each row.
+
+    Equals ``nms(boxes[i][eligible[i]], scores, iou_threshold)[:k]`` image by image for boxes
+    sorted by decreasing score (torchvision's NMS sorts stably, so ties keep their order), -1
+    where an image has fewer survivors. Greedy NMS keeps a box unless a better kept box overlaps
+    it, so whether a box is kept depends only on the boxes before it: the first k survivors among
+    the first n candidates are the first k of all. They are looked for in a prefix of every
+    image's candidates, grown only while some image has fewer than k survivors in it, instead of
+    suppressing all ``pre_nms_top_k`` candidates against each other.
+    """
+    threshold = _below_or_at(iou_threshold, boxes.dtype)
+    prefix = max(_NMS_FIRST_PREFIX, 8 * k)
+    while True:
+        survivors = _greedy_nms(boxes[:, :prefix], eligible[:, :prefix], threshold, k)
+        # One sync per prefix: is it long enough for every image?
+        if prefix >= boxes.shape[1] or bool((survivors[:, -1] >= 0).all()):
+            return survivors
+        prefix *= 4
+
+
+def _greedy_nms(boxes: Tensor, eligible: Tensor, threshold: float, k: int) -> Tensor:
+    """The first k survivors of greedy NMS in each row, found in k steps for all images together.
+
+    Each step keeps every image's best box not yet suppressed and suppresses the image's boxes
+    whose IoU with it is above ``threshold``. The IoU is computed as torchvision's CPU kernel
+    computes it, operation by operation, so that every comparison comes out the same.
+    """
+    areas = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+    images = torch.arange(boxes.shape[0], device=boxes.device)
+    available = eligible.clone()  # neither kept nor suppressed yet
+    survivors = torch.full((boxes.shape[0], min(k, boxes.shape[1])), -1, device=boxes.device)
+    for step in range(survivors.shape[1]):
+        found, best = available.max(dim=1)  # the first available box: the best remaining score
+        survivors[:, step] = torch.where(found, best, -1)
+        kept, kept_area = boxes[images, best, None], areas[images, best, None]
+        sides = torch.minimum(boxes[..., 2:], kept[..., 2:]) - torch.maximum(boxes[..., :2], kept[..., :2])
+        sides = sides.clamp_(min=0)
+        inter = sides[..., 0] * sides[..., 1]
+        iou = inter / (kept_area + areas - inter)
+        available.masked_fill_(iou > threshold, False)  # not `iou <= threshold`: a NaN IoU suppresses nothing
+        available[images, best] = False
+    return survivors
+
+
+def _below_or_at(threshold: float, dtype: torch.dtype) -> float:
+    """The largest ``dtype`` value t <= ``threshold``: for x of that dtype, x > t iff x > threshold.
+
+    torchvision's NMS compares its IoU with the threshold in double precision; comparing a float32
+    tensor with a Python float rounds the threshold to float32 instead, which can round it up.
+    """
+    rounded = torch.tensor(threshold, dtype=dtype)
+    if rounded.item() > threshold:
+        rounded = torch.nextafter(rounded, torch.tensor(-math.inf, dtype=dtype))
+    return rounded.item()
 
 
 def _subset(gi: GeneralInstances, keep: Tensor) -> GeneralInstances:
