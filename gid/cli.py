@@ -1,4 +1,4 @@
-"""The ``gid`` command line: data, train, distill, eval, sweep, export, demo."""
+"""The ``gid`` command line: data, train, distill, eval, model, sweep, export, demo."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from gid.errors import GidError
+from gid.logs import configure as configure_logging
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -40,12 +41,15 @@ def _train(args: argparse.Namespace, distill: bool) -> None:
     if not distill and config.distill is not None:
         raise GidError(f"{args.config}: has a distill section; run it with `gid distill`")
     # Ray and torch take seconds to import: only after the config is known to be good.
+    from gid.distill.balance import describe as describe_balance
     from gid.engine.evaluation import format_metrics
     from gid.engine.trainer import run_training
 
     outcome = run_training(config, address=args.address)
     ap = {k[4:]: v for k, v in outcome.metrics.items() if k.startswith("val_")}
     print(f"\n{config.model.framework} {config.model.backbone}: {format_metrics(ap)}")
+    if distill and (calibrated := describe_balance(outcome.metrics)):
+        print(calibrated)
     print(f"model file: {outcome.model_path}")
 
 
@@ -75,15 +79,36 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"{args.checkpoint} on {data.root} [{args.split}]: {format_metrics(coco_metrics(dataset.coco, records))}")
 
 
+def cmd_model_import(args: argparse.Namespace) -> None:
+    from gid.models.exchange import import_torchvision
+
+    imported = import_torchvision(
+        args.weights, args.builder, args.out, num_classes=args.num_classes, image_size=args.image_size
+    )
+    model, size = imported.config.model, imported.config.data.image_size
+    print(
+        f"wrote {args.out}: a {model.framework} {model.backbone} ({model.variant}, FPN {model.fpn_channels}) of "
+        f"{imported.num_classes} classes with background, for images of longest side {size}; "
+        "use it as distill.teacher or model.weights, or with gid eval --data"
+    )
+
+
+def cmd_model_export(args: argparse.Namespace) -> None:
+    from gid.models.exchange import export_model
+
+    print(export_model(args.model_file, args.format, args.out))
+
+
 def cmd_sweep(args: argparse.Namespace) -> None:
     from search.config import load_sweep
 
     sweep = load_sweep(args.sweep, args.overrides)
     from search.sweep import run_sweep
 
-    outcome = run_sweep(sweep, resume=args.resume, address=args.address)
+    outcome = run_sweep(sweep, resume=args.resume, address=args.address, overrides=args.overrides)
     print("\n" + outcome.summary)
     print(f"summary, trials.csv and plots: {outcome.report_dir}")
+    print(f"MLflow runs: {outcome.runs_link}")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -139,6 +164,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="val", help="split to evaluate (default val)")
     evaluate.set_defaults(func=cmd_eval)
 
+    model = commands.add_parser("model", help="torchvision detectors in and out of gid model files")
+    model_commands = model.add_subparsers(dest="model_command", required=True)
+    imports = model_commands.add_parser("import", help="a torchvision detector's state dict as a gid model file")
+    imports.add_argument("weights", type=Path, help="state dict of a torchvision detector (model.state_dict())")
+    imports.add_argument(
+        "--builder", required=True, help="the torchvision builder it comes from, e.g. retinanet_resnet50_fpn_v2"
+    )
+    imports.add_argument("--num-classes", type=int, default=None, help="classes with background (default: the file's)")
+    imports.add_argument("--image-size", type=int, default=800, help="longest image side it sees (default 800, COCO's)")
+    imports.add_argument("--out", type=Path, required=True, help="the model file to write")
+    imports.set_defaults(func=cmd_model_import)
+    exports = model_commands.add_parser("export", help="a model file's detector for torchvision or TorchScript")
+    exports.add_argument("model_file", type=Path, help="model file written by train/distill/model import")
+    exports.add_argument("--format", required=True, help="torchvision (a state dict) or torchscript")
+    exports.add_argument("--out", type=Path, required=True, help="the file to write")
+    exports.set_defaults(func=cmd_model_export)
+
     sweep = commands.add_parser("sweep", help="search GID values with Ray Tune + Optuna, tracked in MLflow")
     sweep.add_argument("sweep", type=Path, help="sweep file (see configs/sweep.yaml)")
     sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -166,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging()
     try:
         args.func(args)
     except GidError as exc:

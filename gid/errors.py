@@ -6,3 +6,9 @@ class GidError(Exception):
 
     The message is a single line saying what is wrong and how to fix it.
     """
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (a dependency's own may run to pages), or its type."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from gid.config import (
     SHARED_GPU_ERROR,
@@ -15,10 +15,10 @@ from gid.config import (
     format_validation_error,
     load_config,
     read_yaml,
-    set_value,
 )
 from gid.errors import GidError
-from search.space import DEFAULT_SPACE, Choice, Dimension
+from search.names import check_sweep_name
+from search.space import Choice, Dimension, default_space, with_values
 
 
 class FrameworkSweep(StrictModel):
@@ -62,14 +62,19 @@ class Sampler(StrictModel):
     seed: int = 0
     paper_defaults_first: bool = True  # evaluate the spec's defaults as the first trial
     # TPE samples at random until this many trials have finished (Optuna's default: 10); small sweeps
-    # need fewer to reach the model-guided phase at all.
-    startup_trials: int = Field(10, ge=1)
+    # need fewer to reach the model-guided phase at all. auto: a quarter of the trials, 2 to 10.
+    startup_trials: int | Literal["auto"] = "auto"
 
     @model_validator(mode="after")
     def _startup_trials_are_tpe_only(self) -> Sampler:
         if self.type == "random" and "startup_trials" in self.model_fields_set:
             raise ValueError("startup_trials applies to sampler.type tpe only; remove it or set type: tpe")
+        if self.startup_trials != "auto" and self.startup_trials < 1:
+            raise ValueError(f"startup_trials must be 'auto' or at least 1, got {self.startup_trials}")
         return self
+
+    def startup_trials_for(self, trials: int) -> int:
+        return min(10, max(2, trials // 4)) if self.startup_trials == "auto" else self.startup_trials
 
 
 class Tracking(StrictModel):
@@ -81,7 +86,8 @@ class Tracking(StrictModel):
 class SweepConfig(StrictModel):
     name: str
     frameworks: dict[Literal["retinanet", "fcos", "faster_rcnn"], FrameworkSweep] = Field(min_length=1)
-    space: dict[str, Dimension] = Field(default_factory=lambda: dict(DEFAULT_SPACE), validate_default=True)
+    # None: each framework's default_space for its base config's distill.balance.mode
+    space: dict[str, Dimension] | None = None
     trials: int = Field(20, ge=1)  # per framework
     # Per framework: end the experiment once its trials have trained this many epochs in all
     # (None: run all `trials`). Equal budgets make search strategies comparable.
@@ -94,10 +100,15 @@ class SweepConfig(StrictModel):
     storage_path: str = "runs/sweeps"  # Ray Tune results and checkpoints (a bucket URI on clusters)
     optuna_storage: str | None = None  # default: sqlite file per sweep under storage_path
 
+    @field_validator("name")
+    @classmethod
+    def _usable_name(cls, name: str) -> str:
+        return check_sweep_name(name)
+
     @field_validator("space")
     @classmethod
-    def _space_not_empty(cls, space: dict[str, Any]) -> dict[str, Any]:
-        if not space:
+    def _space_not_empty(cls, space: dict[str, Any] | None) -> dict[str, Any] | None:
+        if space is not None and not space:
             raise ValueError("the search space is empty; remove `space` to use the default or list ranges")
         return space
 
@@ -111,8 +122,14 @@ class SweepConfig(StrictModel):
             raise GidError(
                 f"{entry.config}: model.framework is {config.model.framework!r} but the sweep lists it under {framework!r}"
             )
-        check_space_keys(config, self.space)
+        check_space_keys(config, self.space_for(config))
         return config
+
+    def space_for(self, base: Config) -> dict[str, Dimension]:
+        """What a framework's trials sample: the file's space, or the default for its weighting mode."""
+        if self.space is not None:
+            return self.space
+        return _SPACE.validate_python(default_space(base.distill.balance.mode))
 
 
 def check_space_keys(config: Config, space: dict[str, Dimension]) -> None:
@@ -120,12 +137,15 @@ def check_space_keys(config: Config, space: dict[str, Dimension]) -> None:
     for key, dimension in space.items():
         values = dimension.values if isinstance(dimension, Choice) else [dimension.low, dimension.high]
         for value in values:
-            data = config.to_dict()
-            set_value(data, key, value)
             try:
-                Config.model_validate(data)
+                Config.model_validate(with_values(config.to_dict(), {key: value}))
             except ValidationError as exc:
                 raise GidError(format_validation_error(exc, f"space {key}")) from None
+            except ValueError as exc:  # e.g. distill.losses naming a loss that does not exist
+                raise GidError(f"space {key}: {exc}") from None
+
+
+_SPACE = TypeAdapter(dict[str, Dimension])
 
 
 def load_sweep(path: Path, overrides: list[str] | None = None) -> SweepConfig:

@@ -7,6 +7,7 @@ sweep.yaml), so the demo folder doubles as a template. Re-running it resumes whe
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from gid.config import load_config
 from gid.data import make_synthetic
 from gid.engine.evaluation import format_metrics
 from gid.engine.trainer import run_training
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,7 @@ class _Steps:
     def __call__(self, title: str) -> None:
         self.done += 1
         elapsed = time.perf_counter() - self.started
-        print(f"\n=== [{self.done}/{self.total}] {title}  (demo time so far {elapsed / 60:.1f} min)", flush=True)
+        logger.info("\n=== [%d/%d] %s  (demo time so far %.1f min)", self.done, self.total, title, elapsed / 60)
 
 
 def run_demo(out: Path, frameworks: list[str], quick: bool = False) -> None:
@@ -137,12 +140,14 @@ def run_demo(out: Path, frameworks: list[str], quick: bool = False) -> None:
         out / "best", tracking_uri=sweep.tracking.tracking_uri, experiment=sweep.tracking.experiment, sweep="demo"
     )
 
-    print("\n" + outcome.summary)
-    for name, metrics in results.items():
-        print(f"{name:>24}: {format_metrics(metrics)}")
-    print(f"\nData:            {out / 'data'}")
-    print(f"Configs:         {out / 'configs'}  and the sweep file {sweep_file}")
-    print(f"Sweep report:    {outcome.report_dir}")
-    for e in exported:
-        print(f"Best {e.framework:<10}  {e.path}   (re-run: gid distill {e.path})")
-    print(f"MLflow UI:       mlflow ui --backend-store-uri {sweep.tracking.tracking_uri} --port 5000   then open http://127.0.0.1:5000")
+    lines = ["", outcome.summary]
+    lines += [f"{name:>24}: {format_metrics(metrics)}" for name, metrics in results.items()]
+    lines += [
+        "", f"Data:            {out / 'data'}",
+        f"Configs:         {out / 'configs'}  and the sweep file {sweep_file}",
+        f"Sweep report:    {outcome.report_dir}",
+    ]
+    lines += [f"Best {e.framework:<10}  {e.path}   (re-run: gid distill {e.path})" for e in exported]
+    lines.append(f"MLflow UI:       mlflow ui --backend-store-uri {sweep.tracking.tracking_uri} --port 5000")
+    lines.append(f"                 then open {outcome.runs_link}")
+    logger.info("\n".join(lines))

@@ -9,9 +9,22 @@ from pathlib import Path
 
 import yaml
 
-from gid.config import Config, validate
+from gid.config import Config, set_value, validate
 from gid.errors import GidError
-from search.tracking import FRAMEWORK_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_TAG, connect
+from search.names import quoted
+from search.tracking import (
+    FRAMEWORK_TAG,
+    PORTABLE_CONFIG,
+    ROLE_TAG,
+    STATUS_TAG,
+    STORAGE_TAG,
+    SWEEP_ID_TAG,
+    SWEEP_TAG,
+    TRIAL_TAG,
+    connect,
+    tag_filter,
+)
+from search.trial import FINISHED
 
 
 @dataclass
@@ -25,12 +38,29 @@ class ExportedConfig:
     metrics: dict[str, float]
 
 
+def sweep_id(client, experiment_id: str, sweep: str) -> str:
+    """The id of the sweep that ``sweep`` (its name or its id) names; one line if none or several do."""
+    by_name, by_id = (tag_filter({ROLE_TAG: "sweep", tag: sweep}) for tag in (SWEEP_TAG, SWEEP_ID_TAG))
+    runs = client.search_runs([experiment_id], filter_string=by_name) or client.search_runs(
+        [experiment_id], filter_string=by_id
+    )
+    found = {run.data.tags[SWEEP_ID_TAG]: run for run in runs}
+    if not found:
+        raise GidError(f"no sweep named {sweep!r} in this MLflow experiment; check --sweep and --mlflow-experiment")
+    if len(found) > 1:
+        listed = "; ".join(f"{id_} in {run.data.tags.get(STORAGE_TAG, '?')}" for id_, run in found.items())
+        raise GidError(f"{len(found)} sweeps are named {sweep!r} ({listed}); pass the id of one as --sweep")
+    return next(iter(found))
+
+
 def best_runs(client, experiment_id: str, metric: str, sweep: str | None, top: int) -> dict[str, list]:
     """Per framework, the ``top`` finished (not pruned) trial runs with the highest ``metric``."""
-    query = f"tags.`{ROLE_TAG}` = 'trial' and tags.status = 'finished'"
+    tags = {ROLE_TAG: "trial", STATUS_TAG: FINISHED}
     if sweep:
-        query += f" and tags.`{SWEEP_TAG}` = '{sweep}'"
-    runs = client.search_runs([experiment_id], filter_string=query, order_by=[f"metrics.`{metric}` DESC"], max_results=5000)
+        tags[SWEEP_ID_TAG] = sweep_id(client, experiment_id, sweep)
+    runs = client.search_runs(
+        [experiment_id], filter_string=tag_filter(tags), order_by=[f"metrics.`{metric}` DESC"], max_results=5000
+    )
     per_framework: dict[str, list] = {}
     for run in runs:
         if metric in run.data.metrics:
@@ -39,18 +69,23 @@ def best_runs(client, experiment_id: str, metric: str, sweep: str | None, top: i
 
 
 def exported_config(client, run, name: str) -> Config:
-    """The trial's resolved config, renamed to a run of its own under the default storage."""
+    """The user's base config with the trial's values (no sweep paths or resources), as a run of its own."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file: no bar
     with tempfile.TemporaryDirectory() as directory:
-        path = client.download_artifacts(run.info.run_id, "config.yaml", directory)
+        path = client.download_artifacts(run.info.run_id, PORTABLE_CONFIG, directory)
         data = yaml.safe_load(Path(path).read_text())
-    data["run"].update({"name": name, "storage_path": "runs"})
-    return validate(data, source=f"config.yaml of run {run.info.run_id}")
+    set_value(data, "run.name", name)
+    return validate(data, source=f"{PORTABLE_CONFIG} of run {run.info.run_id}")
 
 
 def export_best(
     out_dir: Path, *, tracking_uri: str | None, experiment: str, sweep: str | None, metric: str = "val_ap", top: int = 1
 ) -> list[ExportedConfig]:
+    if sweep is not None:
+        try:  # before MLflow is touched
+            quoted(sweep)
+        except ValueError as exc:
+            raise GidError(f"--sweep {exc}") from None
     client, experiment_id = connect(tracking_uri, experiment)
     found = best_runs(client, experiment_id, metric, sweep, top)
     if not found:
@@ -76,7 +111,8 @@ def export_report(exported: list[ExportedConfig], experiment: str) -> str:
     lines = [
         "# Exported GID configs",
         "",
-        f"From MLflow experiment `{experiment}`. Each file runs as it is: `gid distill FILE`.",
+        f"From MLflow experiment `{experiment}`. Each file runs as it is: `gid distill FILE`; the student it",
+        "trains, `runs/<file name>/model.pt`, goes to torchvision or TorchScript with `gid model export`.",
         "",
         "| file | framework | rank | sweep | trial | MLflow run | AP | AP50 | AP75 |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import csv
 import io
 import warnings
@@ -15,7 +16,11 @@ from optuna.visualization import matplotlib as optuna_plots
 from gid.errors import GidError
 from gid.models import read_checkpoint
 from search.config import SweepConfig
+from search.space import relevant
 from search.tracking import error_reason
+from search.trial import FAILED, FINISHED, PRUNED, trial_status
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from search.sweep import FrameworkOutcome
@@ -25,7 +30,7 @@ if TYPE_CHECKING:
 class TrialRow:
     framework: str
     trial_id: str
-    status: str  # finished | pruned | failed
+    status: str  # search.trial's FINISHED, PRUNED or FAILED
     epochs: int
     value: float | None  # the objective at the trial's last epoch
     params: dict
@@ -37,10 +42,7 @@ def trial_rows(outcome: FrameworkOutcome, metric: str) -> list[TrialRow]:
     for result in outcome.results:
         metrics = result.metrics or {}
         epochs = int(metrics.get("epoch", 0))
-        if result.error is not None:
-            status = "failed"
-        else:
-            status = "finished" if epochs >= outcome.base.train.epochs else "pruned"
+        status = trial_status(result.error is not None, epochs, outcome.base.train.epochs)
         error = error_reason(str(result.error)) if result.error is not None else ""
         rows.append(
             TrialRow(
@@ -53,7 +55,7 @@ def trial_rows(outcome: FrameworkOutcome, metric: str) -> list[TrialRow]:
 
 def best_row(rows: list[TrialRow], mode: str) -> TrialRow | None:
     """The finished trial with the best objective (pruned trials stopped before the full schedule)."""
-    finished = [r for r in rows if r.status == "finished" and r.value is not None]
+    finished = [r for r in rows if r.status == FINISHED and r.value is not None]
     if not finished:
         return None
     return (max if mode == "max" else min)(finished, key=lambda r: r.value)
@@ -86,14 +88,14 @@ def summary_markdown(sweep: SweepConfig, outcomes: list[FrameworkOutcome], rows:
     for outcome in outcomes:
         mine = [r for r in rows if r.framework == outcome.framework]
         best = best_row(mine, mode)
-        counts = " / ".join(str(sum(r.status == s for r in mine)) for s in ("finished", "pruned", "failed"))
-        values = ", ".join(f"{k.removeprefix('distill.')}={_short(v)}" for k, v in best.params.items()) if best else "–"
+        counts = " / ".join(str(sum(r.status == s for r in mine)) for s in (FINISHED, PRUNED, FAILED))
+        values = ", ".join(f"{k.removeprefix('distill.')}={_short(v)}" for k, v in relevant(best.params).items()) if best else "–"
         lines.append(
             f"| {outcome.framework} | {_percent(model_ap(outcome.base.distill.teacher))} "
-            f"| {_percent(model_ap(sweep.frameworks[outcome.framework].baseline))} "
+            f"| {_percent(model_ap(outcome.baseline))} "
             f"| {_percent(best.value if best else None)} | {counts} | {best.trial_id if best else '–'} | {values} |"
         )
-    failed = [r for r in rows if r.status == "failed"]
+    failed = [r for r in rows if r.status == FAILED]
     if failed:
         lines += ["", "Failed trials:", ""] + [f"- {r.framework} {r.trial_id}: {r.error}" for r in failed]
     return "\n".join(lines) + "\n"
@@ -130,7 +132,7 @@ def save_plots(outcome: FrameworkOutcome, metric: str, out_dir: Path) -> list[Pa
                 axes = plot(study, **kwargs)
         except (ValueError, RuntimeError, ZeroDivisionError) as exc:
             # e.g. importance needs two finished trials with different values
-            print(f"  {outcome.framework}: no {name} plot ({exc})")
+            logger.info("  %s: no %s plot (%s)", outcome.framework, name, exc)
             continue
         figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
         path = out_dir / f"{outcome.framework}_{name}.png"

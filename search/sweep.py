@@ -7,7 +7,10 @@ learning the framework gap instead of the GID values that matter within each fra
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,14 +22,26 @@ from ray.tune.search.optuna import OptunaSearch
 
 from gid.config import Config, DistillConfig
 from gid.engine.preflight import check_run_inputs, check_writable
-from gid.engine.trainer import ensure_ray
-from gid.errors import GidError
+from gid.engine.trainer import MODEL_FILE, ensure_ray, run_training
+from gid.models import read_checkpoint
+from gid.errors import GidError, first_line
 from search.config import SweepConfig
 from search.leftovers import Leftovers
 from search.report import write_sweep_report
-from search.space import to_optuna
-from search.tracking import MlflowTrialCallback, TrialLogger, connect, flatten, parent_run, sync_results
-from search.trial import run_trial
+from search.space import LOSSES, TERMS, to_optuna
+from search.tracking import (
+    MlflowTrialCallback,
+    TrialLogger,
+    connect,
+    flatten,
+    parent_run,
+    record_invocation,
+    runs_link,
+    sync_results,
+)
+from search.trial import BASELINE, run_trial, trial_config
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,6 +51,7 @@ class FrameworkOutcome:
     results: tune.ResultGrid
     study: optuna.Study
     trials_path: str
+    baseline: Path | None  # model file of the student trained alone: the sweep file's, or the one the sweep trained
 
 
 def experiment_name(sweep: SweepConfig, framework: str) -> str:
@@ -45,10 +61,11 @@ def experiment_name(sweep: SweepConfig, framework: str) -> str:
 def paper_defaults(space: dict[str, Any]) -> dict[str, Any]:
     """The spec's default for every space key its range contains: the first point evaluated."""
     defaults = flatten({"distill": DistillConfig(teacher="-").model_dump(mode="json")})
+    defaults[LOSSES] = ",".join(TERMS)  # all three
     return {key: defaults[key] for key, dimension in space.items() if dimension.contains(defaults.get(key))}
 
 
-def build_searcher(sweep: SweepConfig, framework: str, storage: str) -> OptunaSearch:
+def build_searcher(sweep: SweepConfig, space: dict[str, Any], framework: str, storage: str) -> OptunaSearch:
     objective = sweep.objective
     metrics, modes = [objective.metric], [objective.mode]
     if objective.second_metric:
@@ -56,15 +73,15 @@ def build_searcher(sweep: SweepConfig, framework: str, storage: str) -> OptunaSe
         modes.append(objective.second_mode)
     choice = sweep.sampler
     if choice.type == "tpe":
-        sampler = optuna.samplers.TPESampler(n_startup_trials=choice.startup_trials, seed=choice.seed)
+        sampler = optuna.samplers.TPESampler(n_startup_trials=choice.startup_trials_for(sweep.trials), seed=choice.seed)
     else:
         sampler = optuna.samplers.RandomSampler(choice.seed)
     # OptunaSearch ignores TuneConfig's metric/mode: it must be told itself.
     return OptunaSearch(
-        space=to_optuna(sweep.space),
+        space=to_optuna(space),
         metric=metrics if len(metrics) > 1 else metrics[0],
         mode=modes if len(modes) > 1 else modes[0],
-        points_to_evaluate=[paper_defaults(sweep.space)] if sweep.sampler.paper_defaults_first else None,
+        points_to_evaluate=[paper_defaults(space)] if sweep.sampler.paper_defaults_first else None,
         sampler=sampler,
         study_name=experiment_name(sweep, framework),
         storage=optuna.storages.RDBStorage(storage),
@@ -85,25 +102,35 @@ def build_scheduler(sweep: SweepConfig, epochs: int):
 class EpochBudget(tune.Stopper):
     """Ends the experiment once its trials have trained ``budget`` epochs in all.
 
-    Counts each trial's highest reported epoch (Tune repeats a trial's last result when it ends).
-    A resumed sweep counts only the trials it runs or continues, so it gets the budget again.
+    Counts each trial's highest reported epoch (Tune repeats a trial's last result when it ends) in
+    ``ledger``, a file on the driver: ``Tuner.restore`` brings back the stopper as it was pickled at
+    the start, so a resumed sweep reads from the ledger what it already spent instead of starting at 0.
     """
 
-    def __init__(self, budget: int) -> None:
-        self.budget = budget
-        self.epochs: dict[str, int] = {}
+    def __init__(self, budget: int, ledger: Path) -> None:
+        self.budget, self.ledger = budget, ledger
+        self._epochs: dict[str, int] | None = None  # read from the ledger on first use
+
+    @property
+    def epochs(self) -> dict[str, int]:
+        if self._epochs is None:
+            self._epochs = json.loads(self.ledger.read_text()) if self.ledger.exists() else {}
+        return self._epochs
 
     def __call__(self, trial_id: str, result: dict) -> bool:
-        self.epochs[trial_id] = max(self.epochs.get(trial_id, 0), int(result.get("epoch", 0)))
+        epoch = int(result.get("epoch", 0))
+        if epoch > self.epochs.get(trial_id, 0):
+            self.epochs[trial_id] = epoch
+            self.ledger.write_text(json.dumps(self.epochs))
         return False
 
     def stop_all(self) -> bool:
         return sum(self.epochs.values()) >= self.budget
 
 
-def sweep_base(sweep: SweepConfig, framework: str) -> Config:
-    """The framework's base config with the sweep's trial resources, paths made absolute."""
-    base = sweep.base_config(framework).with_absolute_paths()
+def sweep_base(sweep: SweepConfig, written: Config) -> Config:
+    """A framework's base config as its trials run it: paths made absolute, the sweep's trial resources."""
+    base = written.with_absolute_paths()
     resources = sweep.resources
     scaling = base.scaling.model_copy(
         update={
@@ -137,13 +164,39 @@ class SweepPaths:
     def optuna_storage(self, sweep: SweepConfig) -> str:
         return sweep.optuna_storage or f"sqlite:///{self.local / 'optuna.db'}"
 
+    def sweep_id(self, resume: bool) -> str:
+        """The id that names this sweep in MLflow: recorded when it starts, read back on ``--resume``."""
+        path = self.local / "sweep_id"
+        if resume and path.exists():
+            return path.read_text().strip()
+        self.local.mkdir(parents=True, exist_ok=True)
+        path.write_text(sweep_id := uuid.uuid4().hex[:16])
+        return sweep_id
+
+
+def train_baseline(base: Config, trials: TrialLogger) -> Path:
+    """Train the student alone once (a later run of the sweep reuses it) and log it as the sweep's baseline:
+    the base config with every GID loss off, on the trials' schedule and resources."""
+    all_off = {f"distill.{term}.enabled": False for term in TERMS}
+    config = trial_config(base.to_dict(), all_off, BASELINE, trials.trials_path)
+    model_file = Path(config.run.storage_path) / BASELINE / MODEL_FILE
+    if model_file.is_file():
+        metrics = read_checkpoint(model_file)["metrics"]
+    else:
+        logger.info("%s: training the student alone, the baseline of the GID trials", base.model.framework)
+        outcome = run_training(config)
+        model_file, metrics = outcome.model_path, outcome.metrics
+    trials.log_baseline(metrics, base.train.epochs)
+    return model_file
+
 
 def run_framework(
-    sweep: SweepConfig, base: Config, paths: SweepPaths, logger: TrialLogger, resume: bool
+    sweep: SweepConfig, base: Config, space: dict[str, Any], paths: SweepPaths, trials: TrialLogger, resume: bool
 ) -> FrameworkOutcome:
     framework = base.model.framework
+    baseline = sweep.frameworks[framework].baseline or train_baseline(base, trials)
     name = experiment_name(sweep, framework)
-    trials_path = logger.trials_path
+    trials_path = trials.trials_path
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base.to_dict(), trials_path=trials_path),
         # The trial function only drives its TorchTrainer, whose workers ask for the real resources
@@ -152,15 +205,19 @@ def run_framework(
     )
     experiment_path = paths.join(name)
     storage = paths.optuna_storage(sweep)
-    if resume and tune.Tuner.can_restore(experiment_path):
+    ledger = paths.local / f"{name}.epochs.json"
+    restored = resume and tune.Tuner.can_restore(experiment_path)
+    if restored:
         tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=False)
     else:
+        ledger.unlink(missing_ok=True)  # a new experiment starts its budget at 0
+        budget = EpochBudget(sweep.budget_epochs, ledger) if sweep.budget_epochs else None
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
                 metric=sweep.objective.metric,
                 mode=sweep.objective.mode,
-                search_alg=build_searcher(sweep, framework, storage),
+                search_alg=build_searcher(sweep, space, framework, storage),
                 scheduler=build_scheduler(sweep, base.train.epochs),
                 num_samples=sweep.trials,
                 # Tune cannot see the Train workers' resources: bound concurrency here.
@@ -171,24 +228,27 @@ def run_framework(
                 storage_path=paths.root,
                 callbacks=[
                     MlflowTrialCallback(
-                        sweep.tracking.tracking_uri, sweep.tracking.experiment, logger.parent_run_id, sweep.name, base,
-                        trials_path,
+                        sweep.tracking.tracking_uri, sweep.tracking.experiment, trials.sweep, base,
+                        trials.portable_base, trials_path,
                     )
                 ],
                 failure_config=tune.FailureConfig(max_failures=0),
-                stop=EpochBudget(sweep.budget_epochs) if sweep.budget_epochs else None,
+                stop=budget,
             ),
         )
-    leftovers = Leftovers()
-    results = tuner.fit()
-    if ended := leftovers.end():
-        print(f"ended {ended} Ray Train run(s) that stopped trials left running")
+    if restored and sweep.budget_epochs and EpochBudget(sweep.budget_epochs, ledger).stop_all():
+        results = tuner.get_results()  # spent before the interruption: Tune would still start a trial to stop it
+    else:
+        leftovers = Leftovers()
+        results = tuner.fit()
+        if ended := leftovers.end():
+            logger.info("ended %d Ray Train run(s) that stopped trials left running", ended)
     try:  # fill in whatever the live callback could not write (MLflow down mid-sweep, a resume)
-        sync_results(logger, results)
+        sync_results(trials, results)
     except Exception as exc:  # noqa: BLE001 - results are safe in Ray's storage either way
-        print(f"MLflow unreachable ({str(exc).splitlines()[0]}); run the same `gid sweep --resume` later to fill it in")
+        logger.warning("MLflow unreachable (%s); run the same `gid sweep --resume` later to fill it in", first_line(exc))
     study = optuna.load_study(study_name=name, storage=storage)
-    return FrameworkOutcome(framework, base, results, study, trials_path)
+    return FrameworkOutcome(framework, base, results, study, trials_path, baseline)
 
 
 @dataclass
@@ -197,10 +257,13 @@ class SweepOutcome:
     summary: str  # Markdown table per framework
     report_dir: Path  # summary.md, trials.csv and plots
     parent_run_id: str
+    runs_link: str  # the MLflow experiment's runs table, with the sweep's nested trials
 
 
-def run_sweep(sweep: SweepConfig, resume: bool = False, address: str | None = None) -> SweepOutcome:
-    """Run (or resume) every framework's experiment of the sweep."""
+def run_sweep(
+    sweep: SweepConfig, resume: bool = False, address: str | None = None, overrides: list[str] | None = None
+) -> SweepOutcome:
+    """Run (or resume) every framework's experiment of the sweep; ``overrides`` are the ``--set`` values given."""
     # A tracking server that goes away must cost seconds, not MLflow's default minutes of retries.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
@@ -208,24 +271,28 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, address: str | None = No
     if not resume and any(tune.Tuner.can_restore(paths.join(experiment_name(sweep, fw))) for fw in sweep.frameworks):
         raise GidError(f"sweep {sweep.name!r} already exists in {paths.root}; pass --resume to continue it or pick another name")
     # Bad input fails here, before MLflow or Ray see the sweep.
-    bases = [sweep_base(sweep, framework) for framework in sweep.frameworks]
+    written = {framework: sweep.base_config(framework) for framework in sweep.frameworks}
+    bases = {framework: sweep_base(sweep, config) for framework, config in written.items()}
+    spaces = {framework: sweep.space_for(config) for framework, config in written.items()}
     check_writable(sweep.storage_path, "storage_path")
-    for base in bases:
+    for base in bases.values():
         check_run_inputs(base)
     tracking = sweep.tracking
     client, experiment_id = connect(tracking.tracking_uri, tracking.experiment, tracking.artifact_location)
-    parent_run_id = parent_run(client, experiment_id, sweep.name, sweep.model_dump(mode="json", exclude={"space"}))
+    settings = sweep.model_dump(mode="json", exclude={"space"})
+    logged_spaces = {fw: {key: d.model_dump(mode="json") for key, d in space.items()} for fw, space in spaces.items()}
+    sweep_run = parent_run(client, experiment_id, sweep.name, paths.sweep_id(resume), paths.root, settings, logged_spaces)
+    record_invocation(client, sweep_run, resume, overrides or [])
     ensure_ray(address)
-    paths.local.mkdir(parents=True, exist_ok=True)
     outcomes = []
-    for base in bases:
-        trials_path = paths.join("trials", base.model.framework)
-        logger = TrialLogger(client, experiment_id, parent_run_id, sweep.name, base, trials_path)
-        outcomes.append(run_framework(sweep, base, paths, logger, resume))
+    for framework, base in bases.items():
+        trials_path = paths.join("trials", framework)
+        trials = TrialLogger(client, experiment_id, sweep_run, base, written[framework].to_dict(), trials_path)
+        outcomes.append(run_framework(sweep, base, spaces[framework], paths, trials, resume))
     summary, report_dir = write_sweep_report(sweep, outcomes, paths.local)
     try:
-        client.log_artifacts(parent_run_id, str(report_dir), "report")
-        client.set_terminated(parent_run_id, status="FINISHED")
+        client.log_artifacts(sweep_run.parent_run_id, str(report_dir), "report")
+        client.set_terminated(sweep_run.parent_run_id, status="FINISHED")
     except Exception as exc:  # noqa: BLE001 - the report is on disk either way
-        print(f"MLflow unreachable ({str(exc).splitlines()[0]}); the report is in {report_dir}")
-    return SweepOutcome(outcomes, summary, report_dir, parent_run_id)
+        logger.warning("MLflow unreachable (%s); the report is in %s", first_line(exc), report_dir)
+    return SweepOutcome(outcomes, summary, report_dir, sweep_run.parent_run_id, runs_link(client.tracking_uri, experiment_id))

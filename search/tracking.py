@@ -7,12 +7,15 @@ sweep continues the same runs and MLflow never holds two runs for one trial.
 
 from __future__ import annotations
 
+import logging
 import math
 import queue
 import re
 import tempfile
 import threading
 import urllib.request
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +29,23 @@ from ray.tune.experiment import Trial
 
 from gid.config import Config
 from gid.engine.loop import PICTURES_DIR
-from gid.errors import GidError
-from search.trial import trial_config
+from gid.errors import GidError, first_line
+from search.names import quoted
+from search.space import with_values
+from search.trial import BASELINE, FINISHED, LOST, trial_config, trial_status
 
-SWEEP_TAG, FRAMEWORK_TAG, TRIAL_TAG, ROLE_TAG = "gid.sweep", "gid.framework", "gid.trial_id", "gid.role"
-# Tune's own bookkeeping in every result: not worth a chart each.
+logger = logging.getLogger(__name__)
+
+SWEEP_TAG, SWEEP_ID_TAG, STORAGE_TAG = "gid.sweep", "gid.sweep_id", "gid.storage"
+FRAMEWORK_TAG, TRIAL_TAG, ROLE_TAG = "gid.framework", "gid.trial_id", "gid.role"
+STATUS_TAG, ERROR_TAG = "gid.status", "gid.error"
+INVOCATION_TAG = "gid.invocation"  # gid.invocation.<n>: the n-th start or --resume of a sweep, with its --set values
+# What a trial's MLflow run holds besides the config it ran: the user's base config with the trial's values,
+# paths as the user wrote them and no sweep resources, which `gid export` writes out.
+PORTABLE_CONFIG = "portable_config.yaml"
+# MLflow 3's UI opens an experiment on its GenAI overview unless the experiment says it trains models.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+# Text results of gid's training loop (the Ray node ids of a trial's workers): tags, not metrics.
 _TEXT_RESULTS = {"worker_nodes"}
 _CREDENTIALS = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 _SKIPPED_METRICS = {"training_iteration", "timestamp", "pid", "time_this_iter_s", "iterations_since_restore", "checkpoint_dir_name"}
@@ -65,9 +80,17 @@ def connect(tracking_uri: str | None, experiment: str, artifact_location: str | 
     try:
         found = client.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found else client.create_experiment(experiment, artifact_location)
+        if found is None or EXPERIMENT_KIND_TAG not in found.tags:
+            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
     except Exception as exc:  # noqa: BLE001 - any failure here means "cannot track"
-        raise GidError(f"cannot use MLflow at {redact(client.tracking_uri)}: {str(exc).splitlines()[0]}") from None
+        raise GidError(f"cannot use MLflow at {redact(client.tracking_uri)}: {first_line(exc)}") from None
     return client, experiment_id
+
+
+def runs_link(tracking_uri: str, experiment_id: str) -> str:
+    """Where a person sees an experiment's runs table: the server's, or ``mlflow ui``'s for a local store."""
+    server = tracking_uri if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{redact(server).rstrip('/')}/#/experiments/{experiment_id}/runs"
 
 
 def redact(value: str) -> str:
@@ -82,22 +105,63 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> Non
         client.log_batch(run_id, params=items[start : start + 100])
 
 
+def tag_filter(tags: dict[str, str]) -> str:
+    return " and ".join(f"tags.`{key}` = {quoted(value)}" for key, value in tags.items())
+
+
 def find_run(client: MlflowClient, experiment_id: str, tags: dict[str, str]) -> str | None:
-    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    runs = client.search_runs([experiment_id], filter_string=query, max_results=1)
+    runs = client.search_runs([experiment_id], filter_string=tag_filter(tags), max_results=1)
     return runs[0].info.run_id if runs else None
 
 
-def parent_run(client: MlflowClient, experiment_id: str, sweep: str, settings: dict[str, Any]) -> str:
-    """The sweep's parent run, with the sweep file's ``settings`` as params: reused on resume."""
-    tags = {SWEEP_TAG: sweep, ROLE_TAG: "sweep"}
-    run_id = find_run(client, experiment_id, tags)
+@dataclass(frozen=True)
+class SweepRun:
+    """A sweep in MLflow: its name, the id recorded when it started (names may repeat), its parent run."""
+
+    name: str
+    id: str
+    parent_run_id: str
+
+
+def parent_run(
+    client: MlflowClient, experiment_id: str, name: str, sweep_id: str, storage: str, settings: dict[str, Any],
+    spaces: dict[str, dict[str, Any]],
+) -> SweepRun:
+    """The sweep's parent run (reused on resume): the sweep file's ``settings`` and each framework's search space
+    (``spaces``) as params."""
+    run_id = find_run(client, experiment_id, {SWEEP_ID_TAG: sweep_id, ROLE_TAG: "sweep"})
     if run_id is None:
-        run_id = client.create_run(experiment_id, run_name=sweep, tags=tags).info.run_id
-        log_params(client, run_id, flatten(settings))
+        tags = {SWEEP_TAG: name, SWEEP_ID_TAG: sweep_id, ROLE_TAG: "sweep", STORAGE_TAG: redact(storage)}
+        run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+        described = {f"space.{fw}.{key}": describe(d) for fw, space in spaces.items() for key, d in space.items()}
+        log_params(client, run_id, {**flatten(settings), **described})
+        log_yaml(client, run_id, spaces, "space.yaml")
     else:
         client.update_run(run_id, status="RUNNING")
-    return run_id
+    return SweepRun(name, sweep_id, run_id)
+
+
+def describe(dimension: dict[str, Any]) -> str:
+    """A search dimension in one short line, e.g. ``float 5e-05..0.05 log`` or ``choice [1000, 3000]``."""
+    if dimension["type"] == "choice":
+        return f"choice {dimension['values']}"
+    return f"{dimension['type']} {dimension['low']}..{dimension['high']}{' log' if dimension.get('log') else ''}"
+
+
+def record_invocation(client: MlflowClient, run: SweepRun, resume: bool, overrides: list[str]) -> None:
+    """Tag the parent run with this start or resume and its ``--set`` values (params cannot change later)."""
+    tags = client.get_run(run.parent_run_id).data.tags
+    count = sum(key.startswith(f"{INVOCATION_TAG}.") for key in tags)
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    words = [when, "resume" if resume else "start", *(f"--set {o}" for o in overrides)]
+    client.set_tag(run.parent_run_id, f"{INVOCATION_TAG}.{count}", redact(" ".join(words)))
+
+
+def log_yaml(client: MlflowClient, run_id: str, data: dict, name: str) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / name
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        client.log_artifact(run_id, str(path))
 
 
 class TrialLogger:
@@ -105,38 +169,43 @@ class TrialLogger:
 
     Every write is idempotent (runs are found by tags, epochs already in MLflow are skipped),
     so the live callback and a later :func:`sync_results` can both write the same trials.
+    ``portable_base`` is the framework's base config as the user wrote it (see ``PORTABLE_CONFIG``).
     """
 
-    def __init__(self, client: MlflowClient, experiment_id: str, parent_run_id: str, sweep: str, base: Config, trials_path: str):
-        self.client, self.experiment_id, self.parent_run_id = client, experiment_id, parent_run_id
-        self.sweep, self.base, self.trials_path = sweep, base, trials_path
+    def __init__(
+        self, client: MlflowClient, experiment_id: str, sweep: SweepRun, base: Config, portable_base: dict[str, Any],
+        trials_path: str,
+    ):
+        self.client, self.experiment_id, self.sweep = client, experiment_id, sweep
+        self.base, self.portable_base, self.trials_path = base, portable_base, trials_path
         self.framework, self.epochs = base.model.framework, base.train.epochs
         self._runs: dict[str, str] = {}  # trial id -> run id
         self._last_step: dict[str, int] = {}  # trial id -> last epoch in MLflow
 
+    def _tags(self, **more: str) -> dict[str, str]:
+        return {SWEEP_ID_TAG: self.sweep.id, FRAMEWORK_TAG: self.framework, ROLE_TAG: "trial", **more}
+
     def run_for(self, trial_id: str, params: dict[str, Any]) -> str:
         if trial_id in self._runs:
             return self._runs[trial_id]
-        tags = {SWEEP_TAG: self.sweep, FRAMEWORK_TAG: self.framework, TRIAL_TAG: trial_id, ROLE_TAG: "trial"}
-        run_id = find_run(self.client, self.experiment_id, tags)
+        run_id = find_run(self.client, self.experiment_id, self._tags(**{TRIAL_TAG: trial_id}))
         if run_id is None:
-            run_tags = {**tags, MLFLOW_PARENT_RUN_ID: self.parent_run_id, MLFLOW_RUN_NAME: f"{self.framework}/{trial_id}"}
+            run_tags = {
+                **self._tags(**{TRIAL_TAG: trial_id}), SWEEP_TAG: self.sweep.name,
+                MLFLOW_PARENT_RUN_ID: self.sweep.parent_run_id, MLFLOW_RUN_NAME: f"{self.framework}/{trial_id}",
+            }
             run_id = self.client.create_run(self.experiment_id, tags=run_tags).info.run_id
             config = trial_config(self.base.to_dict(), params, trial_id, self.trials_path).to_dict()
             log_params(self.client, run_id, flatten(config))
-            self._log_yaml(run_id, config, "config.yaml")
+            log_yaml(self.client, run_id, config, "config.yaml")
+            portable = Config.model_validate(with_values(self.portable_base, params)).to_dict()
+            log_yaml(self.client, run_id, portable, PORTABLE_CONFIG)
             self._last_step[trial_id] = 0
         else:
             history = self.client.get_metric_history(run_id, "epoch")
             self._last_step[trial_id] = int(max((m.value for m in history), default=0))
         self._runs[trial_id] = run_id
         return run_id
-
-    def _log_yaml(self, run_id: str, data: dict, name: str) -> None:
-        with tempfile.TemporaryDirectory() as directory:
-            path = Path(directory) / name
-            path.write_text(yaml.safe_dump(data, sort_keys=False))
-            self.client.log_artifact(run_id, str(path))
 
     def log_result(self, trial_id: str, params: dict[str, Any], result: dict[str, Any]) -> None:
         run_id = self.run_for(trial_id, params)
@@ -150,34 +219,41 @@ class TrialLogger:
             if key not in _SKIPPED_METRICS and not key.startswith("config/")
             and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         ]
-        # Text results (e.g. worker_nodes: the Ray node ids of the trial's workers) become tags.
         tags = [RunTag(f"gid.{k}", v) for k, v in result.items() if k in _TEXT_RESULTS and isinstance(v, str)]
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         self._last_step[trial_id] = epoch
 
     def finish(self, trial_id: str, params: dict[str, Any], last_result: dict[str, Any], error: str | None) -> None:
-        """Tag the trial finished, pruned (stopped before its last epoch) or failed, and close its run."""
+        """Tag the trial's status (finished, pruned or failed, with its reason) and close its run."""
         run_id = self.run_for(trial_id, params)
-        if error is not None:
-            status, tags = "FAILED", {"status": "failed", "pruned": "false", "error": error[:5000]}
-        else:
-            pruned = int(last_result.get("epoch", 0)) < self.epochs
-            status, tags = "FINISHED", {"status": "pruned" if pruned else "finished", "pruned": str(pruned).lower()}
-        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        status = trial_status(error is not None, int(last_result.get("epoch", 0)), self.epochs)
+        tags = [RunTag(STATUS_TAG, status)] + ([RunTag(ERROR_TAG, error[:5000])] if error is not None else [])
+        self.client.log_batch(run_id, tags=tags)
         # The last checkpoint of a distillation holds its GI pictures (local or mounted storage).
         checkpoint = last_result.get(CHECKPOINT_PATH_KEY)
         if checkpoint and (Path(checkpoint) / PICTURES_DIR).is_dir():
             self.client.log_artifacts(run_id, str(Path(checkpoint) / PICTURES_DIR), PICTURES_DIR)
-        self.client.set_terminated(run_id, status=status)
+        self.client.set_terminated(run_id, status="FAILED" if error is not None else "FINISHED")
+
+    def log_baseline(self, metrics: dict[str, Any], epochs: int) -> None:
+        """The student trained alone on the trials' schedule: a child run of its own, not a GID trial."""
+        tags = {SWEEP_ID_TAG: self.sweep.id, FRAMEWORK_TAG: self.framework, ROLE_TAG: BASELINE}
+        if find_run(self.client, self.experiment_id, tags) is not None:
+            return  # logged before the sweep was interrupted
+        run_tags = {**tags, SWEEP_TAG: self.sweep.name, MLFLOW_PARENT_RUN_ID: self.sweep.parent_run_id,
+                    MLFLOW_RUN_NAME: f"{self.framework}/{BASELINE}", STATUS_TAG: FINISHED}
+        run_id = self.client.create_run(self.experiment_id, tags=run_tags).info.run_id
+        values = [Metric(k, float(v), 0, epochs) for k, v in metrics.items() if k.startswith("val_") and math.isfinite(v)]
+        self.client.log_batch(run_id, metrics=values)
+        self.client.set_terminated(run_id, status="FINISHED")
 
     def close_lost(self) -> None:
         """Mark lost the trial runs still open once every trial of the experiment is written: trials started
         just before the driver died that the experiment state Tune had saved does not hold. A resumed
         experiment runs new trials in their place."""
-        tags = {SWEEP_TAG: self.sweep, FRAMEWORK_TAG: self.framework, ROLE_TAG: "trial"}
-        query = " and ".join([*(f"tags.`{k}` = '{v}'" for k, v in tags.items()), "attributes.status = 'RUNNING'"])
+        query = f"{tag_filter(self._tags())} and attributes.status = 'RUNNING'"
         for run in self.client.search_runs([self.experiment_id], filter_string=query, max_results=10_000):
-            self.client.set_tag(run.info.run_id, "status", "lost")
+            self.client.set_tag(run.info.run_id, STATUS_TAG, LOST)
             self.client.set_terminated(run.info.run_id, status="KILLED")
 
 
@@ -190,8 +266,11 @@ class MlflowTrialCallback(Callback):
     sweep and on ``--resume``) fills MLflow in.
     """
 
-    def __init__(self, tracking_uri: str | None, experiment: str, parent_run_id: str, sweep: str, base: Config, trials_path: str):
-        self.settings = (tracking_uri, experiment, parent_run_id, sweep, base, trials_path)
+    def __init__(
+        self, tracking_uri: str | None, experiment: str, sweep: SweepRun, base: Config, portable_base: dict[str, Any],
+        trials_path: str,
+    ):
+        self.settings = (tracking_uri, experiment, sweep, base, portable_base, trials_path)
         self._writes: queue.Queue | None = None
 
     # Tune pickles callbacks into its experiment state: keep only the settings.
@@ -199,23 +278,23 @@ class MlflowTrialCallback(Callback):
         return {"settings": self.settings, "_writes": None}
 
     def setup(self, **info: Any) -> None:
-        tracking_uri, experiment, parent_run_id, sweep, base, trials_path = self.settings
+        tracking_uri, experiment, *logger_settings = self.settings
         client, experiment_id = connect(tracking_uri, experiment)
-        logger = TrialLogger(client, experiment_id, parent_run_id, sweep, base, trials_path)
+        trials = TrialLogger(client, experiment_id, *logger_settings)
         self._writes = queue.Queue()
-        self._writer = threading.Thread(target=self._write_all, args=(logger,), name="mlflow-writer", daemon=True)
+        self._writer = threading.Thread(target=self._write_all, args=(trials,), name="mlflow-writer", daemon=True)
         self._writer.start()
 
-    def _write_all(self, logger: TrialLogger) -> None:
+    def _write_all(self, trials: TrialLogger) -> None:
         offline = False
         while (item := self._writes.get()) is not None:
             if offline:
                 continue  # sync_results catches up from Ray's storage later
             method, args = item
             try:
-                getattr(logger, method)(*args)
+                getattr(trials, method)(*args)
             except Exception as exc:  # noqa: BLE001 - tracking must never stop training
-                print(f"MLflow unreachable ({str(exc).splitlines()[0]}); training goes on, MLflow is filled in at the end or with --resume")
+                logger.warning("MLflow unreachable (%s); training goes on, MLflow is filled in at the end or with --resume", first_line(exc))
                 offline = True
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
@@ -236,7 +315,7 @@ class MlflowTrialCallback(Callback):
         self._writer.join(timeout=300)
 
 
-def sync_results(logger: TrialLogger, results: ResultGrid) -> None:
+def sync_results(trials: TrialLogger, results: ResultGrid) -> None:
     """Write every trial of a finished experiment from Ray's storage to MLflow (idempotent)."""
     for result in results:
         history = result.metrics_dataframe
@@ -244,10 +323,10 @@ def sync_results(logger: TrialLogger, results: ResultGrid) -> None:
         last = result.metrics or (rows[-1] if rows else {})
         trial_id = last.get("trial_id") or Path(result.path).name
         for row in rows:
-            logger.log_result(trial_id, result.config or {}, row)
+            trials.log_result(trial_id, result.config or {}, row)
         error = None if result.error is None else error_reason(str(result.error))
-        logger.finish(trial_id, result.config or {}, last, error)
-    logger.close_lost()
+        trials.finish(trial_id, result.config or {}, last, error)
+    trials.close_lost()
 
 
 def trial_error(trial: Trial) -> str:

@@ -7,7 +7,6 @@ and lives in the sweep's storage, so a restored trial resumes its own Train chec
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from ray import tune
@@ -15,13 +14,24 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from gid.config import Config, set_value
 from gid.engine.trainer import build_trainer, raise_user_error
+from search.space import with_values
+
+# What became of a trial: the one rule for MLflow's tags, the sweep summary and `gid export`.
+FINISHED, PRUNED, FAILED = "finished", "pruned", "failed"
+LOST = "lost"  # started just before the driver died, after Tune last saved its state: run again in its place
+BASELINE = "baseline"  # the MLflow role (and Train run name) of the student trained alone, when the sweep trains it
+
+
+def trial_status(failed: bool, epochs_trained: int, epochs: int) -> str:
+    """Failed if it raised; finished if it trained its whole schedule; otherwise pruned (by ASHA or the budget)."""
+    if failed:
+        return FAILED
+    return FINISHED if epochs_trained >= epochs else PRUNED
 
 
 def trial_config(base: dict[str, Any], params: dict[str, Any], trial_id: str, trials_path: str) -> Config:
-    """The full config of one trial: what the trial logs, and what `gid export` writes out."""
-    data = copy.deepcopy(base)
-    for key, value in params.items():
-        set_value(data, key, value)
+    """The full config of one trial, as it runs and as its MLflow run logs it."""
+    data = with_values(base, params)
     set_value(data, "run.name", trial_id)
     set_value(data, "run.storage_path", trials_path)
     return Config.model_validate(data)

@@ -13,6 +13,17 @@ from gid.config import Config, validate
 torch.set_num_threads(1)
 
 
+# Tests on a real Ray instance or MLflow server (seconds to minutes each); `pytest -m "not integration"`
+# runs the rest in about a minute, CI runs everything.
+INTEGRATION_FIXTURES = {"ray_local", "mlflow_server", "two_nodes", "mlflow_on_head"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if INTEGRATION_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory) -> Path:
     from gid.data import make_synthetic

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -25,6 +26,28 @@ class EpochLog(ray.train.UserCallback):
     def after_report(self, run_context, metrics, checkpoint):
         with self.path.open("a") as f:
             f.write(f"{metrics[0]['epoch']}\n")
+
+
+class EvaluatingRanks(ray.train.UserCallback):
+    """Appends, per report, the ranks whose metrics hold COCO results (one line of ranks per epoch)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def after_report(self, run_context, metrics, checkpoint):
+        with self.path.open("a") as f:
+            f.write(" ".join(str(rank) for rank, m in enumerate(metrics) if "val_ap" in m) + "\n")
+
+
+class BalanceLog(ray.train.UserCallback):
+    """Appends, per report, every rank's ``balance_*`` metrics as one JSON line."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def after_report(self, run_context, metrics, checkpoint):
+        with self.path.open("a") as f:
+            f.write(json.dumps([{k: v for k, v in m.items() if k.startswith("balance_")} for m in metrics]) + "\n")
 
 
 def free_port() -> int:
@@ -59,7 +82,8 @@ def start_mlflow_server(root: Path, port: int | None = None) -> tuple[subprocess
 
 
 def write_base_configs(synth_root: Path, root: Path, frameworks, epochs: int = 2) -> None:
-    """An untrained teacher model file (enough for the mechanics) and a base distill config per framework."""
+    """Per framework: untrained teacher and student model files (enough for the mechanics; the student
+    stands for the baseline a sweep would otherwise train itself) and a base distill config."""
     for framework in frameworks:
         base = {
             "data": {"root": str(synth_root), "image_size": 64, "batch_size": 8},
@@ -67,15 +91,22 @@ def write_base_configs(synth_root: Path, root: Path, frameworks, epochs: int = 2
             "train": {"epochs": epochs, "lr": 0.01, "warmup_iters": 2, "log_every": 1000},
         }
         teacher_config = validate(base)
-        save_model(build_detector(teacher_config.model, 64, 7), teacher_config, 7, root / f"{framework}_teacher.pt")
+        for role in ("teacher", "student"):
+            save_model(build_detector(teacher_config.model, 64, 7), teacher_config, 7, root / f"{framework}_{role}.pt")
         base["distill"] = {"teacher": str(root / f"{framework}_teacher.pt")}
         (root / f"{framework}_gid.yaml").write_text(yaml.safe_dump(base))
 
 
-def write_sweep(root: Path, name: str, tracking_uri: str, frameworks=("retinanet", "fcos"), **extra) -> Path:
+def write_sweep(
+    root: Path, name: str, tracking_uri: str, frameworks=("retinanet", "fcos"), baselines: bool = True, **extra
+) -> Path:
+    """A small sweep file; ``baselines``: name the untrained students as the baselines, so the sweep trains none."""
     sweep = {
         "name": name,
-        "frameworks": {fw: {"config": str(root / f"{fw}_gid.yaml")} for fw in frameworks},
+        "frameworks": {
+            fw: {"config": str(root / f"{fw}_gid.yaml"), **({"baseline": str(root / f"{fw}_student.pt")} if baselines else {})}
+            for fw in frameworks
+        },
         "trials": 3,
         "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": 2},
         "scheduler": {"type": "asha", "grace_period": 1},

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from torchvision import models
+from torchvision.models import detection
 
 from gid.cli import main
 from gid.config import validate
@@ -65,6 +67,11 @@ def files(synth_root, tmp_path_factory) -> dict[str, Path]:
     torch.save({"format": "something-else", "model": {}}, root / "not_gid.pt")
     marker = root / "pwned"
     torch.save({"format": "gid-model/1", "model": RunsCode(f"touch {marker}")}, root / "runs_code.pt")
+    torch.save({**torch.load(teacher, weights_only=True), "format": "gid-model/1"}, root / "old_format.pt")
+    # torchvision-format files, as torchvision publishes them (here randomly initialised)
+    torch.save(models.mobilenet_v3_large(weights=None).state_dict(), root / "mobilenet_classifier.pth")
+    mobilenet_detector = detection.fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, num_classes=7)
+    torch.save(mobilenet_detector.state_dict(), root / "mobilenet_detector.pth")
     return {
         "teacher": teacher,
         "fcos_teacher": write_model_file(root / "fcos_teacher.pt", synth_root, "fcos"),
@@ -75,6 +82,9 @@ def files(synth_root, tmp_path_factory) -> dict[str, Path]:
         "marker": marker,
         "missing": root / "missing.pt",
         "a_file": teacher,
+        "old_format": root / "old_format.pt",
+        "mobilenet_classifier": root / "mobilenet_classifier.pth",
+        "mobilenet_detector": root / "mobilenet_detector.pth",
     }
 
 
@@ -98,6 +108,12 @@ class Inputs:
 
     def distill(self, changes: dict | None = None, *extra: str) -> list[str]:
         return ["distill", str(self.config(changes, distill=True)), *extra]
+
+    def model_import(self, file: str, builder: str, *extra: str) -> list[str]:
+        return ["model", "import", str(self.files[file]), "--builder", builder, *extra, "--out", str(self.tmp / "m.pt")]
+
+    def model_export(self, file: str, export_format: str = "torchscript") -> list[str]:
+        return ["model", "export", str(self.files[file]), "--format", export_format, "--out", str(self.tmp / "m.ts")]
 
     def yaml_text(self, text: str) -> list[str]:
         return ["train", str(self.config(text=text))]
@@ -206,6 +222,25 @@ CASES = [
     ("eval a truncated file", lambda c: ["eval", str(c.files["truncated"])], "not a readable checkpoint"),
     ("eval a missing split", lambda c: ["eval", str(c.files["teacher"]), "--split", "test"], "annotation file not found"),
     ("eval data missing an image", lambda c: ["eval", str(c.files["teacher"]), "--data", c.data(edit_train(add_missing_image))["data"]["root"], "--split", "train"], "gone.png"),
+    # --- pretrained weights, gid model import / export ------------------------------------
+    ("backbone weights of another backbone", lambda c: c.train({"model": {"backbone_weights": str(c.files["mobilenet_classifier"])}}), "not torchvision's resnet18 classifier weights: 100 keys missing (e.g. conv1.weight), 266 unexpected (e.g. features.0.0.weight)"),
+    ("backbone weights that run code", lambda c: c.train({"model": {"backbone_weights": str(c.files["runs_code"])}}), "refusing to load a backbone weights file with non-tensor objects"),
+    ("missing backbone weights", lambda c: c.train({"model": {"backbone_weights": str(c.files["missing"])}}), "backbone weights file not found"),
+    ("trainable layers out of range", lambda c: c.train({"model": {"trainable_backbone_layers": 6}}), "trainable_backbone_layers must be 'auto' or 0..5 for resnet18, got 6"),
+    ("FCOS has no v2", lambda c: c.train({"model": {"framework": "fcos", "variant": "v2"}}), "variant v2 is not one of fcos's: v1"),
+    ("teacher of an earlier gid", lambda c: c.distill({"distill": {"teacher": str(c.files["old_format"])}}), "a model file of an earlier gid (gid-model/1)"),
+    ("import a file of another builder", lambda c: c.model_import("mobilenet_detector", "fasterrcnn_resnet50_fpn"), "not a fasterrcnn_resnet50_fpn state dict: 326 keys missing (e.g. backbone.body.conv1.weight), 308 unexpected (e.g. backbone.body.0.0.weight)"),
+    ("import a truncated file", lambda c: c.model_import("truncated", "retinanet_resnet50_fpn"), "not a readable torchvision state dict (truncated or not a torch file)"),
+    ("import a file that runs code", lambda c: c.model_import("runs_code", "fcos_resnet50_fpn"), "refusing to load a torchvision state dict with non-tensor objects (Trying to load unsupported GLOBAL posix.system"),
+    ("import a missing file", lambda c: c.model_import("missing", "fcos_resnet50_fpn"), "torchvision state dict not found"),
+    ("import a gid model file", lambda c: c.model_import("teacher", "retinanet_resnet50_fpn_v2"), "already a model file (format gid-model/2), not a torchvision state dict"),
+    ("import of an unknown builder", lambda c: c.model_import("mobilenet_detector", "yolo_v8"), "--builder yolo_v8 is not a torchvision builder gid makes"),
+    ("import of the MobileNet builder", lambda c: c.model_import("mobilenet_detector", "fasterrcnn_mobilenet_v3_large_fpn"), "is not supported yet: its MobileNetV3 FPN has 3 levels"),
+    ("import for tiny images", lambda c: c.model_import("mobilenet_detector", "fasterrcnn_resnet50_fpn", "--image-size", "8"), "--image-size 8: give the longest image side in pixels"),
+    ("export to ONNX", lambda c: c.model_export("teacher", "onnx"), "--format onnx: use one of torchvision, torchscript"),
+    ("export a missing file", lambda c: c.model_export("missing"), "checkpoint not found"),
+    ("export a file that runs code", lambda c: c.model_export("runs_code", "torchvision"), "refusing to load a checkpoint with non-tensor objects"),
+    ("export a truncated file", lambda c: c.model_export("truncated"), "not a readable checkpoint"),
     # --- storage ---------------------------------------------------------------------------
     ("storage under a file", lambda c: c.train({"run": {"storage_path": str(c.files["a_file"] / "runs")}}), "is a file, not a folder"),
     # --- sweep files -----------------------------------------------------------------------
@@ -225,6 +260,9 @@ CASES = [
     ("sweep teacher that runs code", lambda c: c.sweep(base={"distill": {"teacher": str(c.files["runs_code"])}}), "refusing to load"),
     ("sweep base data broken", lambda c: c.sweep(base=c.data(edit_train(first_annotation("category_id", 99)))), "category_id 99"),
     ("sweep GPU fractions per trial", lambda c: c.sweep({"resources": {"workers_per_trial": 2, "gpus_per_worker": 0.25}}), "resources: gpus_per_worker below 1"),
+    ("sweep name with a slash", lambda c: c.sweep({"name": "team/run"}), "'team/run' is not a usable sweep name"),
+    ("sweep name with a double quote", lambda c: c.sweep({"name": 'say "hi"'}), "is not a usable sweep name; use letters"),
+    ("export name with both quotes", lambda c: ["export", "--out", str(c.tmp / "best"), "--sweep", "bob's \"run\"", "--tracking-uri", f"sqlite:///{c.tracking_db}"], "--sweep bob's \"run\" holds both quote characters"),
     ("sweep storage under a file", lambda c: c.sweep({"storage_path": str(c.files["a_file"] / "sweeps")}), "is a file, not a folder; set storage_path"),
 ]
 

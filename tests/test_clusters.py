@@ -34,7 +34,7 @@ from gid.engine.trainer import build_trainer
 from gid.models import build_detector, save_model
 from search.config import SweepConfig
 from search.sweep import sweep_base
-from search.tracking import ROLE_TAG, SWEEP_TAG, TRIAL_TAG
+from search.tracking import ROLE_TAG, STATUS_TAG, SWEEP_TAG, TRIAL_TAG
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTERS = REPO / "clusters"
@@ -189,7 +189,7 @@ def test_trial_workers_ask_for_whole_or_fractional_gpus_as_configured(tmp_path, 
         "frameworks": {"retinanet": {"config": str(tmp_path / "base.yaml")}},
         "resources": {"workers_per_trial": workers, "cpus_per_worker": 3, "gpus_per_worker": gpus},
     })
-    scaling = build_trainer(sweep_base(sweep, "retinanet")).scaling_config
+    scaling = build_trainer(sweep_base(sweep, sweep.base_config("retinanet"))).scaling_config
     assert scaling.num_workers == workers and scaling.use_gpu == (gpus > 0)
     expected = {"CPU": 3, "GPU": gpus} if gpus else {"CPU": 3}
     assert scaling.resources_per_worker == expected
@@ -317,12 +317,13 @@ def cluster_sweep(synth_root, tmp_path_factory) -> Path:
         "train": {"epochs": 1, "lr": 0.01, "warmup_iters": 2, "log_every": 1000},
     }
     teacher_config = validate(base)
-    save_model(build_detector(teacher_config.model, 64, 7), teacher_config, 7, root / "teacher.pt")
+    for role in ("teacher", "student"):  # an untrained student stands for the baseline
+        save_model(build_detector(teacher_config.model, 64, 7), teacher_config, 7, root / f"{role}.pt")
     base["distill"] = {"teacher": str(root / "teacher.pt")}
     (root / "retinanet_gid.yaml").write_text(yaml.safe_dump(base))
     sweep = {
         "name": "two-nodes",
-        "frameworks": {"retinanet": {"config": "retinanet_gid.yaml"}},  # relative: to GID_WORKDIR
+        "frameworks": {"retinanet": {"config": "retinanet_gid.yaml", "baseline": "student.pt"}},  # relative: to GID_WORKDIR
         "trials": 2,
         "scheduler": {"type": "none"},
         "sampler": {"type": "random", "seed": 0},
@@ -381,7 +382,7 @@ def test_a_sweep_runs_on_a_two_node_cluster_with_trials_spanning_both_nodes(two_
     nodes = {two_nodes.head_node.node_id, *(n.node_id for n in two_nodes.worker_nodes)}
     assert len(nodes) == 2
     for run in trials:
-        assert run.info.status == "FINISHED" and run.data.tags["status"] == "finished"
+        assert run.info.status == "FINISHED" and run.data.tags[STATUS_TAG] == "finished"
         assert "val_ap" in run.data.metrics
         # Placement: the trial's workers ran on both nodes, and its MLflow run says which.
         assert set(run.data.tags["gid.worker_nodes"].split(",")) == nodes

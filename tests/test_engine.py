@@ -5,7 +5,7 @@ import warnings
 
 import torch
 
-from support import EpochLog
+from support import EpochLog, EvaluatingRanks
 
 from gid.engine.loop import apply_gradients
 from gid.engine.trainer import MODEL_FILE, build_trainer, run_training
@@ -16,9 +16,9 @@ def test_two_workers_train_checkpoint_and_resume(ray_local, tiny_config, tmp_pat
     config = tiny_config("retinanet",
         train={"epochs": 2}, scaling={"num_workers": 2, "use_gpu": False},
     )
-    log = tmp_path / "epochs.txt"
+    log, evaluating = tmp_path / "epochs.txt", tmp_path / "evaluating_ranks.txt"
     started = time.time()
-    result = build_trainer(config, callbacks=[EpochLog(log)]).fit()
+    result = build_trainer(config, callbacks=[EpochLog(log), EvaluatingRanks(evaluating)]).fit()
     assert result.metrics["epoch"] == 2
     assert 0.0 <= result.metrics["val_ap"] <= 1.0
     assert result.metrics["loss"] > 0 and result.metrics["loss_gt_classification"] > 0
@@ -26,6 +26,7 @@ def test_two_workers_train_checkpoint_and_resume(ray_local, tiny_config, tmp_pat
     assert 100 < result.metrics["memory_peak_mb"] < 64 * 1024
     assert started < result.metrics["first_step_at"] < time.time()
     assert log.read_text().split() == ["1", "2"]
+    assert evaluating.read_text().splitlines() == ["0", "0"]  # only rank 0 runs COCO evaluation
     assert result.checkpoint is not None
 
     # Same run name and storage: the second run picks up the epoch-2 checkpoint instead of starting over.

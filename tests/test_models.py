@@ -67,7 +67,7 @@ def test_model_file_round_trip(tiny_config, tmp_path):
 
     other = build_detector(config.model.model_copy(update={"framework": "retinanet"}), 64, 4)
     with pytest.raises(GidError, match="weights do not fit this model"):
-        load_weights(other, tmp_path / "m.pt")
+        load_weights(other, tmp_path / "m.pt", "retinanet", 4)
 
 
 class _RunsCode:

@@ -18,7 +18,7 @@ from gid.errors import GidError
 from gid.models.checkpoint import atomic_save
 from search.config import load_sweep
 from search.sweep import run_sweep
-from search.tracking import connect, parent_run, redact
+from search.tracking import STATUS_TAG, connect, parent_run, redact
 from support import EpochLog, free_port, start_mlflow_server, write_base_configs, write_sweep
 
 
@@ -90,7 +90,7 @@ def test_mlflow_down_mid_sweep_is_filled_in_on_resume(ray_local, synth_root, tmp
         runs = client.search_runs([experiment.experiment_id], "tags.`gid.role` = 'trial'")
         assert len(runs) == 2 and len({r.data.tags["gid.trial_id"] for r in runs}) == 2
         for run in runs:
-            assert run.data.tags["status"] == "finished"
+            assert run.data.tags[STATUS_TAG] == "finished"
             assert [m.step for m in client.get_metric_history(run.info.run_id, "val_ap")] == [1, 2]
     finally:
         server.terminate()
@@ -102,8 +102,9 @@ def test_credentials_never_reach_mlflow(mlflow_server):
     assert redact("postgresql://u:pw@db/mlflow?x=1") == "postgresql://***@db/mlflow?x=1"
     client, experiment_id = connect(mlflow_server, "gid-secrets")
     settings = {"tracking": {"tracking_uri": "https://bob:hunter2@tracking.example"}, "optuna_storage": "mysql://o:pw9@h/db"}
-    run_id = parent_run(client, experiment_id, "secrets", settings)
-    params = client.get_run(run_id).data.params
+    run = parent_run(client, experiment_id, "secrets", "id0", "s3://k:pw7@bucket/sweeps", settings, {})
+    params, tags = client.get_run(run.parent_run_id).data.params, client.get_run(run.parent_run_id).data.tags
+    assert "pw7" not in str(tags)
     assert "hunter2" not in str(params) and "pw9" not in str(params)
     assert params["tracking.tracking_uri"] == "https://***@tracking.example"
 

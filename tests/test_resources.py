@@ -14,12 +14,13 @@ from gid.engine.loop import out_of_memory_as_user_error
 from gid.errors import GidError
 from search.config import load_sweep
 from search.sweep import run_sweep
-from search.tracking import ROLE_TAG, SWEEP_TAG
+from search.tracking import ERROR_TAG, ROLE_TAG, STATUS_TAG, SWEEP_TAG
 from support import write_base_configs, write_sweep
 
-# Far beyond any machine's memory and address space (2**47 bytes = 128 TiB), so the allocator
-# refuses at once whatever the overcommit setting: nothing is ever filled.
-HUGE_ROI_SIZE = 200_000  # ROIAlign output [instances, 64 channels, size, size]: ~400 TB of float32
+# Far beyond any machine's memory and address space (2**47 bytes = 128 TiB), so the allocator refuses the
+# first tensor it sizes at once, whatever the overcommit setting: nothing is ever filled. (An output size
+# such as distill.feature.roi_size no longer does: CPU pooling allocates smaller intermediates first.)
+HUGE_FPN_CHANNELS = 2**40  # the FPN's first lateral conv, [channels, 128, 1, 1] of float32: 512 TiB
 
 
 @pytest.mark.parametrize("allocate", [lambda: torch.empty(2**47), lambda: bytearray(2**62)], ids=["torch", "python"])
@@ -38,7 +39,7 @@ def test_other_runtime_errors_pass_through():
 
 def test_an_out_of_memory_trial_fails_with_its_reason_and_the_sweep_goes_on(ray_local, synth_root, tmp_path, mlflow_server):
     write_base_configs(synth_root, tmp_path, ["retinanet"], epochs=1)
-    space = {"distill.feature.roi_size": {"type": "choice", "values": [10, HUGE_ROI_SIZE]}}
+    space = {"model.fpn_channels": {"type": "choice", "values": [64, HUGE_FPN_CHANNELS]}}
     path = write_sweep(
         tmp_path, "oom", mlflow_server, frameworks=["retinanet"], space=space, trials=2, scheduler={"type": "none"},
         sampler={"type": "random", "seed": 0, "paper_defaults_first": False}, resources={"max_concurrent_trials": 1},
@@ -49,14 +50,14 @@ def test_an_out_of_memory_trial_fails_with_its_reason_and_the_sweep_goes_on(ray_
     experiment = client.get_experiment_by_name("gid-test")
     query = f"tags.`{SWEEP_TAG}` = 'oom' and tags.`{ROLE_TAG}` = 'trial'"
     runs = client.search_runs([experiment.experiment_id], query, order_by=["attributes.start_time ASC"])
-    huge = [int(r.data.params["distill.feature.roi_size"]) == HUGE_ROI_SIZE for r in runs]
+    huge = [int(r.data.params["model.fpn_channels"]) == HUGE_FPN_CHANNELS for r in runs]
     assert huge == [True, False]  # the seeded sampler's picks: out of memory first, then a trial that fits
     for run, oom in zip(runs, huge):
         if oom:
-            assert run.info.status == "FAILED" and run.data.tags["status"] == "failed"
-            assert run.data.tags["error"].startswith("out of memory (") and "lower data.batch_size" in run.data.tags["error"]
+            assert run.info.status == "FAILED" and run.data.tags[STATUS_TAG] == "failed"
+            assert run.data.tags[ERROR_TAG].startswith("out of memory (") and "lower data.batch_size" in run.data.tags[ERROR_TAG]
         else:  # the trial after the failed one: the sweep went on
-            assert run.info.status == "FINISHED" and run.data.tags["status"] == "finished"
+            assert run.info.status == "FINISHED" and run.data.tags[STATUS_TAG] == "finished"
     assert "| 1 / 0 / 1 |" in outcome.summary  # finished / pruned / failed
     (failed_line,) = [line for line in outcome.summary.splitlines() if line.startswith("- retinanet ")]
     assert failed_line.split(": ", 1)[1].startswith("out of memory (DefaultCPUAllocator: can't allocate memory")

@@ -14,17 +14,29 @@ import pytest
 from mlflow.tracking import MlflowClient
 import ray
 from ray import tune
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
 from gid.config import load_config
 from gid.engine.trainer import run_training
 from gid.errors import GidError
+from gid.models import read_checkpoint
 from search.config import load_sweep
 from search.export import export_best
-from search.leftovers import TRAIN_CONTROLLER, Leftovers, live_actors, live_placement_groups
+from search.leftovers import Leftovers
 from search.sweep import build_searcher, run_sweep
 from search.trial import run_trial
-from search.tracking import FRAMEWORK_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_TAG
+from search.tracking import (
+    ERROR_TAG,
+    FRAMEWORK_TAG,
+    INVOCATION_TAG,
+    PORTABLE_CONFIG,
+    ROLE_TAG,
+    STATUS_TAG,
+    SWEEP_ID_TAG,
+    SWEEP_TAG,
+    TRIAL_TAG,
+    tag_filter,
+)
 from support import write_base_configs, write_sweep
 
 FRAMEWORKS = ("retinanet", "fcos")
@@ -38,18 +50,26 @@ def workspace(synth_root, tmp_path_factory) -> Path:
     return root
 
 
-def child_runs(client: MlflowClient, sweep: str) -> list:
+# A name with a quote: it goes into MLflow filter strings, which have no escapes.
+MAIN = "bob's-run"
+
+
+def runs_of(client: MlflowClient, sweep: str, role: str) -> list:
     experiment = client.get_experiment_by_name("gid-test")
     if experiment is None:  # no sweep has logged yet
         return []
-    query = f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{ROLE_TAG}` = 'trial'"
-    return client.search_runs([experiment.experiment_id], filter_string=query)
+    return client.search_runs([experiment.experiment_id], filter_string=tag_filter({SWEEP_TAG: sweep, ROLE_TAG: role}))
+
+
+def child_runs(client: MlflowClient, sweep: str) -> list:
+    return runs_of(client, sweep, "trial")
 
 
 @pytest.fixture(scope="module")
 def finished_sweep(ray_local, workspace, mlflow_server):
-    sweep = load_sweep(write_sweep(workspace, "main", mlflow_server))
-    return sweep, run_sweep(sweep)
+    # no baselines given: the sweep trains each framework's student alone itself
+    sweep = load_sweep(write_sweep(workspace, MAIN, mlflow_server, baselines=False))
+    return sweep, run_sweep(sweep, overrides=["trials=3"])
 
 
 def test_sweep_runs_every_trial_and_tracks_them_in_mlflow(finished_sweep, mlflow_server):
@@ -59,15 +79,30 @@ def test_sweep_runs_every_trial_and_tracks_them_in_mlflow(finished_sweep, mlflow
     for framework in outcome.frameworks:
         assert len(framework.results) == 3 and not framework.results.errors
 
-    (parent,) = client.search_runs(
-        [client.get_experiment_by_name("gid-test").experiment_id],
-        filter_string=f"tags.`{SWEEP_TAG}` = 'main' and tags.`{ROLE_TAG}` = 'sweep'",
-    )
+    (parent,) = runs_of(client, MAIN, "sweep")
     assert parent.info.status == "FINISHED" and parent.data.params["trials"] == "3"
+    # the printed link opens this experiment's runs table, and the UI shows it as model training
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert outcome.runs_link == f"{mlflow_server}/#/experiments/{experiment.experiment_id}/runs"
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/summary.md", "report/trials.csv", "report/retinanet_history.png"} <= report
+    # the search space, and how the sweep was started
+    assert parent.data.params["space.retinanet.distill.gism.top_k"] == "int 1..100 log"
+    assert parent.data.params["space.fcos.distill.gism.score_mode"] == "choice ['paper', 'reference']"
+    assert "space.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert parent.data.tags[f"{INVOCATION_TAG}.0"].endswith(" start --set trials=3")
 
-    runs = child_runs(client, "main")
+    baselines = runs_of(client, MAIN, "baseline")
+    assert sorted(r.data.tags[FRAMEWORK_TAG] for r in baselines) == sorted(FRAMEWORKS)
+    for run in baselines:  # trained once, on the trials' schedule, and not a GID trial
+        assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_ap")] == [EPOCHS]
+    baseline_aps = {o.framework: read_checkpoint(o.baseline)["metrics"]["val_ap"] for o in outcome.frameworks}
+    for framework, ap in baseline_aps.items():  # the summary's "student alone" column
+        assert f"| {framework} | – | {100 * ap:.1f} |" in outcome.summary
+
+    runs = child_runs(client, MAIN)
     assert len(runs) == 6
     assert len({r.data.tags[TRIAL_TAG] for r in runs}) == 6  # one run per trial
     for run in runs:
@@ -75,12 +110,14 @@ def test_sweep_runs_every_trial_and_tracks_them_in_mlflow(finished_sweep, mlflow
         assert run.data.tags[FRAMEWORK_TAG] in FRAMEWORKS and run.info.status == "FINISHED"
         assert run.data.params["model.framework"] == run.data.tags[FRAMEWORK_TAG]
         assert "distill.gism.top_k" in run.data.params and "distill.feature.weight" in run.data.params
+        assert "True" in {run.data.params[f"distill.{term}.enabled"] for term in ("feature", "relation", "response")}
         history = client.get_metric_history(run.info.run_id, "val_ap")
-        epochs = EPOCHS if run.data.tags["status"] == "finished" else len(history)
+        epochs = EPOCHS if run.data.tags[STATUS_TAG] == "finished" else len(history)
         assert [m.step for m in history] == list(range(1, epochs + 1))
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert "config.yaml" in artifacts
-        if run.data.tags["status"] == "finished" and run.data.params["distill.feature.enabled"] == "True":
+        assert {"config.yaml", PORTABLE_CONFIG} <= artifacts
+        assert run.data.tags[SWEEP_ID_TAG] == parent.data.tags[SWEEP_ID_TAG]
+        if run.data.tags[STATUS_TAG] == "finished" and run.data.params["distill.feature.enabled"] == "True":
             assert "gi_pictures" in artifacts
 
 
@@ -88,26 +125,51 @@ def test_paper_defaults_are_the_first_trial(finished_sweep):
     _, outcome = finished_sweep
     first = outcome.frameworks[0].study.trials[0].params
     assert first["distill.feature.weight"] == 5e-3 and first["distill.gism.top_k"] == 10
-    assert first["distill.gism.score_mode"] == "paper"
+    assert first["distill.gism.score_mode"] == "paper" and first["distill.losses"] == "feature,relation,response"
 
 
-def test_export_writes_the_best_finished_configs_that_run(finished_sweep, mlflow_server, tmp_path):
-    exported = export_best(tmp_path / "best", tracking_uri=mlflow_server, experiment="gid-test", sweep="main")
-    runs = child_runs(MlflowClient(mlflow_server), "main")
+def test_export_writes_the_best_finished_configs_that_run(finished_sweep, workspace, mlflow_server, tmp_path):
+    exported = export_best(tmp_path / "best", tracking_uri=mlflow_server, experiment="gid-test", sweep=MAIN)
+    runs = child_runs(MlflowClient(mlflow_server), MAIN)
     for item in exported:
-        finished = [r for r in runs if r.data.tags[FRAMEWORK_TAG] == item.framework and r.data.tags["status"] == "finished"]
+        finished = [r for r in runs if r.data.tags[FRAMEWORK_TAG] == item.framework and r.data.tags[STATUS_TAG] == "finished"]
         best = max(finished, key=lambda r: r.data.metrics["val_ap"])
         assert item.metrics["val_ap"] == best.data.metrics["val_ap"]
         config = load_config(item.path)
         assert config.distill is not None and config.model.framework == item.framework
-        assert config.run.storage_path == "runs"
+        # what the user's base config said, not the sweep's paths and trial resources
+        written = load_config(workspace / f"{item.framework}_gid.yaml")
+        assert config.run.storage_path == written.run.storage_path and config.data.root == written.data.root
+        assert config.scaling == written.scaling and config.scaling.use_gpu == "auto"
         for key, value in best.data.params.items():
             if key.startswith("distill.gism."):
                 assert str(getattr(config.distill.gism, key.split(".")[-1])) == value
-    assert (tmp_path / "best" / "README.md").read_text().count("| main |") == len(exported) == 2
+    assert (tmp_path / "best" / "README.md").read_text().count(f"| {MAIN} |") == len(exported) == 2
 
     config = load_config(exported[0].path, ["train.epochs=1", f"run.storage_path={tmp_path / 'runs'}"])
     assert math.isfinite(run_training(config).metrics["loss"])
+
+
+def test_two_sweeps_of_one_name_never_touch_each_others_runs(finished_sweep, workspace, mlflow_server, tmp_path):
+    # The same name in another storage path (written after the export test, which names MAIN alone).
+    path = write_sweep(workspace, MAIN, mlflow_server, frameworks=["fcos"], trials=1, storage_path=str(tmp_path / "other"))
+    run_sweep(load_sweep(path))
+    client = MlflowClient(mlflow_server)
+    parents = {run.data.tags[SWEEP_ID_TAG]: run for run in runs_of(client, MAIN, "sweep")}
+    assert len(parents) == 2 and all(run.info.status == "FINISHED" for run in parents.values())
+    trials = {id_: [r for r in child_runs(client, MAIN) if r.data.tags[SWEEP_ID_TAG] == id_] for id_ in parents}
+    assert sorted(len(runs) for runs in trials.values()) == [1, 6]  # neither marked the other's trials lost
+    for id_, runs in trials.items():
+        assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parents[id_].info.run_id}
+        assert all(r.data.tags[STATUS_TAG] != "lost" for r in runs)
+
+    with pytest.raises(GidError, match="2 sweeps are named"):
+        export_best(tmp_path / "best", tracking_uri=mlflow_server, experiment="gid-test", sweep=MAIN)
+    (other,) = [id_ for id_, runs in trials.items() if len(runs) == 1]
+    (exported,) = export_best(tmp_path / "best", tracking_uri=mlflow_server, experiment="gid-test", sweep=other)
+    assert exported.framework == "fcos" and exported.run_id == trials[other][0].info.run_id
+    with pytest.raises(GidError, match="holds both quote characters"):
+        export_best(tmp_path / "best", tracking_uri=mlflow_server, experiment="gid-test", sweep="bob's \"run\"")
 
 
 def test_a_trial_stopped_early_frees_its_workers_for_the_next(ray_local, workspace):
@@ -130,47 +192,58 @@ def test_a_trial_stopped_early_frees_its_workers_for_the_next(ray_local, workspa
 
 @ray.remote(num_cpus=0)
 class TrainController:
-    """Stands in for a Ray Train controller that outlived its killed trial: it keeps asking for workers."""
+    """Stands in for a Ray Train controller (the cleanup finds controllers by class name)."""
 
     def __init__(self):
         self.groups = []
 
-    def retry(self) -> str:
-        self.groups.append(placement_group([{"CPU": 1000}]))  # never granted, like a busy cluster's
+    def ask_for_workers(self, cpus: float = 1000, lifetime: str | None = None) -> str:
+        # 1000 CPUs: never granted, like a busy cluster's; a detached group outlives its creator like a leaked one
+        self.groups.append(placement_group([{"CPU": cpus}], lifetime=lifetime))
         return self.groups[-1].id.hex()
 
     def alive(self) -> bool:
         return True
 
-    def retry_in(self, seconds: float) -> str:
-        time.sleep(seconds)
-        return self.retry()
+
+@ray.remote(num_cpus=0)
+class ImplicitFunc:
+    """Stands in for a Tune trial (Tune's actor class for a function trainable) whose controllers outlive it."""
+
+    def start_controllers(self) -> tuple[ray.actor.ActorHandle, list[str]]:
+        self.orphan = TrainController.remote()  # still asking for workers after its trial ended
+        groups = [ray.get(self.orphan.ask_for_workers.remote()) for _ in range(2)]
+        dead = TrainController.remote()  # died, leaving a granted group behind
+        groups.append(ray.get(dead.ask_for_workers.remote(cpus=1, lifetime="detached")))
+        ray.kill(dead)
+        return self.orphan, groups
 
 
-def test_what_an_experiment_left_running_is_ended(ray_local):
+def live_group_ids() -> set[str]:
+    return {id_ for id_, group in ray.util.placement_group_table().items() if group["state"] != "REMOVED"}
+
+
+def test_what_an_experiment_left_running_is_ended_and_nothing_else(ray_local):
     kept_controller, kept_group = TrainController.remote(), placement_group([{"CPU": 1}])
     ray.get([kept_group.ready(), kept_controller.alive.remote()])
     leftovers = Leftovers()
-    orphan = TrainController.remote()
-    orphan_groups = [ray.get(orphan.retry.remote()) for _ in range(2)]
-    granted = placement_group([{"CPU": 1}])  # a trial's group, granted after its trial was killed
-    ray.get(granted.ready())
-    assert {*orphan_groups, granted.id.hex()} <= live_placement_groups()
-    # a controller already dying when the experiment ends (so no longer listed) makes its last request late
-    dying = TrainController.options(name="dying").remote()
-    ray.get(dying.alive.remote())
-    leftovers.controllers |= {id_ for id_, actor in live_actors(TRAIN_CONTROLLER).items() if actor.name == "dying"}
-    late_group = dying.retry_in.remote(1.0)
-    assert leftovers.end() == 1
-    late_group = ray.get(late_group)
+    trial = ImplicitFunc.remote()
+    orphan, trial_groups = ray.get(trial.start_controllers.remote())
+    # Another Train run of the same driver, started during the experiment: not the experiment's to end.
+    other_run = TrainController.remote()
+    other_group = ray.get(other_run.ask_for_workers.remote(cpus=1))
+    ray.get(PlacementGroup(ray.PlacementGroupID.from_hex(other_group)).ready())
+    assert set(trial_groups) <= live_group_ids()
+
+    assert leftovers.end(quiet_s=2.0) == 1
     with pytest.raises(ray.exceptions.RayActorError):
-        ray.get(orphan.retry.remote(), timeout=60)
-    live = live_placement_groups()  # (Ray may meanwhile clean up earlier tests' groups itself)
-    assert not live & {*orphan_groups, granted.id.hex(), late_group}
-    ray.kill(dying)
-    assert kept_group.id.hex() in live  # what was there before the experiment stays
-    assert ray.get(kept_controller.alive.remote())
-    ray.kill(kept_controller)
+        ray.get(orphan.alive.remote(), timeout=60)
+    live = live_group_ids()  # (Ray may meanwhile clean up earlier tests' groups itself)
+    assert not live & set(trial_groups)
+    assert {kept_group.id.hex(), other_group} <= live  # what the experiment did not start stays
+    assert ray.get([kept_controller.alive.remote(), other_run.alive.remote()]) == [True, True]
+    for actor in (kept_controller, other_run, trial):
+        ray.kill(actor)
     remove_placement_group(kept_group)
 
 
@@ -183,11 +256,11 @@ def test_a_nan_trial_fails_with_its_reason_and_the_sweep_goes_on(ray_local, work
     outcome = run_sweep(load_sweep(path))
     (framework,) = outcome.frameworks
     assert len(framework.results) == 4
-    statuses = {r.data.tags["status"] for r in child_runs(MlflowClient(mlflow_server), "nan")}
+    statuses = {r.data.tags[STATUS_TAG] for r in child_runs(MlflowClient(mlflow_server), "nan")}
     assert statuses == {"finished", "failed"}
     for run in child_runs(MlflowClient(mlflow_server), "nan"):
-        if run.data.tags["status"] == "failed":
-            assert run.info.status == "FAILED" and "training loss became" in run.data.tags["error"]
+        if run.data.tags[STATUS_TAG] == "failed":
+            assert run.info.status == "FAILED" and "training loss became" in run.data.tags[ERROR_TAG]
     assert "Failed trials:" in outcome.summary and "training loss became" in outcome.summary
 
 
@@ -200,6 +273,9 @@ def test_an_epoch_budget_ends_the_sweep_once_spent(ray_local, workspace, mlflow_
     epochs = [int((r.metrics or {}).get("epoch", 0)) for r in framework.results]
     # two-epoch trials: the first finishes, the second is stopped after one epoch, none follows
     assert sum(epochs) == 3 and len(framework.results) < 10
+    # a resumed sweep counts what it already spent, and trains no more
+    (framework,) = run_sweep(load_sweep(path), resume=True).frameworks
+    assert sorted(int((r.metrics or {}).get("epoch", 0)) for r in framework.results) == sorted(epochs)
 
 
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_local, workspace, mlflow_server):
@@ -215,30 +291,35 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_local, wor
     )
     client = MlflowClient(mlflow_server)
     deadline = time.time() + 300
-    while not any(r.data.tags.get("status") == "finished" for r in child_runs(client, "resume")):
+    while not any(r.data.tags.get(STATUS_TAG) == "finished" for r in child_runs(client, "resume")):
         assert driver.poll() is None and time.time() < deadline, "the sweep ended before a trial finished"
         time.sleep(2)
     time.sleep(8)  # let Tune write its experiment state after the finished trial
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    finished_before = {r.data.tags[TRIAL_TAG] for r in child_runs(client, "resume") if r.data.tags.get("status") == "finished"}
+    finished_before = {r.data.tags[TRIAL_TAG] for r in child_runs(client, "resume") if r.data.tags.get(STATUS_TAG) == "finished"}
     checkpoints = {t: sorted(p.name for p in (workspace / "sweeps/resume/trials/retinanet" / t).glob("checkpoint_*")) for t in finished_before}
 
     # A trial that started just before the kill, after Tune last saved its state: its run stays open.
     experiment_id = client.get_experiment_by_name("gid-test").experiment_id
-    tags = {SWEEP_TAG: "resume", FRAMEWORK_TAG: "retinanet", TRIAL_TAG: "lost0000", ROLE_TAG: "trial"}
+    (parent,) = runs_of(client, "resume", "sweep")
+    tags = {SWEEP_TAG: "resume", SWEEP_ID_TAG: parent.data.tags[SWEEP_ID_TAG], FRAMEWORK_TAG: "retinanet",
+            TRIAL_TAG: "lost0000", ROLE_TAG: "trial"}
     unsaved = client.create_run(experiment_id, tags=tags).info.run_id
 
     with pytest.raises(GidError, match="already exists"):
         run_sweep(sweep)
-    outcome = run_sweep(sweep, resume=True)
+    outcome = run_sweep(sweep, resume=True, overrides=["resources.max_concurrent_trials=1"])
     assert len(outcome.frameworks[0].results) == 3
+    (parent,) = runs_of(client, "resume", "sweep")
+    invocations = [parent.data.tags[f"{INVOCATION_TAG}.{n}"] for n in range(2)]
+    assert invocations[0].endswith(" start") and invocations[1].endswith(" resume --set resources.max_concurrent_trials=1")
     all_runs = child_runs(client, "resume")
-    lost = [r for r in all_runs if r.data.tags["status"] == "lost"]
+    lost = [r for r in all_runs if r.data.tags[STATUS_TAG] == "lost"]
     assert unsaved in {r.info.run_id for r in lost} and all(r.info.status == "KILLED" for r in lost)
     runs = [r for r in all_runs if r not in lost]
     assert len(runs) == 3 and len({r.data.tags[TRIAL_TAG] for r in runs}) == 3  # no duplicate runs
-    assert all(r.data.tags["status"] == "finished" for r in runs)
+    assert all(r.data.tags[STATUS_TAG] == "finished" for r in runs)
     for trial_id in finished_before:  # finished trials were not trained again
         assert sorted(p.name for p in (workspace / "sweeps/resume/trials/retinanet" / trial_id).glob("checkpoint_*")) == checkpoints[trial_id]
     for run in runs:
@@ -250,7 +331,8 @@ def test_tpe_leaves_random_sampling_after_its_startup_trials(workspace, tmp_path
     def suggestions(startup_trials: int) -> list[dict]:
         sampler = {"type": "tpe", "seed": 0, "paper_defaults_first": False, "startup_trials": startup_trials}
         sweep = load_sweep(write_sweep(workspace, f"startup{startup_trials}", "sqlite:///unused.db", sampler=sampler))
-        searcher = build_searcher(sweep, "retinanet", f"sqlite:///{tmp_path / f'optuna{startup_trials}.db'}")
+        space = sweep.space_for(sweep.base_config("retinanet"))
+        searcher = build_searcher(sweep, space, "retinanet", f"sqlite:///{tmp_path / f'optuna{startup_trials}.db'}")
         configs = []
         for i in range(4):
             config = searcher.suggest(f"trial{i}")

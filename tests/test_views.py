@@ -15,15 +15,11 @@ from gid.models.detectors import build_detector
 FRAMEWORKS = ["retinanet", "fcos", "faster_rcnn"]
 NUM_CLASSES = 4
 IMAGE_SIZE = 64
-# FCOS reads its anchor width as the level's stride (centre radius, size ranges); "auto" sizes
-# scaled to 64 px round to zero-width anchors that match nothing, which would make the
-# assignment comparison vacuous. Stride-sized anchors give real matches.
-FCOS_ANCHORS = [8, 16, 32, 64, 128]
 
 
 def tiny(framework: str, image_size: int = IMAGE_SIZE, num_classes: int = NUM_CLASSES, **model) -> torch.nn.Module:
-    if framework == "fcos":
-        model.setdefault("anchor_sizes", FCOS_ANCHORS)
+    # FCOS's "auto" locations are its strides at any input size (gid.models.anchor_sizes), so its
+    # assignment has real matches at 64 px too.
     config = ModelConfig(**{"framework": framework, "backbone": "resnet18", "fpn_channels": 64, **model})
     torch.manual_seed(0)
     return build_detector(config, image_size=image_size, num_classes=num_classes)
@@ -252,8 +248,8 @@ def test_incompatible_framework():
 
 def test_signature_probe_leaves_the_model_untouched():
     model = tiny("retinanet").train()
-    model.backbone.body["0"].eval()  # a frozen stem, say: its mode must survive too
+    model.backbone.body["conv1"].eval()  # a frozen stem, say: its mode must survive too
     before = {k: v.clone() for k, v in model.state_dict().items()}
     view_for(model).signature()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    assert model.training and not model.backbone.body["0"].training and model.backbone.body["1"].training
+    assert model.training and not model.backbone.body["conv1"].training and model.backbone.body["bn1"].training

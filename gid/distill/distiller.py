@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from gid.config import DistillConfig, scaled_to_input
+from gid.distill.balance import TERM_LOSSES
 from gid.distill.gism import filter_instances, gism_stats, select_general_instances
 from gid.distill.losses import (
     build_adapter,
@@ -52,6 +53,8 @@ class Distiller(nn.Module):
             if uses_features
             else None
         )
+        # Multiplies each term's configured weight(s): 1 unless gradient calibration sets it (gid.distill.balance).
+        self.term_scales = {term: 1.0 for term in TERM_LOSSES}
         self.min_box_size = scaled_to_input(config.gism.min_box_size, COCO_MIN_BOX_SIZE, image_size)
         self.canonical_size = scaled_to_input(config.feature.canonical_size, COCO_CANONICAL_SIZE, image_size)
 
@@ -95,7 +98,7 @@ class Distiller(nn.Module):
         gt_boxes = [t["boxes"] for t in targets]
         gis = self._general_instances(teacher_dense, dense, layout, gt_boxes, student)
         boxes = [gi.boxes for gi in gis]
-        c = self.config
+        c, scale = self.config, self.term_scales
 
         if self.adapter is not None:
             adapted = [self.adapter(level) for level in dense.features]
@@ -106,24 +109,25 @@ class Distiller(nn.Module):
             pooled_student = pool_instances(adapted, **pool)
             pooled_teacher = pool_instances(teacher_dense.features, **pool)
             if c.feature.enabled:
-                losses["loss_feature"] = c.feature.weight * feature_loss(pooled_teacher, pooled_student)
+                losses["loss_feature"] = c.feature.weight * scale["feature"] * feature_loss(pooled_teacher, pooled_student)
             if c.relation.enabled:
                 counts = [len(b) for b in boxes]
                 relation = relation_loss(pooled_teacher, pooled_student, counts, c.relation.group_images)
-                losses["loss_relation"] = c.relation.weight * relation
+                losses["loss_relation"] = c.relation.weight * scale["relation"] * relation
 
         if c.response.enabled:
             mask = student.assign_foreground(boxes, layout)
             cls_loss, reg_loss = response_loss(teacher_dense, dense, mask, c.response.temperature)
-            losses["loss_response_cls"] = c.response.cls_weight * cls_loss
-            losses["loss_response_reg"] = c.response.reg_weight * reg_loss
+            cls_weight, reg_weight = c.response.cls_weight * scale["response"], c.response.reg_weight * scale["response"]
+            losses["loss_response_cls"] = cls_weight * cls_loss
+            losses["loss_response_reg"] = reg_weight * reg_loss
             if student.framework == "faster_rcnn" and c.response.roi_response:
                 with torch.no_grad():
                     teacher_rois = teacher.roi_outputs(teacher_features, boxes, layout.image_sizes)
                 student_rois = student.roi_outputs(features, boxes, layout.image_sizes)
                 roi_cls, roi_reg = roi_response_loss(*teacher_rois, *student_rois, c.response.temperature)
-                losses["loss_response_roi_cls"] = c.response.cls_weight * roi_cls
-                losses["loss_response_roi_reg"] = c.response.reg_weight * roi_reg
+                losses["loss_response_roi_cls"] = cls_weight * roi_cls
+                losses["loss_response_roi_reg"] = reg_weight * roi_reg
 
         stats = gism_stats(gis, gt_boxes)
         return {**losses, **{f"gism_{k}": torch.tensor(v) for k, v in stats.items()}}

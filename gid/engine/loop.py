@@ -7,6 +7,7 @@ persistence and resumption (``ray.train.report`` / ``ray.train.get_checkpoint``)
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import resource
@@ -29,8 +30,10 @@ from gid.config import Config, TrainConfig
 from gid.data import build_dataset, collate
 from gid.engine.evaluation import coco_metrics, format_metrics, predict
 from gid.errors import GidError
-from gid.models import build_detector, load_weights, read_checkpoint
-from gid.models.checkpoint import FORMAT, atomic_save
+from gid.logs import configure_worker as configure_worker_logging
+from gid.models import build_detector, load_backbone_weights, load_weights, read_checkpoint, save_model
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 PICTURES_DIR = "gi_pictures"  # in the last checkpoint of a distillation: what GISM picked
@@ -73,8 +76,10 @@ def memory_peak_mb(device: torch.device) -> float:
 def build_trainable(config: Config, num_classes: int, device: torch.device) -> nn.Module:
     """The module whose forward returns the training losses: the detector, or a Distiller."""
     student = build_detector(config.model, config.data.image_size, num_classes)
-    if config.model.weights is not None:
-        load_weights(student, config.model.weights)
+    if config.model.backbone_weights is not None:
+        load_backbone_weights(student, config.model.backbone_weights, config.model.backbone)
+    if config.model.weights is not None:  # a whole detector: over the backbone's weights, if both are given
+        load_weights(student, config.model.weights, config.model.framework, num_classes)
     if config.distill is None:
         return student
     from gid.distill import Distiller  # the method package is only needed for distillation
@@ -84,6 +89,15 @@ def build_trainable(config: Config, num_classes: int, device: torch.device) -> n
 
 def student_and_adapter(trainable: nn.Module) -> tuple[nn.Module, nn.Module | None]:
     return getattr(trainable, "student", trainable), getattr(trainable, "adapter", None)
+
+
+def gradient_balance(config: Config, trainable: nn.Module):
+    """The calibration of a Distiller's weights (``distill.balance.mode: gradient``), or None."""
+    if config.distill is None or config.distill.balance.mode != "gradient":
+        return None
+    from gid.distill.balance import GradientBalance
+
+    return GradientBalance(config.distill.balance, config.distill, trainable.term_scales)
 
 
 def lr_lambda(train: TrainConfig, total_iters: int):
@@ -119,12 +133,21 @@ def _all_gather(value: object) -> list:
     return gathered
 
 
-def _gather_detections(records: list[dict]) -> list[dict]:
-    """All workers' detections (each evaluated its shard of the validation set)."""
+def _detections_on_rank_zero(records: list[dict]) -> list[dict] | None:
+    """Every worker's detections (each predicted its shard of the validation set) on rank 0, None elsewhere.
+
+    Only rank 0's metrics reach Ray Train's report, so only rank 0 runs COCO evaluation.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return records
+    shards: list | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(records, shards, dst=0)
+    if shards is None:
+        return None
     # The distributed sampler pads the last shard with repeated images: keep one copy of each.
     seen: set[int] = set()
     merged: list[dict] = []
-    for shard in _all_gather(records):
+    for shard in shards:
         merged += [r for r in shard if r["image_id"] not in seen]
         seen |= {r["image_id"] for r in shard}
     return merged
@@ -167,6 +190,7 @@ def apply_gradients(
 
 @out_of_memory_as_user_error()
 def train_loop_per_worker(config_dict: dict) -> None:
+    configure_worker_logging()
     config = Config.model_validate(config_dict)
     context = ray.train.get_context()
     rank = context.get_world_rank()
@@ -182,6 +206,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
 
     trainable = build_trainable(config, num_classes, device)
     student, adapter = student_and_adapter(trainable)
+    balance = gradient_balance(config, trainable)
     params = [p for p in trainable.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(
         params, lr=config.train.lr, momentum=config.train.momentum, weight_decay=config.train.weight_decay
@@ -202,9 +227,11 @@ def train_loop_per_worker(config_dict: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
+        if balance is not None and "balance" in state:
+            balance.load_state_dict(state["balance"])
         start_epoch = state["epoch"]
         if rank == 0:
-            print(f"resumed from epoch {start_epoch} checkpoint")
+            logger.info("resumed from epoch %d checkpoint", start_epoch)
     model = ray.train.torch.prepare_model(trainable)
     # Where the workers run (a trial's workers may span nodes): reported, and tagged in MLflow.
     worker_nodes = ",".join(_all_gather(ray.get_runtime_context().get_node_id()))
@@ -214,6 +241,8 @@ def train_loop_per_worker(config_dict: dict) -> None:
         if isinstance(train_loader.sampler, DistributedSampler):
             train_loader.sampler.set_epoch(epoch)
         model.train()
+        if balance is not None:
+            balance.start_epoch()
         running = _RunningMean()
         started = time.perf_counter()
         for it, (images, targets) in enumerate(train_loader):
@@ -228,43 +257,46 @@ def train_loop_per_worker(config_dict: dict) -> None:
                     f"training loss became {loss.item()} at epoch {epoch + 1}, iteration {it + 1} "
                     f"({', '.join(f'{k}={float(v):.4g}' for k, v in outputs.items())}); lower train.lr or the loss weights"
                 )
+            if balance is not None and balance.measuring:
+                balance.measure(outputs, params)
+                if not balance.measuring and rank == 0:
+                    logger.info(balance.summary())
             apply_gradients(loss, optimizer, scaler, scheduler, params, config.train.clip_grad_norm)
             running.add({"loss": loss.detach(), **{k: v.detach() for k, v in outputs.items()}})
             if rank == 0 and (it + 1) % config.train.log_every == 0:
                 speed = (time.perf_counter() - started) / (it + 1)
-                print(
-                    f"epoch {epoch + 1}/{config.train.epochs} iter {it + 1}/{len(train_loader)} "
-                    f"loss {running.means()['loss']:.4f} lr {scheduler.get_last_lr()[0]:.4g} ({speed:.2f} s/it)"
+                logger.info(
+                    "epoch %d/%d iter %d/%d loss %.4f lr %.4g (%.2f s/it)", epoch + 1, config.train.epochs, it + 1,
+                    len(train_loader), running.means()["loss"], scheduler.get_last_lr()[0], speed,
                 )
         metrics = {
             "epoch": epoch + 1, **running.means(), "epoch_time_s": time.perf_counter() - started,
             "first_step_at": first_step_at, "memory_peak_mb": memory_peak_mb(device), "worker_nodes": worker_nodes,
+            **(balance.metrics() if balance is not None else {}),
         }
 
         last = epoch + 1 == config.train.epochs
         if last or (epoch + 1) % config.train.eval_every == 0:
-            records = _gather_detections(predict(student, val_loader, val_set.label_to_category_id, device))
-            metrics.update({f"val_{k}": v for k, v in coco_metrics(val_set.coco, records).items()})
-            if rank == 0:
-                print(f"epoch {epoch + 1}/{config.train.epochs} val {format_metrics({k[4:]: v for k, v in metrics.items() if k.startswith('val_')})}")
+            records = _detections_on_rank_zero(predict(student, val_loader, val_set.label_to_category_id, device))
+            if records is not None:
+                metrics.update({f"val_{k}": v for k, v in coco_metrics(val_set.coco, records).items()})
+                val = {k.removeprefix("val_"): v for k, v in metrics.items() if k.startswith("val_")}
+                logger.info("epoch %d/%d val %s", epoch + 1, config.train.epochs, format_metrics(val))
 
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
             if rank == 0:
-                state = {
-                    "format": FORMAT,
-                    "config": config.to_dict(),
-                    "num_classes": num_classes,
-                    "model": student.state_dict(),
-                    "epoch": epoch + 1,
-                    "metrics": metrics,
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
+                training_state = {
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 }
                 if adapter is not None:
-                    state["adapter"] = adapter.state_dict()
-                atomic_save(state, Path(directory) / CHECKPOINT_FILE)
+                    training_state["adapter"] = adapter.state_dict()
+                if balance is not None:
+                    training_state["balance"] = balance.state_dict()
+                save_model(
+                    student, config, num_classes, Path(directory) / CHECKPOINT_FILE,
+                    epoch=epoch + 1, metrics=metrics, training_state=training_state,
+                )
                 if last and config.distill is not None:
                     from gid.distill.pictures import save_gi_pictures
 

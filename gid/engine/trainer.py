@@ -12,11 +12,12 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from gid.config import Config
+from gid.config import Config, validate
 from gid.engine.loop import CHECKPOINT_FILE, PICTURES_DIR, train_loop_per_worker
 from gid.engine.preflight import check_run_inputs, check_writable
 from gid.errors import GidError
-from gid.models.checkpoint import atomic_save, read_checkpoint
+from gid.logs import worker_env
+from gid.models.checkpoint import read_checkpoint, save_model
 
 MODEL_FILE = "model.pt"
 
@@ -39,7 +40,7 @@ def ensure_ray(address: str | None = None) -> None:
     cleanup needs its state API to free the workers of a trial stopped early.
     """
     if not ray.is_initialized():
-        ray.init(address=address, runtime_env={"env_vars": RAY_ENV_VARS})
+        ray.init(address=address, runtime_env={"env_vars": {**RAY_ENV_VARS, **worker_env()}})
 
 
 def use_gpu(config: Config) -> bool:
@@ -70,10 +71,10 @@ def build_trainer(config: Config, callbacks: list | None = None) -> TorchTrainer
 
 
 def export_model(checkpoint_dir: Path, out: Path) -> None:
-    """Write the weights and config of a training checkpoint, without the optimizer state."""
+    """Write the weights and config of a training checkpoint, without its training state."""
     state = read_checkpoint(checkpoint_dir / CHECKPOINT_FILE)
-    keep = ("format", "config", "num_classes", "model", "epoch", "metrics")
-    atomic_save({k: state[k] for k in keep}, out)
+    config = validate(state["config"], source=f"{checkpoint_dir / CHECKPOINT_FILE} (stored config)")
+    save_model(state["model"], config, state["num_classes"], out, epoch=state["epoch"], metrics=state["metrics"])
 
 
 @contextmanager

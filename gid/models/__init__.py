@@ -1,6 +1,9 @@
 """torchvision detectors built from config, and their model files."""
 
-from gid.models.checkpoint import load_model, load_weights, read_checkpoint, save_model
+from gid.models.checkpoint import load_backbone_weights, load_model, load_weights, read_checkpoint, save_model
 from gid.models.detectors import anchor_sizes, build_detector
 
-__all__ = ["anchor_sizes", "build_detector", "load_model", "load_weights", "read_checkpoint", "save_model"]
+__all__ = [
+    "anchor_sizes", "build_detector", "load_backbone_weights", "load_model", "load_weights", "read_checkpoint",
+    "save_model",
+]

@@ -1,31 +1,71 @@
-"""Feature pyramid backbones built from torchvision classifiers, never with downloaded weights."""
+"""Feature pyramid backbones as torchvision's detection builders make them, never with downloaded weights.
+
+A backbone is torchvision's ``BackboneWithFPN`` over the classifier itself, so its state dict keys
+(``body.conv1``, ``body.layer1``, ... for a ResNet) are those of torchvision's detectors; gid
+chooses only the FPN width. torchvision's ``_resnet_fpn_extractor`` and ``_mobilenet_extractor``
+fix the width at 256, so their two steps, freezing early layers and wrapping the classifier, are
+spelled out here.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import Literal
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torchvision import models
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+#: The levels above C5: RetinaNet v1 and FCOS compute P6 from P5, RetinaNet v2 from C5; Faster R-CNN max-pools P5.
+ExtraLevels = Literal["p6p7_from_p5", "p6p7_from_c5", "max_pool"]
+
+#: The classification layers of each classifier family, which a detector backbone leaves out.
+_CLASSIFIER_HEADS = {"resnet": "fc.", "mobilenet": "classifier."}
 
 
-def _feature_body(name: str) -> nn.Sequential:
-    """The classifier without its pooling and classification layers."""
-    classifier = getattr(models, name)(weights=None)
-    if name.startswith("mobilenet"):
-        return classifier.features
-    return nn.Sequential(
-        *[m for n, m in classifier.named_children() if n not in ("avgpool", "fc")]
-    )
+def _family(name: str) -> str:
+    return "resnet" if name.startswith("resnet") else "mobilenet"
+
+
+def build_classifier(name: str, frozen_batchnorm: bool) -> nn.Module:
+    """The randomly initialised torchvision classifier a backbone is cut from.
+
+    Frozen BatchNorm is torchvision's convention for pretrained backbones: detection batches are
+    too small for batch statistics. Otherwise each classifier keeps its own BatchNorm (MobileNetV3's
+    has eps 0.001, as gid has always built it).
+    """
+    builder = getattr(models, name)
+    return builder(weights=None, norm_layer=FrozenBatchNorm2d) if frozen_batchnorm else builder(weights=None)
+
+
+def freeze_early_layers(name: str, classifier: nn.Module, trainable_layers: int) -> None:
+    """Stop training all but the last ``trainable_layers`` stages, exactly as torchvision's extractors do."""
+    if _family(name) == "resnet":
+        trained = ("layer4", "layer3", "layer2", "layer1", "conv1")[:trainable_layers]
+        trained += ("bn1",) if trainable_layers == 5 else ()
+        for parameter_name, parameter in classifier.named_parameters():
+            if not parameter_name.startswith(trained):
+                parameter.requires_grad_(False)
+        return
+    features = classifier.features
+    # MobileNet's stages start at the first block and at every strided (``_is_cn``) block.
+    starts = [0] + [i for i, block in enumerate(features) if getattr(block, "_is_cn", False)] + [len(features) - 1]
+    freeze_before = len(features) if trainable_layers == 0 else starts[len(starts) - trainable_layers]
+    features[:freeze_before].requires_grad_(False)
+
+
+def _resnet_stages(classifier: nn.Module) -> dict[int, tuple[str, int]]:
+    """Output stride -> (name, channels) of ResNet's stages C2–C5, with torchvision's channel rule."""
+    width = classifier.inplanes // 8  # the channels of C2 (layer1) for basic and bottleneck blocks alike
+    return {2 ** (i + 1): (f"layer{i}", width * 2 ** (i - 1)) for i in range(1, 5)}
 
 
 @torch.no_grad()
 def _last_block_per_stride(body: nn.Sequential) -> dict[int, tuple[str, int]]:
-    """Map output stride -> (name, channels) of the last block producing it.
-
-    Works for any sequential classifier body, so ResNets and MobileNetV3 share one code path
-    (torchvision's own extractors hard-code the stage indices per family instead).
-    """
+    """Output stride -> (name, channels) of the last block of a sequential body producing it (MobileNetV3)."""
     was_training = body.training
     body.eval()  # a probe must not touch BatchNorm running statistics
     x = torch.zeros(1, 3, 64, 64)
@@ -37,20 +77,64 @@ def _last_block_per_stride(body: nn.Sequential) -> dict[int, tuple[str, int]]:
     return found
 
 
-def build_fpn_backbone(name: str, fpn_channels: int, strides: tuple[int, ...], p6p7: bool) -> BackboneWithFPN:
-    """A backbone + FPN on the stages of the given strides, plus P6/P7 or a max-pooled level.
+def feature_stages(name: str, classifier: nn.Module) -> tuple[nn.Module, dict[int, tuple[str, int]]]:
+    """The module the FPN reads from, and per output stride the (child name, channels) that gives it."""
+    if _family(name) == "resnet":
+        return classifier, _resnet_stages(classifier)
+    return classifier.features, _last_block_per_stride(classifier.features)
 
-    RetinaNet and FCOS use C3–C5 with P6/P7 (strides 8–128); Faster R-CNN uses C2–C5 with a
-    max-pooled P6 (strides 4–64), as torchvision's own builders do.
+
+def _extra_block(extra: ExtraLevels, c5_channels: int, fpn_channels: int) -> ExtraFPNBlock:
+    if extra == "max_pool":
+        return LastLevelMaxPool()
+    # LastLevelP6P7 reads P5 when its input width is the FPN's, else C5.
+    return LastLevelP6P7(fpn_channels if extra == "p6p7_from_p5" else c5_channels, fpn_channels)
+
+
+def build_fpn_backbone(
+    name: str,
+    fpn_channels: int,
+    strides: tuple[int, ...],
+    extra: ExtraLevels,
+    *,
+    fpn_norm: Callable[..., nn.Module] | None = None,
+    frozen_batchnorm: bool = False,
+    trainable_layers: int = 5,
+) -> BackboneWithFPN:
+    """The classifier's stages of the given strides under an FPN of ``fpn_channels``, plus the extra levels.
+
+    RetinaNet and FCOS read C3–C5 (strides 8–32) and add P6/P7; Faster R-CNN reads C2–C5 and
+    max-pools a P6, as torchvision's builders do.
     """
-    body = _feature_body(name)
-    stages = _last_block_per_stride(body)
-    chosen = [stages[s] for s in strides]
-    extra = LastLevelP6P7(fpn_channels, fpn_channels) if p6p7 else LastLevelMaxPool()
+    classifier = build_classifier(name, frozen_batchnorm)
+    freeze_early_layers(name, classifier, trainable_layers)
+    body, stages = feature_stages(name, classifier)
+    chosen = [stages[stride] for stride in strides]
     return BackboneWithFPN(
         body,
         return_layers={stage: str(i) for i, (stage, _) in enumerate(chosen)},
         in_channels_list=[channels for _, channels in chosen],
         out_channels=fpn_channels,
-        extra_blocks=extra,
+        extra_blocks=_extra_block(extra, chosen[-1][1], fpn_channels),
+        norm_layer=fpn_norm,
     )
+
+
+def without_classifier_head(name: str, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A classifier state dict without its classification layers, which a detector backbone does not use."""
+    head = _CLASSIFIER_HEADS[_family(name)]
+    return {key: value for key, value in state.items() if not key.startswith(head)}
+
+
+def classifier_reference(name: str) -> dict[str, Tensor]:
+    """The keys and shapes of torchvision's classifier without its head, as meta tensors (no memory, no init)."""
+    with torch.device("meta"):
+        return without_classifier_head(name, build_classifier(name, frozen_batchnorm=False).state_dict())
+
+
+def classifier_body_weights(name: str, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A classifier state dict under the names of the backbone body cut from it (``feature_stages``)."""
+    state = without_classifier_head(name, state)
+    if _family(name) == "resnet":
+        return state
+    return {key.removeprefix("features."): value for key, value in state.items()}

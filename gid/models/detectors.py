@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import partial
+from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.models.detection.rpn import RPNHead
 
-from gid.config import COCO_IMAGE_SIZE, ModelConfig
+from gid.config import COCO_IMAGE_SIZE, MAX_TRAINABLE_LAYERS, ModelConfig
 from gid.models.backbones import build_fpn_backbone
 
 # Per-level anchor sizes torchvision uses for each framework at COCO scale (800 px).
@@ -24,6 +29,19 @@ BACKBONE_STRIDES = {
     "fcos": (8, 16, 32),  # + P6, P7
     "faster_rcnn": (4, 8, 16, 32),  # + max-pooled P6
 }
+#: Layers whose shape depends on the number of classes: fine-tuning to other classes starts them afresh.
+CLASS_LAYERS = {
+    "retinanet": ("head.classification_head.cls_logits",),
+    "fcos": ("head.classification_head.cls_logits",),
+    "faster_rcnn": ("roi_heads.box_predictor.cls_score", "roi_heads.box_predictor.bbox_pred"),
+}
+#: The weight whose first dimension counts the classes (times the anchors per location, for RetinaNet).
+CLASS_LOGITS = {
+    "retinanet": "head.classification_head.cls_logits.weight",
+    "fcos": "head.classification_head.cls_logits.weight",
+    "faster_rcnn": "roi_heads.box_predictor.cls_score.weight",
+}
+FASTER_RCNN_ROI_SIZE = 7  # FasterRCNN's default MultiScaleRoIAlign output size, which its box head reads
 
 
 def level_strides(framework: str) -> tuple[int, ...]:
@@ -68,28 +86,73 @@ def build_anchor_generator(config: ModelConfig, image_size: int) -> AnchorGenera
     return AnchorGenerator(per_level, (ratios,) * len(per_level))
 
 
+def uses_frozen_batchnorm(config: ModelConfig) -> bool:
+    """torchvision's rule: a pretrained backbone has frozen BatchNorm; one trained from scratch does not."""
+    return config.backbone_weights is not None if config.frozen_batchnorm == "auto" else config.frozen_batchnorm
+
+
+def trainable_backbone_layers(config: ModelConfig) -> int:
+    """torchvision's rule: 3 stages trained from a pretrained backbone, all of them from scratch."""
+    if config.trainable_backbone_layers != "auto":
+        return config.trainable_backbone_layers
+    return 3 if config.backbone_weights is not None else MAX_TRAINABLE_LAYERS[config.backbone]
+
+
+def build_backbone(config: ModelConfig) -> BackboneWithFPN:
+    """The backbone + FPN torchvision's builder of the framework and variant makes, ``fpn_channels`` wide."""
+    v2 = config.variant == "v2"
+    if config.framework == "faster_rcnn":
+        extra, fpn_norm = "max_pool", (nn.BatchNorm2d if v2 else None)
+    else:
+        extra, fpn_norm = ("p6p7_from_c5" if v2 else "p6p7_from_p5"), None
+    return build_fpn_backbone(
+        config.backbone, config.fpn_channels, BACKBONE_STRIDES[config.framework], extra, fpn_norm=fpn_norm,
+        frozen_batchnorm=uses_frozen_batchnorm(config), trainable_layers=trainable_backbone_layers(config),
+    )
+
+
 def build_detector(config: ModelConfig, image_size: int, num_classes: int) -> nn.Module:
-    """A detector trained from scratch; ``num_classes`` includes the background class.
+    """A randomly initialised detector; ``num_classes`` includes the background class.
 
     All three frameworks take images whose longest side is ``image_size`` and normalise them
-    inside the model, so teacher and student of one config see the same input tensor.
+    inside the model, so teacher and student of one config see the same input tensor. For a
+    ResNet-50 with 256 FPN channels the module tree is that of torchvision's builder of the
+    framework and variant (e.g. ``retinanet_resnet50_fpn_v2``): their state dicts load into each other.
     """
-    framework = config.framework
-    backbone = build_fpn_backbone(
-        config.backbone, config.fpn_channels, BACKBONE_STRIDES[framework], p6p7=framework != "faster_rcnn"
-    )
+    backbone = build_backbone(config)
     anchors = build_anchor_generator(config, image_size)
     common = dict(min_size=image_size, max_size=image_size)
-    num_anchors = anchors.num_anchors_per_location()[0]
-    if framework == "retinanet":
-        # GroupNorm in the head (as in torchvision's RetinaNet v2) makes training from scratch stable.
-        head = RetinaNetHead(
-            config.fpn_channels, num_anchors, num_classes, norm_layer=partial(nn.GroupNorm, 32)
-        )
-        return RetinaNet(backbone, num_classes, anchor_generator=anchors, head=head, **common)
-    if framework == "fcos":
-        head = FCOSHead(config.fpn_channels, num_anchors, num_classes)
+    if config.framework == "retinanet":
+        return _retinanet(config, backbone, anchors, num_classes, common)
+    if config.framework == "fcos":
+        head = FCOSHead(backbone.out_channels, anchors.num_anchors_per_location()[0], num_classes)
         return FCOS(backbone, num_classes, anchor_generator=anchors, head=head, **common)
+    return _faster_rcnn(config, backbone, anchors, num_classes, common)
+
+
+def _retinanet(
+    config: ModelConfig, backbone: BackboneWithFPN, anchors: AnchorGenerator, num_classes: int, common: dict[str, Any]
+) -> RetinaNet:
+    v2 = config.variant == "v2"
+    norm = partial(nn.GroupNorm, 32) if v2 else None
+    head = RetinaNetHead(backbone.out_channels, anchors.num_anchors_per_location()[0], num_classes, norm_layer=norm)
+    if v2:
+        head.regression_head._loss_type = "giou"  # as retinanet_resnet50_fpn_v2 sets it: there is no argument
+    return RetinaNet(backbone, num_classes, anchor_generator=anchors, head=head, **common)
+
+
+def _faster_rcnn(
+    config: ModelConfig, backbone: BackboneWithFPN, anchors: AnchorGenerator, num_classes: int, common: dict[str, Any]
+) -> FasterRCNN:
+    heads = {}
+    if config.variant == "v2":  # fasterrcnn_resnet50_fpn_v2's heads, their convolutions as wide as the FPN
+        width = backbone.out_channels
+        heads = dict(
+            rpn_head=RPNHead(width, anchors.num_anchors_per_location()[0], conv_depth=2),
+            box_head=FastRCNNConvFCHead(
+                (width, FASTER_RCNN_ROI_SIZE, FASTER_RCNN_ROI_SIZE), [width] * 4, [1024], norm_layer=nn.BatchNorm2d
+            ),
+        )
     # Fewer proposals and sampled RoIs than torchvision's COCO defaults: small images hold
     # far fewer objects, and the defaults would make the second stage dominate step time.
     return FasterRCNN(
@@ -101,5 +164,20 @@ def build_detector(config: ModelConfig, image_size: int, num_classes: int) -> nn
         rpn_pre_nms_top_n_test=500,
         rpn_post_nms_top_n_test=300,
         box_batch_size_per_image=128,
+        **heads,
         **common,
     )
+
+
+def class_layer_keys(framework: str, state: Mapping[str, Tensor]) -> list[str]:
+    """The keys of ``state`` that belong to the framework's class-dependent layers."""
+    prefixes = tuple(f"{layer}." for layer in CLASS_LAYERS[framework])
+    return [key for key in state if key.startswith(prefixes)]
+
+
+def num_classes_in(framework: str, state: Mapping[str, Tensor], anchors_per_location: int) -> int | None:
+    """The class count (background included) a detector state dict was made for; None without its logits."""
+    logits = state.get(CLASS_LOGITS[framework])
+    if logits is None or logits.dim() < 1:
+        return None
+    return logits.shape[0] // (anchors_per_location if framework == "retinanet" else 1)

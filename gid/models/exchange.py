@@ -1,0 +1,217 @@
+"""Detectors in and out of gid: torchvision builders' state dicts in, state dicts and TorchScript out.
+
+``gid model import`` turns the state dict of a torchvision detector (``model.state_dict()`` of
+e.g. ``retinanet_resnet50_fpn_v2``) into a gid model file; ``gid model export`` writes a model
+file's detector back as such a state dict, or as TorchScript that needs torch and torchvision only.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from gid.config import COCO_IMAGE_SIZE, Config, ModelConfig, validate
+from gid.errors import GidError
+from gid.models.backbones import build_classifier, feature_stages
+from gid.models.checkpoint import atomic_save, load_model, load_torch_file, save_model
+from gid.models.detectors import (
+    BACKBONE_STRIDES,
+    FASTER_RCNN_ROI_SIZE,
+    build_anchor_generator,
+    build_detector,
+    num_classes_in,
+    uses_frozen_batchnorm,
+)
+from gid.models.state_dicts import differences, is_state_dict
+
+#: torchvision's builders gid makes exactly: the model config that gives the same module tree.
+BUILDERS: dict[str, dict[str, str | int]] = {
+    "retinanet_resnet50_fpn": {"framework": "retinanet", "variant": "v1"},
+    "retinanet_resnet50_fpn_v2": {"framework": "retinanet", "variant": "v2"},
+    "fcos_resnet50_fpn": {"framework": "fcos", "variant": "v1"},
+    "fasterrcnn_resnet50_fpn": {"framework": "faster_rcnn", "variant": "v1"},
+    "fasterrcnn_resnet50_fpn_v2": {"framework": "faster_rcnn", "variant": "v2"},
+}
+BUILDER_BACKBONE = {"backbone": "resnet50", "fpn_channels": 256}
+# Their FPN has 3 levels where gid's detectors have 5.
+NOT_YET = ("fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_mobilenet_v3_large_320_fpn")
+EXPORT_FORMATS = ("torchvision", "torchscript")
+
+
+@dataclass(frozen=True)
+class Imported:
+    config: Config
+    num_classes: int
+
+
+def check_builder(builder: str) -> dict[str, str | int]:
+    """The gid model settings of a torchvision builder's architecture, or a one-line refusal."""
+    if builder in NOT_YET:
+        raise GidError(
+            f"--builder {builder} is not supported yet: its MobileNetV3 FPN has 3 levels and gid's detectors 5; "
+            f"supported: {', '.join(BUILDERS)}"
+        )
+    if builder not in BUILDERS:
+        raise GidError(f"--builder {builder} is not a torchvision builder gid makes; use one of {', '.join(BUILDERS)}")
+    return {**BUILDERS[builder], **BUILDER_BACKBONE}
+
+
+def import_torchvision(
+    weights: Path, builder: str, out: Path, *, num_classes: int | None = None, image_size: int = COCO_IMAGE_SIZE
+) -> Imported:
+    """Write the torchvision ``builder``'s state dict in ``weights`` as a gid model file at ``out``.
+
+    The classes are the file's (its classification layer's shape); ``num_classes``, if given, must agree.
+    """
+    model = check_builder(builder)
+    if not 32 <= image_size <= 4096:
+        raise GidError(f"--image-size {image_size}: give the longest image side in pixels, 32 to 4096")
+    if num_classes is not None and num_classes < 2:
+        raise GidError(f"--num-classes {num_classes}: count the background too, so at least 2")
+    state = _read_detector_state_dict(weights)
+    # torchvision's pretrained detectors have FrozenBatchNorm2d, which keeps no num_batches_tracked.
+    model["frozen_batchnorm"] = not any(
+        key.startswith("backbone.body.") and key.endswith(".num_batches_tracked") for key in state
+    )
+    found_classes = _classes_of(state, ModelConfig(**model), image_size)
+    # Without class logits (or with another builder's), the comparison says what is amiss.
+    classes = found_classes or num_classes or 2
+    config = validate(
+        {"data": {"image_size": image_size}, "model": {**model, "num_classes": classes}}, source=str(weights)
+    )
+    mismatch = differences(state, _reference(config, classes))
+    if mismatch:
+        raise GidError(f"{weights}: not a {builder} state dict: {mismatch}")
+    if num_classes is not None and num_classes != classes:
+        raise GidError(
+            f"{weights}: its classification layer has {classes} classes, not --num-classes {num_classes}; "
+            "import it as it is, then fine-tune it to other classes with model.weights"
+        )
+    save_model(state, config, classes, out)
+    return Imported(config, classes)
+
+
+def _read_detector_state_dict(path: Path) -> dict[str, Tensor]:
+    hint = "pass a torchvision detector's state_dict()"
+    state = load_torch_file(path, "torchvision state dict", hint)
+    if isinstance(state, dict) and "format" in state and "model" in state:
+        raise GidError(f"{path}: already a model file (format {state['format']}), not a torchvision state dict")
+    if not is_state_dict(state):
+        raise GidError(f"{path}: not a state dict (a dict of tensors); {hint}")
+    return dict(state)
+
+
+def _classes_of(state: dict[str, Tensor], model: ModelConfig, image_size: int) -> int | None:
+    anchors = build_anchor_generator(model, image_size).num_anchors_per_location()[0]
+    return num_classes_in(model.framework, state, anchors)
+
+
+def _reference(config: Config, num_classes: int) -> dict[str, Tensor]:
+    """The keys and shapes of the detector gid builds from ``config``, as meta tensors (no memory, no init)."""
+    with torch.device("meta"):
+        return build_detector(config.model, config.data.image_size, num_classes).state_dict()
+
+
+def builder_for(model: ModelConfig) -> str | None:
+    """The torchvision builder whose state dict loads into this architecture, if there is one."""
+    if {"backbone": model.backbone, "fpn_channels": model.fpn_channels} != BUILDER_BACKBONE:
+        return None
+    for name, settings in BUILDERS.items():
+        if settings == {"framework": model.framework, "variant": model.variant}:
+            return name
+    return None
+
+
+def export_model(model_file: Path, export_format: str, out: Path) -> str:
+    """Write a model file's detector as ``export_format`` at ``out``; returns the line telling how to load it."""
+    if export_format not in EXPORT_FORMATS:
+        raise GidError(f"--format {export_format}: use one of {', '.join(EXPORT_FORMATS)}")
+    model, config, num_classes = load_model(model_file)
+    if export_format == "torchscript":
+        atomic_save(script(model), out, write=save_torchscript)
+        return (
+            f"wrote {out}: torch.jit.load it where torch and torchvision are installed (torchvision registers "
+            "the detection ops); called on a list of [3, H, W] images in 0..1 it returns (losses, detections)"
+        )
+    atomic_save(model.state_dict(), out)
+    size = config.data.image_size
+    return (
+        f"wrote {out}: {rebuild_hint(config, num_classes)} loads it with strict=True (gid feeds it images of "
+        f"longest side {size}: pass min_size={size}, max_size={size} for the same input)"
+    )
+
+
+# torch 2.14 deprecates TorchScript in favour of torch.export, but scripting is what torchvision's
+# detectors are built and tested for, and a scripted module runs without any of gid's Python code:
+# the two deprecation warnings are silenced where gid calls them, and only there.
+
+
+def script(model: nn.Module) -> torch.jit.ScriptModule:
+    """The detector in eval mode as TorchScript: it runs without gid (or Python code of its own)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        return torch.jit.script(model.eval())
+
+
+def save_torchscript(module: torch.jit.ScriptModule, file) -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.save` is deprecated", category=FutureWarning)
+        torch.jit.save(module, file)
+
+
+def rebuild_hint(config: Config, num_classes: int) -> str:
+    """The torchvision call that rebuilds a model file's architecture, for its exported state dict."""
+    model = config.model
+    builder = builder_for(model)
+    if builder is not None:
+        return f"torchvision.models.detection.{builder}(weights=None, weights_backbone=None, num_classes={num_classes})"
+    call = constructor_call(model, num_classes)
+    if (model.framework, model.variant) == ("retinanet", "v2"):
+        call += " (to train it, set head.regression_head._loss_type = 'giou' as v2 does)"
+    return f"no torchvision builder makes this architecture; {call}"
+
+
+def constructor_call(model: ModelConfig, num_classes: int) -> str:
+    """A Python expression of torchvision classes that builds the same module tree as gid, for any architecture.
+
+    Its names come from ``torchvision.models``, ``torchvision.models.detection`` (and its
+    ``backbone_utils``, ``retinanet``, ``rpn`` and ``faster_rcnn`` modules), ``torchvision.ops``
+    and ``torchvision.ops.misc``, ``torch.nn`` and ``functools``.
+    """
+    backbone = _backbone_call(model)
+    framework = {"retinanet": "RetinaNet", "fcos": "FCOS", "faster_rcnn": "FasterRCNN"}[model.framework]
+    # v1's heads are the ones these classes build by default (their default anchors per location are gid's)
+    if model.variant == "v1":
+        return f"{framework}({backbone}, {num_classes})"
+    width = model.fpn_channels
+    anchors = build_anchor_generator(model, COCO_IMAGE_SIZE).num_anchors_per_location()[0]
+    if model.framework == "retinanet":
+        head = f"RetinaNetHead({width}, {anchors}, {num_classes}, norm_layer=partial(GroupNorm, 32))"
+        return f"RetinaNet({backbone}, {num_classes}, head={head})"
+    roi = FASTER_RCNN_ROI_SIZE
+    return (
+        f"FasterRCNN({backbone}, {num_classes}, rpn_head=RPNHead({width}, {anchors}, conv_depth=2), "
+        f"box_head=FastRCNNConvFCHead(({width}, {roi}, {roi}), {[width] * 4}, [1024], norm_layer=BatchNorm2d))"
+    )
+
+
+def _backbone_call(model: ModelConfig) -> str:
+    frozen = uses_frozen_batchnorm(model)
+    classifier = f"{model.backbone}({'norm_layer=FrozenBatchNorm2d' if frozen else ''})"
+    if model.backbone.startswith("mobilenet"):
+        classifier += ".features"
+    with torch.device("meta"):  # the stages' names and widths only
+        _, stages = feature_stages(model.backbone, build_classifier(model.backbone, frozen_batchnorm=False))
+    chosen = [stages[stride] for stride in BACKBONE_STRIDES[model.framework]]
+    return_layers = {stage: str(i) for i, (stage, _) in enumerate(chosen)}
+    channels = [c for _, c in chosen]
+    if model.framework == "faster_rcnn":
+        extra = "LastLevelMaxPool()" + (", norm_layer=BatchNorm2d" if model.variant == "v2" else "")
+    else:
+        p6_input = channels[-1] if model.variant == "v2" else model.fpn_channels
+        extra = f"LastLevelP6P7({p6_input}, {model.fpn_channels})"
+    return f"BackboneWithFPN({classifier}, {return_layers}, {channels}, {model.fpn_channels}, {extra})"

@@ -1,0 +1,114 @@
+"""Gradient-calibrated GID weights (distill.balance) on real tiny detectors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from gid.cli import main
+from gid.config import BalanceConfig
+from gid.engine.trainer import build_trainer
+from gid.models import build_detector, save_model
+from gid.distill.balance import DETECTOR, GradientBalance, _gradient_norm, describe, effective_weights
+from support import BalanceLog
+from test_distiller import batch, distiller  # noqa: F401 - the module-scoped batch fixture
+
+RATIOS = {"feature": 0.5, "relation": 0.2, "response": 2.0}
+
+
+def trainable_params(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def losses_of(model, batch) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)  # Faster R-CNN samples its proposals and RoIs: the same ones in every call
+    return model(*batch)
+
+
+def term_norms(model, batch) -> dict[str, float]:
+    losses = losses_of(model, batch)
+    params = trainable_params(model)
+    groups = {
+        DETECTOR: [v for k, v in losses.items() if k.startswith("loss_gt_")],
+        "feature": [losses["loss_feature"]],
+        "relation": [losses["loss_relation"]],
+        "response": [v for k, v in losses.items() if k.startswith("loss_response_")],
+    }
+    return {name: float(_gradient_norm(sum(parts), params)) for name, parts in groups.items()}
+
+
+@pytest.mark.parametrize("framework", ["retinanet", "faster_rcnn"])
+def test_calibration_gives_each_term_the_asked_ratio(framework, batch):
+    model = distiller(framework).train()
+    config = BalanceConfig(mode="gradient", calibration_steps=2, ratios=RATIOS)
+    balance = GradientBalance(config, model.config, model.term_scales)
+    for _ in range(2):  # no optimizer step: the same gradients twice, so the ratios must come out exactly
+        balance.measure(losses_of(model, batch), trainable_params(model))
+    assert not balance.measuring and balance.calibrations == 1
+    assert balance.extra_backward_passes == 2 * 4  # the detector and three terms, per step
+    norms = term_norms(model, batch)
+    for term, ratio in RATIOS.items():
+        assert norms[term] / norms[DETECTOR] == pytest.approx(ratio, rel=1e-3), term
+    # one scale per term: the response's cls/reg proportion stays as configured
+    weights = effective_weights(model.config, model.term_scales)
+    assert weights["response_cls"] / weights["response_reg"] == pytest.approx(0.1 / 1.0)
+    assert describe(balance.metrics()).startswith("calibrated GID weights: feature ")
+
+
+def test_fixed_weights_are_exactly_the_configured_ones(batch):
+    torch.manual_seed(1)
+    fixed = distiller("retinanet", balance={"mode": "fixed"}).train()(*batch)
+    torch.manual_seed(1)
+    default = distiller("retinanet").train()(*batch)
+    assert default.keys() == fixed.keys()
+    assert all(torch.equal(default[k], fixed[k]) for k in default)
+
+
+def test_a_resumed_run_keeps_its_calibrated_weights_and_does_not_calibrate_again(batch):
+    model = distiller("fcos").train()
+    config = BalanceConfig(mode="gradient", calibration_steps=1, ratios=RATIOS)
+    balance = GradientBalance(config, model.config, model.term_scales)
+    balance.measure(model(*batch), trainable_params(model))
+    saved = balance.state_dict()
+
+    restarted = distiller("fcos").train()
+    resumed = GradientBalance(config, restarted.config, restarted.term_scales)
+    resumed.load_state_dict(saved)
+    resumed.start_epoch()
+    assert not resumed.measuring and restarted.term_scales == model.term_scales != {t: 1.0 for t in RATIOS}
+    assert resumed.metrics() == balance.metrics()
+
+    every_epoch = GradientBalance(config.model_copy(update={"recalibrate": "epoch"}), restarted.config, {**restarted.term_scales})
+    every_epoch.load_state_dict(saved)
+    every_epoch.start_epoch()
+    assert every_epoch.measuring  # recalibrate: epoch measures again at each epoch's start
+
+
+def test_workers_share_the_calibrated_weights_and_a_resumed_run_keeps_them(ray_local, tiny_config, tmp_path, capsys):
+    teacher_config = tiny_config("retinanet", model={"backbone": "resnet34"})
+    save_model(build_detector(teacher_config.model, 64, 7), teacher_config, 7, tmp_path / "teacher.pt")
+    balance = {"mode": "gradient", "calibration_steps": 2, "ratios": RATIOS}
+    config = tiny_config(
+        "retinanet", scaling={"num_workers": 2, "use_gpu": False},
+        distill={"teacher": str(tmp_path / "teacher.pt"), "balance": balance}, run={"name": "balanced"},
+    )
+    log = tmp_path / "balance.jsonl"
+    build_trainer(config, callbacks=[BalanceLog(log)]).fit()
+    (first,) = [json.loads(line) for line in log.read_text().splitlines()]
+    calibrated = [{k: v for k, v in rank.items() if k.startswith(("balance_weight_", "balance_norm_"))} for rank in first]
+    assert calibrated[0] == calibrated[1] and len(calibrated[0]) == 8  # the same weights on both workers
+    assert first[0]["balance_calibrations"] == 1
+    assert first[0]["balance_weight_relation"] != 40.0  # calibrated, not the configured weight
+
+    # `gid distill` of the same run, one epoch longer: resumed, the weights kept, nothing recalibrated
+    path = tmp_path / "balanced.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    capsys.readouterr()
+    assert main(["distill", str(path), "--set", "train.epochs=2"]) == 0
+    (printed,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("calibrated GID weights: ")]
+    weights = {k.removeprefix("balance_weight_"): v for k, v in first[0].items() if k.startswith("balance_weight_")}
+    assert all(f"{name} {value:.3g}" in printed for name, value in weights.items())
+    assert "cost 8 extra backward passes" in printed  # 2 steps x 4 gradients, once: no second calibration

@@ -1,0 +1,403 @@
+"""torchvision's architectures, pretrained backbones, fine-tuning to other classes, `gid model import/export`.
+
+torchvision-format files are made here the way torchvision publishes them: the state dict of a
+builder's model (weights=None, weights_backbone=None, seeded), saved with torch.save.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import textwrap
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torchvision import models
+from torchvision.models import detection
+from torchvision.models.detection.backbone_utils import mobilenet_backbone, resnet_fpn_backbone
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from gid.cli import main
+from gid.config import ModelConfig, validate
+from gid.engine.loop import build_trainable
+from gid.errors import GidError
+from gid.models import build_detector, load_model, save_model
+from gid.models.detectors import CLASS_LAYERS
+
+NUM_CLASSES = 7  # the synthetic data's six classes and background, so `gid eval` can score imports
+BUILDERS = {
+    "retinanet_resnet50_fpn": ("retinanet", "v1"),
+    "retinanet_resnet50_fpn_v2": ("retinanet", "v2"),
+    "fcos_resnet50_fpn": ("fcos", "v1"),
+    "fasterrcnn_resnet50_fpn": ("faster_rcnn", "v1"),
+    "fasterrcnn_resnet50_fpn_v2": ("faster_rcnn", "v2"),
+}
+ARCHITECTURES = [("retinanet", "v1"), ("retinanet", "v2"), ("fcos", "v1"), ("faster_rcnn", "v1"), ("faster_rcnn", "v2")]
+
+
+def torchvision_state_dict(builder: str, num_classes: int = NUM_CLASSES, seed: int = 0) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return getattr(detection, builder)(weights=None, weights_backbone=None, num_classes=num_classes).state_dict()
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def builder_file(request, tmp_path_factory) -> tuple[str, Path]:
+    """One seeded torchvision detector file per builder (ResNet-50: each made once)."""
+    path = tmp_path_factory.mktemp(request.param) / f"{request.param}.pth"
+    torch.save(torchvision_state_dict(request.param), path)
+    return request.param, path
+
+
+def gid_config(framework: str, variant: str, **model) -> ModelConfig:
+    return ModelConfig(framework=framework, variant=variant, **model)
+
+
+# --- 1. torchvision's architectures -----------------------------------------------------------
+
+
+def test_gid_builds_each_torchvision_builders_module_tree(builder_file):
+    builder, path = builder_file
+    framework, variant = BUILDERS[builder]
+    theirs = torch.load(path, weights_only=True)
+    ours = build_detector(gid_config(framework, variant, backbone="resnet50", fpn_channels=256), 800, NUM_CLASSES)
+    assert list(ours.state_dict()) == list(theirs)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.items()}
+    ours.load_state_dict(theirs, strict=True)
+    assert all(torch.equal(ours.state_dict()[k], v) for k, v in theirs.items())
+
+
+def test_retinanet_v2_uses_giou_and_p6_from_c5():
+    v1, v2 = (build_detector(gid_config("retinanet", v), 64, 3) for v in ("v1", "v2"))
+    assert v1.head.regression_head._loss_type == "l1" and v2.head.regression_head._loss_type == "giou"
+    assert v1.backbone.fpn.extra_blocks.p6.in_channels == 64  # from P5
+    assert v2.backbone.fpn.extra_blocks.p6.in_channels == 512  # from C5 (ResNet-18)
+
+
+@pytest.mark.parametrize(
+    "framework, expected", [("retinanet", "v2"), ("fcos", "v1"), ("faster_rcnn", "v1")]
+)
+def test_each_framework_has_its_default_variant_written_out(framework, expected):
+    config = validate({"model": {"framework": framework}})
+    assert config.model.variant == expected and config.to_dict()["model"]["variant"] == expected
+
+
+def test_fcos_has_no_v2():
+    with pytest.raises(GidError, match="model: variant v2 is not one of fcos's: v1"):
+        validate({"model": {"framework": "fcos", "variant": "v2"}})
+
+
+@pytest.mark.parametrize("framework, variant", ARCHITECTURES)
+def test_each_architecture_trains_on_mobilenet_too(framework, variant):
+    model = build_detector(gid_config(framework, variant, backbone="mobilenet_v3_large"), 64, 3)
+    target = {"boxes": torch.tensor([[4.0, 4.0, 40.0, 30.0]]), "labels": torch.tensor([1])}
+    losses = model([torch.rand(3, 64, 48)], [target])
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+# --- 2. pretrained backbones ------------------------------------------------------------------
+
+
+def classifier_file(tmp_path: Path, name: str, seed: int = 1) -> tuple[Path, dict[str, torch.Tensor]]:
+    """An ImageNet-format file: a torchvision classifier's state dict, as torchvision publishes them."""
+    torch.manual_seed(seed)
+    state = getattr(models, name)(weights=None).state_dict()
+    path = tmp_path / f"{name}_imagenet.pth"
+    torch.save(state, path)
+    return path, state
+
+
+def trainable_with(synth_root: Path, tmp_path: Path, model: dict, num_classes: int = NUM_CLASSES) -> nn.Module:
+    config = validate({"data": {"root": str(synth_root), "image_size": 64}, "model": model,
+                       "run": {"storage_path": str(tmp_path / "runs")}})
+    return build_trainable(config, num_classes, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("backbone, head_prefix", [("resnet18", "fc."), ("mobilenet_v3_large", "classifier.")])
+def test_imagenet_weights_load_into_a_frozen_backbone(synth_root, tmp_path, backbone, head_prefix):
+    path, imagenet = classifier_file(tmp_path, backbone)
+    model = trainable_with(synth_root, tmp_path, {"framework": "retinanet", "backbone": backbone, "backbone_weights": str(path)})
+    body = model.backbone.body.state_dict()
+    expected = {k.removeprefix("features."): v for k, v in imagenet.items()
+                if not k.startswith(head_prefix) and not k.endswith("num_batches_tracked")}
+    assert set(body) == set(expected)
+    assert all(torch.equal(body[k], v) for k, v in expected.items())
+    norms = [m for m in model.backbone.body.modules() if "BatchNorm" in type(m).__name__]
+    assert norms and all(isinstance(m, FrozenBatchNorm2d) for m in norms)
+    assert all(p.requires_grad for p in model.backbone.fpn.parameters())
+    assert all(p.requires_grad for p in model.head.parameters())
+
+
+def test_without_backbone_weights_all_is_trained_with_batchnorm():
+    model = build_detector(ModelConfig(), 64, 3)
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.backbone.body.modules())
+
+
+def _trained(body: nn.Module) -> dict[str, bool]:
+    return {name: p.requires_grad for name, p in body.named_parameters()}
+
+
+@pytest.mark.parametrize("layers", range(6))
+def test_resnet_trainable_layers_are_torchvisions(layers):
+    ours = build_detector(ModelConfig(backbone="resnet18", frozen_batchnorm=True, trainable_backbone_layers=layers), 64, 3)
+    theirs = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=layers)
+    assert _trained(ours.backbone.body) == _trained(theirs.body)
+    assert any(_trained(ours.backbone.body).values()) == (layers > 0)
+
+
+@pytest.mark.parametrize("layers", range(7))
+def test_mobilenet_trainable_layers_are_torchvisions(layers):
+    config = ModelConfig(backbone="mobilenet_v3_large", frozen_batchnorm=True, trainable_backbone_layers=layers)
+    ours = build_detector(config, 64, 3)
+    theirs = mobilenet_backbone(backbone_name="mobilenet_v3_large", weights=None, fpn=True, trainable_layers=layers)
+    assert _trained(ours.backbone.body) == _trained(theirs.body)
+
+
+def test_backbone_weights_default_to_three_trained_stages(synth_root, tmp_path):
+    path, _ = classifier_file(tmp_path, "resnet18")
+    model = trainable_with(synth_root, tmp_path, {"backbone": "resnet18", "backbone_weights": str(path)})
+    trained = {name.split(".")[0] for name, p in model.backbone.body.named_parameters() if p.requires_grad}
+    frozen = {name.split(".")[0] for name, p in model.backbone.body.named_parameters() if not p.requires_grad}
+    assert trained == {"layer2", "layer3", "layer4"} and frozen == {"conv1", "layer1"}
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda: models.resnet34(weights=None).state_dict(), "classifier weights: 80 unexpected (e.g. layer1.2.conv1.weight)"),
+        (lambda: {"conv1.weight": torch.zeros(64, 3, 3, 3)}, "classifier weights: 99 keys missing (e.g. bn1.weight), "
+         "1 of another shape (e.g. conv1.weight: [64, 3, 3, 3], expected [64, 3, 7, 7])"),
+        (lambda: [1, 2, 3], "not a state dict (a dict of tensors)"),
+    ],
+    ids=["another ResNet", "a few keys", "a list"],
+)
+def test_a_file_that_is_not_the_classifier_is_one_line_saying_what_differs(synth_root, tmp_path, make, expected):
+    path = tmp_path / "bad.pth"
+    torch.save(make(), path)
+    with pytest.raises(GidError) as info:
+        trainable_with(synth_root, tmp_path, {"backbone": "resnet18", "backbone_weights": str(path)})
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"model.backbone_weights {path}: ")
+    assert expected in message
+
+
+# --- 3. fine-tuning to another class count ----------------------------------------------------
+
+
+@pytest.mark.parametrize("framework, variant", ARCHITECTURES)
+def test_weights_of_another_class_count_load_all_but_the_class_layers(synth_root, tmp_path, caplog, framework, variant):
+    config = validate({"data": {"root": str(synth_root), "image_size": 64},
+                       "model": {"framework": framework, "variant": variant}})
+    torch.manual_seed(3)
+    pretrained = build_detector(config.model, 64, 4)
+    save_model(pretrained, config, 4, tmp_path / "four_classes.pt")
+    with caplog.at_level(logging.INFO, logger="gid"):
+        model = trainable_with(
+            synth_root, tmp_path, {"framework": framework, "variant": variant, "weights": str(tmp_path / "four_classes.pt")}
+        )
+    before, after = pretrained.state_dict(), model.state_dict()
+    layers = CLASS_LAYERS[framework]
+    is_class_layer = lambda key: key.startswith(tuple(f"{layer}." for layer in layers))  # noqa: E731
+    assert all(torch.equal(after[k], v) for k, v in before.items() if not is_class_layer(k))
+    reinitialised = [k for k in after if is_class_layer(k)]
+    assert reinitialised and all(after[k].shape != before[k].shape for k in reinitialised)
+    (line,) = [r.getMessage() for r in caplog.records if "re-initialised" in r.getMessage()]
+    assert "holds 4 classes, this model 7" in line and all(layer in line for layer in layers)
+
+
+def test_weights_of_another_architecture_still_fail_in_one_line(synth_root, tmp_path):
+    config = validate({"model": {"framework": "retinanet", "variant": "v1"}})
+    save_model(build_detector(config.model, 64, 4), config, 4, tmp_path / "v1.pt")
+    with pytest.raises(GidError, match=r"weights do not fit this model \(the file holds a retinanet resnet18 v1 with 64"):
+        trainable_with(synth_root, tmp_path, {"framework": "retinanet", "variant": "v2", "weights": str(tmp_path / "v1.pt")})
+
+
+def test_model_files_of_the_earlier_layout_are_refused_with_the_reason(tmp_path):
+    config = validate({})
+    save_model(build_detector(config.model, 64, 4), config, 4, tmp_path / "m.pt")
+    state = torch.load(tmp_path / "m.pt", weights_only=True)
+    torch.save({**state, "format": "gid-model/1"}, tmp_path / "old.pt")
+    with pytest.raises(GidError, match=r"a model file of an earlier gid \(gid-model/1\).*train it again"):
+        load_model(tmp_path / "old.pt")
+
+
+# --- 4 and 5. gid model import / export -------------------------------------------------------
+
+
+def test_import_eval_export_gives_back_the_torchvision_file(builder_file, synth_root, tmp_path, capsys):
+    builder, path = builder_file
+    framework, variant = BUILDERS[builder]
+    model_file = tmp_path / "imported.pt"
+    assert main(["model", "import", str(path), "--builder", builder, "--image-size", "64", "--out", str(model_file)]) == 0
+    model, config, num_classes = load_model(model_file)
+    assert (config.model.framework, config.model.variant, config.model.backbone, config.model.fpn_channels) == (
+        framework, variant, "resnet50", 256)
+    assert num_classes == NUM_CLASSES and config.data.image_size == 64 and config.model.frozen_batchnorm is False
+
+    assert main(["eval", str(model_file), "--data", str(synth_root)]) == 0
+    assert "AP " in capsys.readouterr().out
+
+    exported = tmp_path / "exported.pth"
+    assert main(["model", "export", str(model_file), "--format", "torchvision", "--out", str(exported)]) == 0
+    assert f"torchvision.models.detection.{builder}(weights=None, weights_backbone=None, num_classes=7)" in capsys.readouterr().out
+    original, back = torch.load(path, weights_only=True), torch.load(exported, weights_only=True)
+    assert list(back) == list(original)
+    for key, tensor in original.items():
+        assert torch.equal(back[key], tensor), key
+    getattr(detection, builder)(weights=None, weights_backbone=None, num_classes=NUM_CLASSES).load_state_dict(back, strict=True)
+
+
+def test_an_imported_model_is_a_teacher_and_initial_weights(builder_file, synth_root, tmp_path):
+    builder, path = builder_file
+    framework, variant = BUILDERS[builder]
+    model_file = tmp_path / "imported.pt"
+    assert main(["model", "import", str(path), "--builder", builder, "--image-size", "64", "--out", str(model_file)]) == 0
+    original = torch.load(path, weights_only=True)
+
+    student = {"framework": framework, "variant": variant}  # a ResNet-18 FPN-64 under the ResNet-50 FPN-256
+    config = validate({"data": {"root": str(synth_root), "image_size": 64}, "model": student,
+                       "distill": {"teacher": str(model_file)}})
+    distiller = build_trainable(config, NUM_CLASSES, torch.device("cpu"))
+    assert all(torch.equal(distiller.teacher.state_dict()[k], v) for k, v in original.items())
+
+    same = {**student, "backbone": "resnet50", "fpn_channels": 256, "weights": str(model_file)}
+    initialised = trainable_with(synth_root, tmp_path, same)
+    assert all(torch.equal(initialised.state_dict()[k], v) for k, v in original.items())
+
+
+def test_import_takes_frozen_batchnorm_files_as_torchvisions_pretrained_detectors_are(tmp_path):
+    """torchvision's published detectors were saved with FrozenBatchNorm2d: no num_batches_tracked."""
+    state = {k: v for k, v in torchvision_state_dict("fcos_resnet50_fpn").items() if not k.endswith("num_batches_tracked")}
+    torch.save(state, tmp_path / "pretrained.pth")
+    assert main(["model", "import", str(tmp_path / "pretrained.pth"), "--builder", "fcos_resnet50_fpn",
+                 "--out", str(tmp_path / "m.pt")]) == 0
+    model, config, _ = load_model(tmp_path / "m.pt")
+    assert config.model.frozen_batchnorm is True and config.data.image_size == 800  # torchvision's COCO size
+    assert isinstance(model.backbone.body.bn1, FrozenBatchNorm2d)
+    assert model.state_dict().keys() == state.keys()
+
+
+def one_line_error(argv: list[str], capsys) -> str:
+    capsys.readouterr()
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("gid: error: ")
+    return line
+
+
+def test_import_refuses_a_class_count_other_than_the_files(tmp_path, capsys):
+    torch.save(torchvision_state_dict("fasterrcnn_resnet50_fpn", num_classes=91), tmp_path / "coco.pth")
+    line = one_line_error(["model", "import", str(tmp_path / "coco.pth"), "--builder", "fasterrcnn_resnet50_fpn",
+                           "--num-classes", "7", "--out", str(tmp_path / "m.pt")], capsys)
+    assert "its classification layer has 91 classes, not --num-classes 7" in line
+    assert not (tmp_path / "m.pt").exists()
+    assert main(["model", "import", str(tmp_path / "coco.pth"), "--builder", "fasterrcnn_resnet50_fpn",
+                 "--num-classes", "91", "--out", str(tmp_path / "m.pt")]) == 0
+
+
+# --- 5. export of gid's own architectures -----------------------------------------------------
+
+
+def confident(model: nn.Module, framework: str) -> nn.Module:
+    """A random detector whose scores clear the score thresholds, so that there are detections to compare."""
+    if framework != "faster_rcnn":  # Faster R-CNN's softmax over 7 classes already does
+        nn.init.constant_(model.head.classification_head.cls_logits.bias, 1.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def gid_model_files(tmp_path_factory) -> dict[tuple[str, str], Path]:
+    """A ResNet-18 FPN-64 model file per architecture: gid's students, which no torchvision builder makes."""
+    root = tmp_path_factory.mktemp("students")
+    files = {}
+    for framework, variant in ARCHITECTURES:
+        config = validate({"data": {"image_size": 64}, "model": {"framework": framework, "variant": variant}})
+        torch.manual_seed(5)
+        path = root / f"{framework}_{variant}.pt"
+        save_model(confident(build_detector(config.model, 64, NUM_CLASSES), framework), config, NUM_CLASSES, path)
+        files[framework, variant] = path
+    return files
+
+
+IMAGES = [torch.rand(3, 64, 48, generator=torch.Generator().manual_seed(9)), torch.rand(3, 40, 64)]
+
+
+@pytest.mark.parametrize("framework, variant", ARCHITECTURES)
+def test_torchscript_detections_equal_gids(gid_model_files, tmp_path, capsys, framework, variant):
+    out = tmp_path / "model.ts"
+    assert main(["model", "export", str(gid_model_files[framework, variant]), "--format", "torchscript", "--out", str(out)]) == 0
+    assert "torch.jit.load it" in capsys.readouterr().out
+    model, _, _ = load_model(gid_model_files[framework, variant])
+    with torch.no_grad():
+        expected = model.eval()(IMAGES)
+        _, scripted = torch.jit.load(out)(IMAGES)
+    assert all(len(e["boxes"]) > 0 for e in expected)
+    for ours, theirs in zip(expected, scripted, strict=True):
+        for key in ("boxes", "scores", "labels"):
+            torch.testing.assert_close(theirs[key], ours[key], rtol=0, atol=0)
+
+
+def test_torchscript_runs_without_gid(gid_model_files, tmp_path):
+    out = tmp_path / "model.ts"
+    assert main(["model", "export", str(gid_model_files["faster_rcnn", "v2"]), "--format", "torchscript", "--out", str(out)]) == 0
+    torch.save(IMAGES, tmp_path / "images.pt")
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["gid"] = None  # importing gid (or anything under it) now fails
+        import torch, torchvision  # torchvision registers the detection ops (nms, roi_align)
+        _, detections = torch.jit.load({str(out)!r})(torch.load({str(tmp_path / "images.pt")!r}))
+        torch.save(detections, {str(tmp_path / "detections.pt")!r})
+        """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300, cwd=tmp_path)
+    model, _, _ = load_model(gid_model_files["faster_rcnn", "v2"])
+    with torch.no_grad():
+        expected = model.eval()(IMAGES)
+    for ours, theirs in zip(expected, torch.load(tmp_path / "detections.pt", weights_only=True), strict=True):
+        assert len(ours["boxes"]) > 0
+        for key in ("boxes", "scores", "labels"):
+            torch.testing.assert_close(theirs[key], ours[key], rtol=0, atol=0)
+
+
+TORCHVISION_NAMES = {
+    **{name: getattr(models, name) for name in ("resnet18", "mobilenet_v3_large")},
+    **{name: getattr(detection, name) for name in ("RetinaNet", "FCOS", "FasterRCNN")},
+    "BackboneWithFPN": detection.backbone_utils.BackboneWithFPN,
+    "RetinaNetHead": detection.retinanet.RetinaNetHead,
+    "RPNHead": detection.rpn.RPNHead,
+    "FastRCNNConvFCHead": detection.faster_rcnn.FastRCNNConvFCHead,
+    "LastLevelP6P7": __import__("torchvision").ops.feature_pyramid_network.LastLevelP6P7,
+    "LastLevelMaxPool": __import__("torchvision").ops.feature_pyramid_network.LastLevelMaxPool,
+    "FrozenBatchNorm2d": FrozenBatchNorm2d,
+    "BatchNorm2d": nn.BatchNorm2d,
+    "GroupNorm": nn.GroupNorm,
+    "partial": partial,
+}
+
+
+@pytest.mark.parametrize("framework, variant", ARCHITECTURES)
+def test_a_students_export_names_the_torchvision_call_that_loads_it(gid_model_files, tmp_path, capsys, framework, variant):
+    out = tmp_path / "student.pth"
+    assert main(["model", "export", str(gid_model_files[framework, variant]), "--format", "torchvision", "--out", str(out)]) == 0
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    assert "no torchvision builder makes this architecture; " in line
+    call = line.split("no torchvision builder makes this architecture; ")[1].split(" loads it with strict=True")[0]
+    call = call.split(" (to train it")[0]
+    rebuilt = eval(call, dict(TORCHVISION_NAMES))  # the printed constructor, run as it is
+    rebuilt.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    saved = torch.load(gid_model_files[framework, variant], weights_only=True)["model"]
+    assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in saved.items())
+
+
+@pytest.mark.parametrize("backbone", ["mobilenet_v3_large"])
+def test_the_printed_call_covers_mobilenet_and_frozen_batchnorm(tmp_path, capsys, backbone):
+    config = validate({"data": {"image_size": 64}, "model": {"backbone": backbone, "frozen_batchnorm": True}})
+    save_model(build_detector(config.model, 64, 3), config, 3, tmp_path / "m.pt")
+    assert main(["model", "export", str(tmp_path / "m.pt"), "--format", "torchvision", "--out", str(tmp_path / "m.pth")]) == 0
+    call = capsys.readouterr().out.split("architecture; ")[1].split(" loads it with strict=True")[0].split(" (to train it")[0]
+    assert "mobilenet_v3_large(norm_layer=FrozenBatchNorm2d).features" in call
+    eval(call, dict(TORCHVISION_NAMES)).load_state_dict(torch.load(tmp_path / "m.pth", weights_only=True), strict=True)

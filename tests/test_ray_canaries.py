@@ -1,0 +1,92 @@
+"""Canaries for the Ray 2.60 workarounds listed in docs/ray-workarounds.md.
+
+Each test pins the Ray behaviour a workaround exists for. When one fails after a Ray upgrade, the
+workaround it names has become unnecessary or wrong: re-check it against the page, then update both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import optuna
+import pytest
+import ray
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
+
+def test_tune_refuses_a_zero_cpu_trial_so_trials_ask_for_a_token_share():
+    # search/sweep.py: run_framework asks {"CPU": 0.01} for the trial function (its Train workers hold the CPUs).
+    with pytest.raises(ValueError, match="empty head"):
+        tune.with_resources(lambda config: None, {"CPU": 0})
+
+
+def test_optuna_search_ignores_tune_configs_metric_when_given_a_space():
+    # search/sweep.py: build_searcher passes metric and mode to OptunaSearch itself.
+    searcher = OptunaSearch(space={"x": optuna.distributions.FloatDistribution(0, 1)})
+    assert searcher.set_search_properties("val_ap", "max", {}) is False
+    assert searcher.metric is None
+
+
+def test_the_train_controller_and_tune_trial_actor_classes_are_still_named_so():
+    # search/leftovers.py finds them by these class names; renamed, the cleanup would silently find nothing.
+    from ray.train.v2._internal.execution.controller import TrainController
+    from ray.tune.trainable.function_trainable import FunctionTrainable, wrap_function
+
+    from search.leftovers import TRAIN_CONTROLLER, TUNE_TRIAL
+
+    assert TrainController.__name__ == TRAIN_CONTROLLER
+    wrapped = wrap_function(lambda config: None)
+    assert issubclass(wrapped, FunctionTrainable) and wrapped.__name__ == TUNE_TRIAL
+
+
+def test_the_public_state_api_still_names_no_owner_or_creator():
+    # search/leftovers.py reads owners and creators from the GCS tables (ray._private.state) because
+    # ray.util.state's records lack them; once they have them, switch to the public API.
+    from ray.util.state.common import ActorState, PlacementGroupState
+
+    assert "owner_address" not in {f.name for f in dataclasses.fields(ActorState)}
+    assert "creator_actor_id" not in {f.name for f in dataclasses.fields(PlacementGroupState)}
+
+
+@ray.remote(num_cpus=0)
+class Probe:
+    def ok(self) -> bool:
+        return True
+
+
+def test_the_gcs_tables_the_cleanup_reads_have_what_it_needs(ray_local):
+    from search.leftovers import job_actors, live_placement_groups_created_by
+
+    probe = Probe.remote()
+    ray.get(probe.ok.remote())
+    (info,) = job_actors("Probe").values()
+    assert {"IPAddress", "Port"} <= set(info["Address"]) and {"IPAddress", "Port"} <= set(info["OwnerAddress"])
+    assert info["State"] == "ALIVE" and info["Pid"] > 0
+    assert live_placement_groups_created_by(set()) == []
+    ray.kill(probe)
+
+
+def test_train_v2_still_has_its_structured_worker_logging_switch():
+    # gid/engine/trainer.py: RAY_ENV_VARS turns it off (it printed every worker line twice on the driver).
+    from ray.train.v2._internal.constants import ENABLE_WORKER_STRUCTURED_LOGGING_ENV_VAR, ENV_VARS_TO_PROPAGATE
+
+    from gid.engine.trainer import RAY_ENV_VARS
+
+    assert set(RAY_ENV_VARS) == {ENABLE_WORKER_STRUCTURED_LOGGING_ENV_VAR} <= ENV_VARS_TO_PROPAGATE
+
+
+def test_ray_trains_placement_group_cleaner_still_asks_the_state_api():
+    # gid/engine/trainer.py: ensure_ray starts the dashboard, which serves that API.
+    import inspect
+
+    from ray.train.v2._internal.execution.controller import placement_group_cleaner
+
+    assert "RayStateApiException" in inspect.getsource(placement_group_cleaner)
+
+
+def test_the_developer_api_names_gid_imports_still_exist():
+    from ray.tune.experiment import Trial
+    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+
+    assert isinstance(CHECKPOINT_PATH_KEY, str) and callable(TuneReportCallback) and hasattr(Trial, "error_file")
