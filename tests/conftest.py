@@ -14,7 +14,7 @@ torch.set_num_threads(1)
 
 
 # Tests on a real Ray instance or MLflow server (seconds to minutes each); `pytest -m "not integration"`
-# runs the rest in about a minute, CI runs everything.
+# runs the rest in about two minutes, CI runs everything.
 INTEGRATION_FIXTURES = {"ray_local", "mlflow_server", "two_nodes", "mlflow_on_head"}
 
 
