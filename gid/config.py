@@ -74,6 +74,9 @@ class ModelConfig(StrictModel):
     frozen_batchnorm: bool | Literal["auto"] = "auto"
     # Backbone stages trained, counted from the last; auto: 3 with backbone_weights, else all.
     trainable_backbone_layers: int | Literal["auto"] = "auto"
+    # "package.module:function" returning the user's own torchvision RetinaNet, FCOS or FasterRCNN when called
+    # with num_classes=N; then backbone, fpn_channels, variant and anchor_sizes are the function's business.
+    builder: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -92,6 +95,12 @@ class ModelConfig(StrictModel):
         if self.variant not in VARIANTS[self.framework]:
             variants = ", ".join(VARIANTS[self.framework])
             raise ValueError(f"variant {self.variant} is not one of {self.framework}'s: {variants}")
+        if self.builder is not None:
+            module, _, function = self.builder.partition(":")
+            if not module or not function.isidentifier():
+                raise ValueError(f"builder {self.builder!r} must look like package.module:function")
+            if self.backbone_weights is not None:
+                raise ValueError("backbone_weights loads into the backbones gid builds; a builder loads its own weights")
         most = MAX_TRAINABLE_LAYERS[self.backbone]
         if self.trainable_backbone_layers != "auto" and not 0 <= self.trainable_backbone_layers <= most:
             raise ValueError(

@@ -8,10 +8,18 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import OrderedDict
+from functools import partial
 from pathlib import Path
 
 import ray.train
 import yaml
+from torch import nn
+from torchvision.models.detection import RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from gid.config import validate
 from gid.models import build_detector, save_model
@@ -118,3 +126,32 @@ def write_sweep(
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(sweep, sort_keys=False))
     return path
+
+
+# --- a user's own detector, for model.builder ----------------------------------------------------
+
+
+def _stage(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1), nn.BatchNorm2d(out_channels), nn.ReLU())
+
+
+def user_retinanet(num_classes: int, width: int = 16) -> RetinaNet:
+    """A RetinaNet over a backbone of the user's own (strided conv stages, no torchvision classifier), 64 px."""
+    body = nn.Sequential(OrderedDict(
+        stem=nn.Sequential(_stage(3, width), _stage(width, width)),
+        c3=_stage(width, 2 * width), c4=_stage(2 * width, 4 * width), c5=_stage(4 * width, 8 * width),
+    ))
+    backbone = BackboneWithFPN(
+        body, {"c3": "0", "c4": "1", "c5": "2"}, [2 * width, 4 * width, 8 * width], 64, extra_blocks=LastLevelP6P7(64, 64)
+    )
+    anchors = AnchorGenerator(tuple((s, s * 2 ** (1 / 3), s * 2 ** (2 / 3)) for s in (16, 32, 64, 128, 256)), ((0.5, 1.0, 2.0),) * 5)
+    head = RetinaNetHead(64, 9, num_classes, norm_layer=partial(nn.GroupNorm, 32))
+    return RetinaNet(backbone, num_classes, anchor_generator=anchors, head=head, min_size=64, max_size=64)
+
+
+def user_retinanet_teacher(num_classes: int) -> RetinaNet:
+    return user_retinanet(num_classes, width=32)
+
+
+def not_a_detector(num_classes: int) -> nn.Module:
+    return nn.Linear(3, num_classes)

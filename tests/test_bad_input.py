@@ -260,6 +260,8 @@ CASES = [
     ("sweep teacher that runs code", lambda c: c.sweep(base={"distill": {"teacher": str(c.files["runs_code"])}}), "refusing to load"),
     ("sweep base data broken", lambda c: c.sweep(base=c.data(edit_train(first_annotation("category_id", 99)))), "category_id 99"),
     ("sweep GPU fractions per trial", lambda c: c.sweep({"resources": {"workers_per_trial": 2, "gpus_per_worker": 0.25}}), "resources: gpus_per_worker below 1"),
+    ("model builder without a function", lambda c: c.train({"model": {"builder": "mypackage"}}), "model: builder 'mypackage' must look like package.module:function"),
+    ("model builder not importable", lambda c: c.train({"model": {"builder": "no_such_package:build"}}), "model.builder no_such_package:build: cannot import it (No module named 'no_such_package')"),
     ("sweep name with a slash", lambda c: c.sweep({"name": "team/run"}), "'team/run' is not a usable sweep name"),
     ("sweep name with a double quote", lambda c: c.sweep({"name": 'say "hi"'}), "is not a usable sweep name; use letters"),
     ("export name with both quotes", lambda c: ["export", "--out", str(c.tmp / "best"), "--sweep", "bob's \"run\"", "--tracking-uri", f"sqlite:///{c.tracking_db}"], "--sweep bob's \"run\" holds both quote characters"),

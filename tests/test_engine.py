@@ -2,14 +2,17 @@
 
 import time
 import warnings
+from pathlib import Path
 
 import torch
+import yaml
 
 from support import EpochLog, EvaluatingRanks
 
+from gid.cli import main
 from gid.engine.loop import apply_gradients
 from gid.engine.trainer import MODEL_FILE, build_trainer, run_training
-from gid.models import load_model
+from gid.models import load_model, read_checkpoint
 
 
 def test_two_workers_train_checkpoint_and_resume(ray_local, tiny_config, tmp_path):
@@ -61,3 +64,21 @@ def test_the_lr_schedule_waits_while_amp_skips_overflowed_steps():
         apply_gradients(weight.sum(), optimizer, scaler, scheduler, [weight], clip_grad_norm=10.0)
     assert torch.equal(weight.detach(), torch.zeros(2))  # a full step at the first LR (1.0)
     assert scheduler.last_epoch == 1 and scheduler.get_last_lr() == [0.5]
+
+
+def test_a_users_own_detectors_train_and_distil_through_gid(ray_local, tiny_config, tmp_path):
+    def run(command: str, config) -> Path:
+        path = tmp_path / f"{config.run.name}.yaml"
+        path.write_text(yaml.safe_dump(config.to_dict()))
+        assert main([command, str(path)]) == 0
+        return Path(config.run.storage_path) / config.run.name / MODEL_FILE
+
+    teacher = run("train", tiny_config("retinanet", model={"builder": "support:user_retinanet_teacher"}, run={"name": "own_teacher"}))
+    student_config = tiny_config(
+        "retinanet", model={"builder": "support:user_retinanet"}, run={"name": "own_student"},
+        distill={"teacher": str(teacher)},
+    )
+    student = run("distill", student_config)
+    model, stored, _ = load_model(student)
+    assert stored.model.builder == "support:user_retinanet" and set(model.backbone.body) == {"stem", "c3", "c4", "c5"}
+    assert read_checkpoint(student)["metrics"]["loss_feature"] > 0  # GID ran on the user's detectors

@@ -1,4 +1,5 @@
 import pickle
+import re
 
 import pytest
 import torch
@@ -94,3 +95,25 @@ def test_bad_model_files_are_refused(tmp_path, content, expected):
         torch.save(content, path)
     with pytest.raises(GidError, match=expected):
         load_model(path)
+
+
+def test_a_user_builder_gives_the_users_own_detector():
+    from support import user_retinanet
+
+    config = ModelConfig(framework="retinanet", builder="support:user_retinanet")
+    model = build_detector(config, 64, 7)
+    assert isinstance(model, type(user_retinanet(7))) and set(model.backbone.body) == {"stem", "c3", "c4", "c5"}
+    assert model.head.classification_head.num_classes == 7
+
+
+@pytest.mark.parametrize(
+    "builder, framework, expected",
+    [
+        ("support:not_a_detector", "retinanet", "returned a Linear, not the torchvision RetinaNet"),
+        ("support:user_retinanet", "fcos", "returned a RetinaNet, not the torchvision FCOS"),
+        ("no_such_package.models:build", "retinanet", "cannot import it (No module named 'no_such_package')"),
+    ],
+)
+def test_a_builder_that_gives_no_such_detector_is_one_line(builder, framework, expected):
+    with pytest.raises(GidError, match=re.escape(expected)):
+        build_detector(ModelConfig(framework=framework, builder=builder), 64, 7)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 from functools import partial
 from typing import Any
@@ -16,6 +17,7 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.rpn import RPNHead
 
 from gid.config import COCO_IMAGE_SIZE, MAX_TRAINABLE_LAYERS, ModelConfig
+from gid.errors import GidError, first_line
 from gid.models.backbones import build_fpn_backbone
 
 # Per-level anchor sizes torchvision uses for each framework at COCO scale (800 px).
@@ -111,6 +113,29 @@ def build_backbone(config: ModelConfig) -> BackboneWithFPN:
     )
 
 
+DETECTOR_CLASSES = {"retinanet": RetinaNet, "fcos": FCOS, "faster_rcnn": FasterRCNN}
+
+
+def user_detector(config: ModelConfig, num_classes: int) -> nn.Module:
+    """``model.builder``'s detector: the user's function called with ``num_classes``, checked to be the framework's."""
+    module_name, _, function_name = config.builder.partition(":")
+    try:
+        builder = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as exc:
+        raise GidError(
+            f"model.builder {config.builder}: cannot import it ({first_line(exc)}); it must be importable here "
+            "and on every Ray node (an installed package, or a folder on PYTHONPATH)"
+        ) from None
+    model = builder(num_classes=num_classes)
+    expected = DETECTOR_CLASSES[config.framework]
+    if not isinstance(model, expected):
+        raise GidError(
+            f"model.builder {config.builder} returned a {type(model).__name__}, not the torchvision {expected.__name__} "
+            f"that model.framework {config.framework} needs"
+        )
+    return model
+
+
 def build_detector(config: ModelConfig, image_size: int, num_classes: int) -> nn.Module:
     """A randomly initialised detector; ``num_classes`` includes the background class.
 
@@ -118,7 +143,10 @@ def build_detector(config: ModelConfig, image_size: int, num_classes: int) -> nn
     inside the model, so teacher and student of one config see the same input tensor. For a
     ResNet-50 with 256 FPN channels the module tree is that of torchvision's builder of the
     framework and variant (e.g. ``retinanet_resnet50_fpn_v2``): their state dicts load into each other.
+    With ``model.builder`` the detector is the user's, as their function builds it.
     """
+    if config.builder is not None:
+        return user_detector(config, num_classes)
     backbone = build_backbone(config)
     anchors = build_anchor_generator(config, image_size)
     common = dict(min_size=image_size, max_size=image_size)

@@ -118,7 +118,7 @@ def _reference(config: Config, num_classes: int) -> dict[str, Tensor]:
 
 def builder_for(model: ModelConfig) -> str | None:
     """The torchvision builder whose state dict loads into this architecture, if there is one."""
-    if {"backbone": model.backbone, "fpn_channels": model.fpn_channels} != BUILDER_BACKBONE:
+    if model.builder is not None or {"backbone": model.backbone, "fpn_channels": model.fpn_channels} != BUILDER_BACKBONE:
         return None
     for name, settings in BUILDERS.items():
         if settings == {"framework": model.framework, "variant": model.variant}:
@@ -166,6 +166,8 @@ def save_torchscript(module: torch.jit.ScriptModule, file) -> None:
 def rebuild_hint(config: Config, num_classes: int) -> str:
     """The torchvision call that rebuilds a model file's architecture, for its exported state dict."""
     model = config.model
+    if model.builder is not None:
+        return f"{model.builder}(num_classes={num_classes}), the function it was built with,"
     builder = builder_for(model)
     if builder is not None:
         return f"torchvision.models.detection.{builder}(weights=None, weights_backbone=None, num_classes={num_classes})"
