@@ -44,10 +44,15 @@ def _train(args: argparse.Namespace, distill: bool) -> None:
     from gid.distill.balance import describe as describe_balance
     from gid.engine.evaluation import format_metrics
     from gid.engine.trainer import run_training
+    from gid.models import teacher_check
 
     outcome = run_training(config, address=args.address)
     ap = {k[4:]: v for k, v in outcome.metrics.items() if k.startswith("val_")}
     print(f"\n{config.model.framework} {config.model.backbone}: {format_metrics(ap)}")
+    if distill and "teacher_val_ap" in outcome.metrics:
+        print(f"teacher: AP {100 * outcome.metrics['teacher_val_ap']:.1f}")
+        if warning := teacher_check(outcome.metrics["teacher_val_ap"], outcome.metrics.get("val_ap"), "this GID student"):
+            print(warning)
     if distill and (calibrated := describe_balance(outcome.metrics)):
         print(calibrated)
     print(f"model file: {outcome.model_path}")

@@ -13,8 +13,7 @@ from typing import TYPE_CHECKING
 import matplotlib.pyplot as plt
 from optuna.visualization import matplotlib as optuna_plots
 
-from gid.errors import GidError
-from gid.models import read_checkpoint
+from gid.models import stored_val_ap, teacher_check
 from search.config import SweepConfig
 from search.space import relevant
 from search.tracking import error_reason
@@ -61,16 +60,6 @@ def best_row(rows: list[TrialRow], mode: str) -> TrialRow | None:
     return (max if mode == "max" else min)(finished, key=lambda r: r.value)
 
 
-def model_ap(path: Path | None) -> float | None:
-    """The val AP stored in a model file written by `gid train`, if there is one."""
-    if path is None:
-        return None
-    try:
-        return read_checkpoint(path).get("metrics", {}).get("val_ap")
-    except GidError:
-        return None
-
-
 def _percent(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
@@ -85,16 +74,21 @@ def summary_markdown(sweep: SweepConfig, outcomes: list[FrameworkOutcome], rows:
         "| framework | teacher | student alone | best GID | trials finished / pruned / failed | best trial | best values |",
         "|---|---|---|---|---|---|---|",
     ]
+    warnings = []
     for outcome in outcomes:
+        teacher_ap, baseline_ap = stored_val_ap(outcome.base.distill.teacher), stored_val_ap(outcome.baseline)
+        if warning := teacher_check(teacher_ap, baseline_ap, "the student alone"):
+            warnings.append(f"- {outcome.framework}: {warning}")
         mine = [r for r in rows if r.framework == outcome.framework]
         best = best_row(mine, mode)
         counts = " / ".join(str(sum(r.status == s for r in mine)) for s in (FINISHED, PRUNED, FAILED))
         values = ", ".join(f"{k.removeprefix('distill.')}={_short(v)}" for k, v in relevant(best.params).items()) if best else "–"
         lines.append(
-            f"| {outcome.framework} | {_percent(model_ap(outcome.base.distill.teacher))} "
-            f"| {_percent(model_ap(outcome.baseline))} "
+            f"| {outcome.framework} | {_percent(teacher_ap)} | {_percent(baseline_ap)} "
             f"| {_percent(best.value if best else None)} | {counts} | {best.trial_id if best else '–'} | {values} |"
         )
+    if warnings:
+        lines += ["", *warnings]
     failed = [r for r in rows if r.status == FAILED]
     if failed:
         lines += ["", "Failed trials:", ""] + [f"- {r.framework} {r.trial_id}: {r.error}" for r in failed]

@@ -127,3 +127,23 @@ def test_gi_pictures_are_written(synth_root, tmp_path):
     dataset = build_dataset(DataConfig(root=synth_root), "val", train=False)
     paths = save_gi_pictures(distiller("retinanet"), dataset, tmp_path, count=2)
     assert len(paths) == 2 and all(p.stat().st_size > 0 for p in paths)
+
+
+def test_a_teacher_whose_weights_are_all_zero_is_refused(tmp_path):
+    from gid.config import validate
+    from gid.models import save_model
+
+    config = validate({"model": {"framework": "fcos", "backbone": "resnet18", "fpn_channels": 64}, "data": {"image_size": IMAGE_SIZE}})
+    zeroed = {k: torch.zeros_like(v) for k, v in detector("fcos").state_dict().items()}
+    save_model(zeroed, config, 7, tmp_path / "zero.pt")
+    with pytest.raises(GidError, match="every weight is zero, so none were trained or loaded"):
+        Distiller.from_config(detector("fcos"), DistillConfig(teacher=tmp_path / "zero.pt"), IMAGE_SIZE)
+
+
+def test_a_teacher_no_better_than_the_student_is_a_warning():
+    from gid.models import teacher_check
+
+    assert teacher_check(0.30, 0.25, "the student alone") is None
+    assert teacher_check(None, 0.25, "the student alone") is None and teacher_check(0.3, None, "x") is None
+    warning = teacher_check(0.20, 0.25, "the student alone")
+    assert warning.startswith("warning: the teacher (20.0 AP) is not better than the student alone (25.0 AP)")

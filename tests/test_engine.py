@@ -66,7 +66,7 @@ def test_the_lr_schedule_waits_while_amp_skips_overflowed_steps():
     assert scheduler.last_epoch == 1 and scheduler.get_last_lr() == [0.5]
 
 
-def test_a_users_own_detectors_train_and_distil_through_gid(ray_local, tiny_config, tmp_path):
+def test_a_users_own_detectors_train_and_distil_through_gid(ray_local, tiny_config, tmp_path, capsys):
     def run(command: str, config) -> Path:
         path = tmp_path / f"{config.run.name}.yaml"
         path.write_text(yaml.safe_dump(config.to_dict()))
@@ -78,7 +78,11 @@ def test_a_users_own_detectors_train_and_distil_through_gid(ray_local, tiny_conf
         "retinanet", model={"builder": "support:user_retinanet"}, run={"name": "own_student"},
         distill={"teacher": str(teacher)},
     )
+    capsys.readouterr()
     student = run("distill", student_config)
+    teacher_ap = read_checkpoint(teacher)["metrics"]["val_ap"]
+    assert f"teacher: AP {100 * teacher_ap:.1f}" in capsys.readouterr().out.splitlines()
+    assert read_checkpoint(student)["metrics"]["teacher_val_ap"] == teacher_ap  # in every report, so in MLflow
     model, stored, _ = load_model(student)
     assert stored.model.builder == "support:user_retinanet" and set(model.backbone.body) == {"stem", "c3", "c4", "c5"}
     assert read_checkpoint(student)["metrics"]["loss_feature"] > 0  # GID ran on the user's detectors

@@ -63,6 +63,11 @@ class Distiller(nn.Module):
         cls, student: nn.Module, config: DistillConfig, image_size: int, device: torch.device | None = None
     ) -> Distiller:
         teacher, _, _ = load_model(Path(config.teacher))
+        if not any(p.any() for p in teacher.parameters() if p.is_floating_point()):
+            raise GidError(
+                f"distill.teacher {config.teacher}: every weight is zero, so none were trained or loaded; "
+                "pass the model file of a trained teacher"
+            )
         try:
             return cls(teacher.to(device) if device is not None else teacher, student, config, image_size)
         except GidError as exc:  # name the file: the student comes from the config, the teacher from here

@@ -31,7 +31,7 @@ from gid.data import build_dataset, collate
 from gid.engine.evaluation import coco_metrics, format_metrics, predict
 from gid.errors import GidError
 from gid.logs import configure_worker as configure_worker_logging
-from gid.models import build_detector, load_backbone_weights, load_weights, read_checkpoint, save_model
+from gid.models import build_detector, load_backbone_weights, load_weights, read_checkpoint, save_model, stored_val_ap
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +207,13 @@ def train_loop_per_worker(config_dict: dict) -> None:
     trainable = build_trainable(config, num_classes, device)
     student, adapter = student_and_adapter(trainable)
     balance = gradient_balance(config, trainable)
+    teacher_ap = stored_val_ap(config.distill.teacher) if config.distill is not None else None
+    if config.distill is not None and rank == 0:
+        logger.info(
+            "teacher %s: %s", config.distill.teacher,
+            f"val AP {100 * teacher_ap:.1f} (stored in its model file)" if teacher_ap is not None
+            else "its model file stores no val AP (an imported one?): `gid eval` it on this data to see what it knows",
+        )
     params = [p for p in trainable.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(
         params, lr=config.train.lr, momentum=config.train.momentum, weight_decay=config.train.weight_decay
@@ -273,6 +280,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
             "epoch": epoch + 1, **running.means(), "epoch_time_s": time.perf_counter() - started,
             "first_step_at": first_step_at, "memory_peak_mb": memory_peak_mb(device), "worker_nodes": worker_nodes,
             **(balance.metrics() if balance is not None else {}),
+            **({"teacher_val_ap": teacher_ap} if teacher_ap is not None else {}),
         }
 
         last = epoch + 1 == config.train.epochs
