@@ -24,7 +24,7 @@ from gid.distill.losses import (
 from gid.distill.outputs import GeneralInstances
 from gid.distill.views import DetectorView, check_compatible, view_for
 from gid.errors import GidError
-from gid.models import load_model
+from gid.models.checkpoint import model_from_state, read_checkpoint
 
 # The paper's pixel constants at COCO scale (800 px), rescaled for the actual input size.
 COCO_MIN_BOX_SIZE = 10.0
@@ -55,6 +55,7 @@ class Distiller(nn.Module):
         )
         # Multiplies each term's configured weight(s): 1 unless gradient calibration sets it (gid.distill.balance).
         self.term_scales = {term: 1.0 for term in TERM_LOSSES}
+        self.teacher_val_ap: float | None = None  # the teacher's model file's, when it records one
         self.min_box_size = scaled_to_input(config.gism.min_box_size, COCO_MIN_BOX_SIZE, image_size)
         self.canonical_size = scaled_to_input(config.feature.canonical_size, COCO_CANONICAL_SIZE, image_size)
 
@@ -62,16 +63,19 @@ class Distiller(nn.Module):
     def from_config(
         cls, student: nn.Module, config: DistillConfig, image_size: int, device: torch.device | None = None
     ) -> Distiller:
-        teacher, _, _ = load_model(Path(config.teacher))
+        state = read_checkpoint(Path(config.teacher))
+        teacher, _, _ = model_from_state(state, Path(config.teacher))
         if not any(p.any() for p in teacher.parameters() if p.is_floating_point()):
             raise GidError(
                 f"distill.teacher {config.teacher}: every weight is zero, so none were trained or loaded; "
                 "pass the model file of a trained teacher"
             )
         try:
-            return cls(teacher.to(device) if device is not None else teacher, student, config, image_size)
+            distiller = cls(teacher.to(device) if device is not None else teacher, student, config, image_size)
         except GidError as exc:  # name the file: the student comes from the config, the teacher from here
             raise GidError(f"distill.teacher {config.teacher}: {exc}") from None
+        distiller.teacher_val_ap = state.get("metrics", {}).get("val_ap")  # None for files that store none
+        return distiller
 
     @property
     def teacher(self) -> nn.Module:

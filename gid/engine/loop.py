@@ -31,7 +31,7 @@ from gid.data import build_dataset, collate
 from gid.engine.evaluation import coco_metrics, format_metrics, predict
 from gid.errors import GidError
 from gid.logs import configure_worker as configure_worker_logging
-from gid.models import build_detector, load_backbone_weights, load_weights, read_checkpoint, save_model, stored_val_ap
+from gid.models import build_detector, load_backbone_weights, load_weights, read_checkpoint, save_model
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
     trainable = build_trainable(config, num_classes, device)
     student, adapter = student_and_adapter(trainable)
     balance = gradient_balance(config, trainable)
-    teacher_ap = stored_val_ap(config.distill.teacher) if config.distill is not None else None
+    teacher_ap = getattr(trainable, "teacher_val_ap", None)
     if config.distill is not None and rank == 0:
         logger.info(
             "teacher %s: %s", config.distill.teacher,

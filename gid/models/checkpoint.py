@@ -152,7 +152,11 @@ def teacher_check(teacher_ap: float | None, student_ap: float | None, student: s
 
 def load_model(path: Path) -> tuple[nn.Module, Config, int]:
     """Rebuild the detector a model file was trained as, with its weights."""
-    state = read_checkpoint(path)
+    return model_from_state(read_checkpoint(path), path)
+
+
+def model_from_state(state: dict[str, Any], path: Path) -> tuple[nn.Module, Config, int]:
+    """The detector of a model file already read (``read_checkpoint``), with its weights."""
     config = validate(state["config"], source=f"{path} (stored config)")
     model = build_detector(config.model, config.data.image_size, state["num_classes"])
     model.load_state_dict(state["model"])
