@@ -253,9 +253,10 @@ class Bench:
 
         def launch() -> ray.ObjectRef:
             base = self.write_config(f"{framework}_gid", self.gid_config(framework))
+            baseline = self.results.runs[f"{framework}/student/0"]["model"]  # the table's own: the sweep trains none
             sweep = {
                 "name": name,
-                "frameworks": {framework: {"config": str(base)}},
+                "frameworks": {framework: {"config": str(base), "baseline": baseline}},
                 "trials": s.sweep_trials,
                 "resources": {
                     "workers_per_trial": 1, "cpus_per_worker": self.cpus_per_run, "max_concurrent_trials": self.lanes,
@@ -269,7 +270,7 @@ class Bench:
             best = self.out / "best"
             return sweep_and_export.remote(sweep, resume, best / framework, best / f"{framework}.yaml")
 
-        return Job(f"{framework}/sweep", (f"{framework}/teacher/0",), self.lanes, launch)
+        return Job(f"{framework}/sweep", (f"{framework}/teacher/0", f"{framework}/student/0"), self.lanes, launch)
 
     def tuned_config(self, framework: str, seed: int) -> dict:
         from gid.config import load_config

@@ -45,6 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="start every trial from this student model file (e.g. the effect benchmark's student alone), so "
         "short trials reach AP values that tell settings apart",
     )
+    p.add_argument(
+        "--baseline", type=Path,
+        help="the student trained alone (e.g. the effect benchmark's), shown in each summary; without it every "
+        "sweep trains one itself before its trials (outside the epoch budget)",
+    )
     p.add_argument("--framework", default="fcos")
     p.add_argument("--seeds", type=int, default=3, help="sweep seeds per strategy")
     p.add_argument("--epochs", type=int, default=3, help="epochs of a full trial")
@@ -85,7 +90,7 @@ def run_strategy(args: argparse.Namespace, base: Path, strategy: str, seed: int)
     name = f"{strategy.replace('+', '-')}-seed{seed}"
     sweep = SweepConfig.model_validate({
         "name": name,
-        "frameworks": {args.framework: {"config": str(base)}},
+        "frameworks": {args.framework: {"config": str(base), "baseline": args.baseline}},
         "trials": args.budget,  # an upper bound: the epoch budget ends the experiment first
         "budget_epochs": args.budget,
         "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": args.concurrent},
