@@ -5,16 +5,18 @@ own paths (``run_training`` on Ray Train, ``run_sweep`` + ``export_best`` for th
 
 * **teacher**: the bigger backbone on a longer schedule (one seed);
 * **student**: the small backbone alone;
-* **GID default**: the student distilled at gid-spec.md's defaults;
-* **feature / relation / response only**: one GID loss switched on (one seed);
-* **GID tuned**: the student distilled with the best values a sweep on the validation split found.
+* **GID spec weights**: the student distilled at gid-spec.md's fixed weights (``balance.mode: fixed``);
+* **GID default**: the student distilled at the product's defaults (a config that names only its teacher);
+* **feature / relation / response only**: one GID loss switched on, at the product's defaults (one seed);
+* **GID tuned**: a sweep on the validation split whose finalize stage re-trains its best configurations
+  over seeds; the winner it exports, re-trained here on the table's seeds.
 
 Every model is COCO-evaluated on the test split, which neither training nor the sweep sees. Rows
-student / GID default / GID tuned repeat over ``--seeds`` training seeds (mean ± std). Finished runs
+student / GID spec weights / GID default / GID tuned repeat over ``--seeds`` training seeds (mean ± std). Finished runs
 are kept in ``OUT/results.json``, so an interrupted benchmark picks up where it stopped.
 
-    python benchmarks/effect.py --out runs/bench-effect            # the full table (2 CPUs: 136 min, two runs side by side)
-    python benchmarks/effect.py --quick --out runs/bench-effect-q  # a smaller table, FCOS only (2 CPUs: 11 min; its teacher is too weak to teach)
+    python benchmarks/effect.py --out runs/bench-effect            # the full table (2 CPUs: 136 min when its sweeps had 4 trials and no finalize stage)
+    python benchmarks/effect.py --quick --out runs/bench-effect-q  # a smaller table, FCOS only (2 CPUs: 11 min before the spec-weights row; its teacher is too weak to teach)
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ class Scale:
     lr: float
     seeds: int
     sweep_trials: int
+    finalize_top: int = 2  # the sweep's finalize stage: its best configurations re-trained over seeds
+    finalize_seeds: int = 2
     frameworks: tuple[str, ...] = ("fcos", "retinanet", "faster_rcnn")  # fastest learner first
     single_losses: bool = True
 
@@ -68,11 +72,11 @@ FULL = Scale(
     train_images=1024, val_images=128, test_images=256, image_size=64, max_objects=4, min_object_size=12,
     teacher_backbone="resnet50", teacher_fpn=128, teacher_epochs=16,
     student_backbone="resnet18", student_fpn=64, student_epochs=3,
-    lr=0.02, seeds=3, sweep_trials=4,
+    lr=0.02, seeds=3, sweep_trials=12,
 )
 QUICK = replace(
     FULL, train_images=512, val_images=64, test_images=128, teacher_epochs=10, student_epochs=4,
-    seeds=2, sweep_trials=2, frameworks=("fcos",), single_losses=False,
+    seeds=2, sweep_trials=2, finalize_top=1, frameworks=("fcos",), single_losses=False,
 )
 # On a GPU the same command trains on more, larger images for longer.
 GPU = replace(
@@ -169,7 +173,7 @@ def train_and_test(key: str, data: dict, data_root: Path) -> dict:
 
 @ray.remote(num_cpus=0)
 def sweep_and_export(sweep: dict, resume: bool, best_folder: Path, exported: Path) -> dict:
-    """Run a sweep and write its best trial's config to ``exported``."""
+    """Run a sweep and write the config it exports (its finalized winner) to ``exported``."""
     from search.config import SweepConfig
     from search.export import export_best
     from search.sweep import run_sweep
@@ -242,8 +246,13 @@ class Bench:
         return config
 
     def gid_config(self, framework: str, seed: int = 0, **distill) -> dict:
+        """The student distilled at the product's defaults, with ``distill`` set on top."""
         teacher = self.results.runs[f"{framework}/teacher/0"]["model"]
         return {**self.student_config(framework, seed), "distill": {"teacher": teacher, **distill}}
+
+    def spec_weights_config(self, framework: str, seed: int) -> dict:
+        """gid-spec.md's weights as they are (DistillConfig's defaults with ``balance.mode: fixed``)."""
+        return self.gid_config(framework, seed, balance={"mode": "fixed"})
 
     def sweep(self, framework: str) -> Job:
         """A TPE + ASHA sweep on the validation split, the spec's defaults as its first trial."""
@@ -263,6 +272,7 @@ class Bench:
                 },
                 "scheduler": {"type": "asha", "grace_period": max(1, s.student_epochs // 2)},
                 "sampler": {"type": "tpe", "seed": 0},
+                "finalize": {"top": s.finalize_top, "seeds": s.finalize_seeds},
                 "tracking": tracking,
                 "storage_path": str(self.out / "sweeps"),
             }
@@ -290,6 +300,10 @@ class Bench:
             for seed in range(s.seeds):
                 students.append(self.training(
                     f"{framework}/student/{seed}", lambda f=framework, seed=seed: self.student_config(f, seed)
+                ))
+                distilled.append(self.training(
+                    f"{framework}/gid_spec_weights/{seed}",
+                    lambda f=framework, seed=seed: self.spec_weights_config(f, seed), (teacher,),
                 ))
                 distilled.append(self.training(
                     f"{framework}/gid_default/{seed}", lambda f=framework, seed=seed: self.gid_config(f, seed), (teacher,)
@@ -337,7 +351,8 @@ class Bench:
 ROWS = (
     ("teacher", "teacher"),
     ("student", "student alone"),
-    ("gid_default", "GID, spec defaults"),
+    ("gid_spec_weights", "GID, spec weights"),
+    ("gid_default", "GID, product defaults"),
     ("feature_only", "feature loss only"),
     ("relation_only", "relation loss only"),
     ("response_only", "response loss only"),
@@ -384,7 +399,8 @@ def render(runs: dict[str, dict], scale: Scale, argv: list[str], sittings: list[
         f"{s.image_size} px, 1–{s.max_objects} objects of {s.min_object_size:g} px to half the image",
         f"- teacher {s.teacher_backbone} FPN {s.teacher_fpn}, {s.teacher_epochs} epochs; student "
         f"{s.student_backbone} FPN {s.student_fpn}, {s.student_epochs} epochs; SGD lr {s.lr}, cosine, batch 8",
-        f"- tuned: TPE + ASHA sweep of {s.sweep_trials} trials on the val split, the best exported and re-trained",
+        f"- tuned: TPE + ASHA sweep of {s.sweep_trials} trials on the val split, its top {s.finalize_top} finalized "
+        f"over {s.finalize_seeds} seeds, the winner exported and re-trained",
         "",
         "| framework | row | seeds | AP | AP50 | AP75 | APs | train min / run | Δ AP vs student |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",

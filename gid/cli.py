@@ -44,7 +44,7 @@ def _train(args: argparse.Namespace, distill: bool) -> None:
     from gid.distill.balance import describe as describe_balance
     from gid.engine.evaluation import format_metrics
     from gid.engine.trainer import run_training
-    from gid.models import teacher_check
+    from gid.distill.teacher import teacher_check
 
     outcome = run_training(config, address=args.address)
     ap = {k[4:]: v for k, v in outcome.metrics.items() if k.startswith("val_")}

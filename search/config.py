@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +16,7 @@ from gid.config import (
     format_validation_error,
     load_config,
     read_yaml,
+    validate,
 )
 from gid.errors import GidError
 from search.names import check_sweep_name
@@ -77,6 +79,19 @@ class Sampler(StrictModel):
         return min(10, max(2, trials // 4)) if self.startup_trials == "auto" else self.startup_trials
 
 
+class Finalize(StrictModel):
+    """The sweep's last stage: its ``top`` finished configurations re-trained over ``seeds`` training
+    seeds, with the student alone on the same seeds, at full fidelity (no pruning)."""
+
+    top: int = Field(2, ge=1)
+    seeds: int = Field(3, ge=1)
+    overrides: list[str] = []  # dotted overrides for these runs only, e.g. ["train.epochs=12"]
+
+    def applied_to(self, base: dict[str, Any], source: str) -> Config:
+        """``base`` (a config tree, untouched) with this stage's overrides."""
+        return validate(apply_overrides(copy.deepcopy(base), list(self.overrides)), source=f"{source} with finalize.overrides")
+
+
 class Tracking(StrictModel):
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else MLflow's local default store
     experiment: str = "gid-sweeps"
@@ -96,6 +111,7 @@ class SweepConfig(StrictModel):
     objective: Objective = Objective()
     scheduler: Scheduler = Scheduler()
     sampler: Sampler = Sampler()
+    finalize: Finalize | None = None  # None: the best single trial is the winner
     tracking: Tracking = Tracking()
     storage_path: str = "runs/sweeps"  # Ray Tune results and checkpoints (a bucket URI on clusters)
     optuna_storage: str | None = None  # default: sqlite file per sweep under storage_path
@@ -123,6 +139,8 @@ class SweepConfig(StrictModel):
                 f"{entry.config}: model.framework is {config.model.framework!r} but the sweep lists it under {framework!r}"
             )
         check_space_keys(config, self.space_for(config))
+        if self.finalize:
+            self.finalize.applied_to(config.to_dict(), str(entry.config))
         return config
 
     def space_for(self, base: Config) -> dict[str, Dimension]:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import statistics
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -13,9 +15,12 @@ from gid.config import Config, set_value, validate
 from gid.errors import GidError
 from search.names import quoted
 from search.tracking import (
+    CANDIDATE_TAG,
     FRAMEWORK_TAG,
     PORTABLE_CONFIG,
     ROLE_TAG,
+    SEED_TAG,
+    SOURCE_TAG,
     STATUS_TAG,
     STORAGE_TAG,
     SWEEP_ID_TAG,
@@ -24,7 +29,7 @@ from search.tracking import (
     connect,
     tag_filter,
 )
-from search.trial import FINISHED
+from search.trial import FINAL, FINISHED, STUDENT
 
 
 @dataclass
@@ -35,7 +40,8 @@ class ExportedConfig:
     sweep: str
     trial_id: str
     run_id: str
-    metrics: dict[str, float]
+    metrics: dict[str, float]  # the mean over seeds when finalized
+    seeds: int = 1
 
 
 def sweep_id(client, experiment_id: str, sweep: str) -> str:
@@ -53,19 +59,53 @@ def sweep_id(client, experiment_id: str, sweep: str) -> str:
     return next(iter(found))
 
 
-def best_runs(client, experiment_id: str, metric: str, sweep: str | None, top: int) -> dict[str, list]:
-    """Per framework, the ``top`` finished (not pruned) trial runs with the highest ``metric``."""
-    tags = {ROLE_TAG: "trial", STATUS_TAG: FINISHED}
+@dataclass
+class Best:
+    """A configuration to export: a run that holds it and its metrics (the mean over seeds when finalized)."""
+
+    run: Any
+    metrics: dict[str, float]
+    seeds: int = 1
+
+
+def best_runs(client, experiment_id: str, metric: str, sweep: str | None, top: int) -> dict[str, list[Best]]:
+    """Per framework, the ``top`` configurations with the highest ``metric``: the finalize stage's by their mean
+    over seeds where a sweep has one, else the finished (not pruned) trials."""
+    tags = {STATUS_TAG: FINISHED}
     if sweep:
         tags[SWEEP_ID_TAG] = sweep_id(client, experiment_id, sweep)
-    runs = client.search_runs(
-        [experiment_id], filter_string=tag_filter(tags), order_by=[f"metrics.`{metric}` DESC"], max_results=5000
-    )
+    per_framework: dict[str, list[Best]] = {}
+    for framework, runs in _finished_runs(client, experiment_id, {**tags, ROLE_TAG: FINAL}, metric).items():
+        per_framework[framework] = _by_mean(runs, metric)
+    for framework, runs in _finished_runs(client, experiment_id, {**tags, ROLE_TAG: "trial"}, metric).items():
+        if framework not in per_framework:
+            ranked = sorted(runs, key=lambda run: run.data.metrics[metric], reverse=True)
+            per_framework[framework] = [Best(run, run.data.metrics) for run in ranked]
+    return {framework: found[:top] for framework, found in sorted(per_framework.items())}
+
+
+def _finished_runs(client, experiment_id: str, tags: dict[str, str], metric: str) -> dict[str, list]:
+    runs = client.search_runs([experiment_id], filter_string=tag_filter(tags), max_results=5000)
     per_framework: dict[str, list] = {}
     for run in runs:
         if metric in run.data.metrics:
             per_framework.setdefault(run.data.tags[FRAMEWORK_TAG], []).append(run)
-    return {framework: found[:top] for framework, found in sorted(per_framework.items())}
+    return per_framework
+
+
+def _by_mean(runs: list, metric: str) -> list[Best]:
+    """Finalize runs grouped by the configuration they re-train (the student alone left out), best mean first."""
+    groups: dict[tuple[str, str], list] = {}
+    for run in runs:
+        if run.data.tags[CANDIDATE_TAG] != STUDENT:
+            groups.setdefault((run.data.tags[SWEEP_ID_TAG], run.data.tags[CANDIDATE_TAG]), []).append(run)
+    best = []
+    for group in groups.values():
+        keys = set.intersection(*(set(run.data.metrics) for run in group))
+        mean = {key: statistics.fmean(run.data.metrics[key] for run in group) for key in keys}
+        first_seed = min(group, key=lambda run: int(run.data.tags[SEED_TAG]))
+        best.append(Best(first_seed, mean, len(group)))
+    return sorted(best, key=lambda b: b.metrics[metric], reverse=True)
 
 
 def exported_config(client, run, name: str) -> Config:
@@ -93,16 +133,18 @@ def export_best(
         raise GidError(f"no finished trials with {metric} in {which}MLflow experiment {experiment!r}")
     out_dir.mkdir(parents=True, exist_ok=True)
     exported = []
-    for framework, runs in found.items():
-        for rank, run in enumerate(runs, start=1):
-            run_sweep = run.data.tags[SWEEP_TAG]
+    for framework, found_runs in found.items():
+        for rank, best in enumerate(found_runs, start=1):
+            run = best.run
+            run_sweep, trial = run.data.tags[SWEEP_TAG], run.data.tags.get(SOURCE_TAG) or run.data.tags[TRIAL_TAG]
             name = f"{run_sweep}_{framework}_best{rank}"
             path = out_dir / f"{name}.yaml"
             config = exported_config(client, run, name)
-            header = f"# Best #{rank} {framework} config of sweep {run_sweep} (trial {run.data.tags[TRIAL_TAG]}, MLflow run {run.info.run_id}).\n"
+            evidence = f"finalized: mean of {best.seeds} seeds, this file has seed {config.train.seed}; " if best.seeds > 1 else ""
+            header = f"# Best #{rank} {framework} config of sweep {run_sweep} ({evidence}trial {trial}, MLflow run {run.info.run_id}).\n"
             path.write_text(header + f"# Run it with: gid distill {path}\n" + yaml.safe_dump(config.to_dict(), sort_keys=False))
-            metrics = {k: v for k, v in run.data.metrics.items() if k.startswith("val_")}
-            exported.append(ExportedConfig(framework, rank, path, run_sweep, run.data.tags[TRIAL_TAG], run.info.run_id, metrics))
+            metrics = {k: v for k, v in best.metrics.items() if k.startswith("val_")}
+            exported.append(ExportedConfig(framework, rank, path, run_sweep, trial, run.info.run_id, metrics, best.seeds))
     (out_dir / "README.md").write_text(export_report(exported, experiment))
     return exported
 
@@ -114,10 +156,12 @@ def export_report(exported: list[ExportedConfig], experiment: str) -> str:
         f"From MLflow experiment `{experiment}`. Each file runs as it is: `gid distill FILE`; the student it",
         "trains, `runs/<file name>/model.pt`, goes to torchvision or TorchScript with `gid model export`.",
         "",
-        "| file | framework | rank | sweep | trial | MLflow run | AP | AP50 | AP75 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "AP is the mean over the finalize stage's seeds where the sweep had one (seeds > 1).",
+        "",
+        "| file | framework | rank | sweep | trial | MLflow run | seeds | AP | AP50 | AP75 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in exported:
         ap = [f"{100 * e.metrics[k]:.1f}" if k in e.metrics else "–" for k in ("val_ap", "val_ap50", "val_ap75")]
-        lines.append(f"| {e.path.name} | {e.framework} | {e.rank} | {e.sweep} | {e.trial_id} | {e.run_id} | {' | '.join(ap)} |")
+        lines.append(f"| {e.path.name} | {e.framework} | {e.rank} | {e.sweep} | {e.trial_id} | {e.run_id} | {e.seeds} | {' | '.join(ap)} |")
     return "\n".join(lines) + "\n"

@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING
 import matplotlib.pyplot as plt
 from optuna.visualization import matplotlib as optuna_plots
 
-from gid.models import stored_val_ap, teacher_check
+from gid.distill.teacher import teacher_check, teacher_val_ap
+from gid.models import stored_val_ap
 from search.config import SweepConfig
-from search.space import relevant
+from search.finalize import final_markdown
+from search.space import describe_values
 from search.tracking import error_reason
 from search.trial import FAILED, FINISHED, PRUNED, trial_status
 
@@ -76,27 +78,26 @@ def summary_markdown(sweep: SweepConfig, outcomes: list[FrameworkOutcome], rows:
     ]
     warnings = []
     for outcome in outcomes:
-        teacher_ap, baseline_ap = stored_val_ap(outcome.base.distill.teacher), stored_val_ap(outcome.baseline)
+        teacher_ap, baseline_ap = teacher_val_ap(outcome.base), stored_val_ap(outcome.baseline)
         if warning := teacher_check(teacher_ap, baseline_ap, "the student alone"):
             warnings.append(f"- {outcome.framework}: {warning}")
         mine = [r for r in rows if r.framework == outcome.framework]
         best = best_row(mine, mode)
         counts = " / ".join(str(sum(r.status == s for r in mine)) for s in (FINISHED, PRUNED, FAILED))
-        values = ", ".join(f"{k.removeprefix('distill.')}={_short(v)}" for k, v in relevant(best.params).items()) if best else "–"
+        values = describe_values(best.params) if best else "–"
         lines.append(
             f"| {outcome.framework} | {_percent(teacher_ap)} | {_percent(baseline_ap)} "
             f"| {_percent(best.value if best else None)} | {counts} | {best.trial_id if best else '–'} | {values} |"
         )
     if warnings:
         lines += ["", *warnings]
+    finalized = [final_markdown(o.framework, o.final, mode) for o in outcomes if o.final]
+    if finalized:
+        lines += ["", "## Finalized: the best configurations re-trained over seeds", "", *finalized]
     failed = [r for r in rows if r.status == FAILED]
     if failed:
         lines += ["", "Failed trials:", ""] + [f"- {r.framework} {r.trial_id}: {r.error}" for r in failed]
     return "\n".join(lines) + "\n"
-
-
-def _short(value) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def trials_csv(rows: list[TrialRow]) -> str:

@@ -129,5 +129,13 @@ def relevant(params: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in params.items() if not key.startswith(unused) or key.endswith(".enabled")}
 
 
+def describe_values(params: dict[str, Any]) -> str:
+    """A trial's values that matter, short: ``feature.weight=0.005, gism.top_k=10, ...``."""
+    def short(value: Any) -> str:
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    return ", ".join(f"{key.removeprefix('distill.')}={short(value)}" for key, value in relevant(params).items())
+
+
 def to_optuna(space: dict[str, Dimension]) -> dict[str, BaseDistribution]:
     return {key: dimension.distribution() for key, dimension in space.items()}

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +21,15 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from gid.config import Config, DistillConfig
+from gid.distill.teacher import ensure_teacher_val_ap
 from gid.engine.preflight import check_run_inputs, check_writable
 from gid.engine.trainer import MODEL_FILE, ensure_ray, run_training
 from gid.models import read_checkpoint
 from gid.errors import GidError, first_line
 from search.config import SweepConfig
+from search.finalize import FinalScore, candidates, final_points, final_scores, final_seeds
 from search.leftovers import Leftovers
-from search.report import write_sweep_report
+from search.report import trial_rows, write_sweep_report
 from search.space import LOSSES, TERMS, to_optuna
 from search.tracking import (
     MlflowTrialCallback,
@@ -39,7 +41,7 @@ from search.tracking import (
     runs_link,
     sync_results,
 )
-from search.trial import BASELINE, run_trial, trial_config
+from search.trial import BASELINE, FINAL, run_trial, trial_config
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ class FrameworkOutcome:
     study: optuna.Study
     trials_path: str
     baseline: Path | None  # model file of the student trained alone: the sweep file's, or the one the sweep trained
+    final: list[FinalScore] = field(default_factory=list)  # the finalize stage's candidates, when it ran
 
 
 def experiment_name(sweep: SweepConfig, framework: str) -> str:
@@ -190,6 +193,36 @@ def train_baseline(base: Config, trials: TrialLogger) -> Path:
     return model_file
 
 
+def trial_trainable(base: Config, trials_path: str):
+    return tune.with_resources(
+        tune.with_parameters(run_trial, base=base.to_dict(), trials_path=trials_path),
+        # The trial function only drives its TorchTrainer, whose workers ask for the real resources
+        # (Tune refuses an empty request, hence a token share of a CPU).
+        {"CPU": 0.01},
+    )
+
+
+def restored_tuner(experiment_path: str, trainable, resume: bool) -> tune.Tuner | None:
+    if resume and tune.Tuner.can_restore(experiment_path):
+        return tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=False)
+    return None
+
+
+def fit(tuner: tune.Tuner) -> tune.ResultGrid:
+    leftovers = Leftovers()
+    results = tuner.fit()
+    if ended := leftovers.end():
+        logger.info("ended %d Ray Train run(s) that stopped trials left running", ended)
+    return results
+
+
+def sync_to_mlflow(trials: TrialLogger, results: tune.ResultGrid) -> None:
+    try:  # fill in whatever the live callback could not write (MLflow down mid-sweep, a resume)
+        sync_results(trials, results)
+    except Exception as exc:  # noqa: BLE001 - results are safe in Ray's storage either way
+        logger.warning("MLflow unreachable (%s); run the same `gid sweep --resume` later to fill it in", first_line(exc))
+
+
 def run_framework(
     sweep: SweepConfig, base: Config, space: dict[str, Any], paths: SweepPaths, trials: TrialLogger, resume: bool
 ) -> FrameworkOutcome:
@@ -197,19 +230,13 @@ def run_framework(
     baseline = sweep.frameworks[framework].baseline or train_baseline(base, trials)
     name = experiment_name(sweep, framework)
     trials_path = trials.trials_path
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base.to_dict(), trials_path=trials_path),
-        # The trial function only drives its TorchTrainer, whose workers ask for the real resources
-        # (Tune refuses an empty request, hence a token share of a CPU).
-        {"CPU": 0.01},
-    )
+    trainable = trial_trainable(base, trials_path)
     experiment_path = paths.join(name)
     storage = paths.optuna_storage(sweep)
     ledger = paths.local / f"{name}.epochs.json"
-    restored = resume and tune.Tuner.can_restore(experiment_path)
-    if restored:
-        tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=False)
-    else:
+    tuner = restored_tuner(experiment_path, trainable, resume)
+    restored = tuner is not None
+    if tuner is None:
         ledger.unlink(missing_ok=True)  # a new experiment starts its budget at 0
         budget = EpochBudget(sweep.budget_epochs, ledger) if sweep.budget_epochs else None
         tuner = tune.Tuner(
@@ -239,16 +266,58 @@ def run_framework(
     if restored and sweep.budget_epochs and EpochBudget(sweep.budget_epochs, ledger).stop_all():
         results = tuner.get_results()  # spent before the interruption: Tune would still start a trial to stop it
     else:
-        leftovers = Leftovers()
-        results = tuner.fit()
-        if ended := leftovers.end():
-            logger.info("ended %d Ray Train run(s) that stopped trials left running", ended)
-    try:  # fill in whatever the live callback could not write (MLflow down mid-sweep, a resume)
-        sync_results(trials, results)
-    except Exception as exc:  # noqa: BLE001 - results are safe in Ray's storage either way
-        logger.warning("MLflow unreachable (%s); run the same `gid sweep --resume` later to fill it in", first_line(exc))
+        results = fit(tuner)
+    sync_to_mlflow(trials, results)
     study = optuna.load_study(study_name=name, storage=storage)
-    return FrameworkOutcome(framework, base, results, study, trials_path, baseline)
+    outcome = FrameworkOutcome(framework, base, results, study, trials_path, baseline)
+    if sweep.finalize:
+        outcome.final = run_finalize(sweep, outcome, paths, trials, resume)
+    return outcome
+
+
+def run_finalize(
+    sweep: SweepConfig, outcome: FrameworkOutcome, paths: SweepPaths, trials: TrialLogger, resume: bool
+) -> list[FinalScore]:
+    """Re-train the framework's best configurations and the student alone over new seeds (search.finalize)."""
+    finalize, objective = sweep.finalize, sweep.objective
+    chosen = candidates(trial_rows(outcome, objective.metric), finalize.top, objective.mode)
+    if not chosen:
+        logger.warning("%s: no trial finished, nothing to finalize", outcome.framework)
+        return []
+    base = finalize.applied_to(outcome.base.to_dict(), outcome.framework)
+    seeds = final_seeds(base, finalize.seeds)
+    logger.info(
+        "%s: finalizing %d configuration(s) and the student alone over seeds %s",
+        outcome.framework, len(chosen) - 1, ", ".join(map(str, seeds)),
+    )
+    final = TrialLogger(
+        trials.client, trials.experiment_id, trials.sweep, base,
+        finalize.applied_to(trials.portable_base, outcome.framework).to_dict(),
+        trials.trials_path, role=FINAL,
+    )
+    name = f"{experiment_name(sweep, outcome.framework)}-{FINAL}"
+    trainable = trial_trainable(base, trials.trials_path)
+    tuner = restored_tuner(paths.join(name), trainable, resume) or tune.Tuner(
+        trainable,
+        param_space={FINAL: tune.grid_search(final_points(chosen, seeds))},
+        tune_config=tune.TuneConfig(
+            metric=objective.metric, mode=objective.mode, max_concurrent_trials=sweep.resources.max_concurrent_trials,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=paths.root,
+            callbacks=[
+                MlflowTrialCallback(
+                    sweep.tracking.tracking_uri, sweep.tracking.experiment, final.sweep, base, final.portable_base,
+                    final.trials_path, role=FINAL,
+                )
+            ],
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
+    results = fit(tuner)
+    sync_to_mlflow(final, results)
+    return final_scores(results, objective.metric, base.train.epochs)
 
 
 @dataclass
@@ -277,6 +346,7 @@ def run_sweep(
     check_writable(sweep.storage_path, "storage_path")
     for base in bases.values():
         check_run_inputs(base)
+        ensure_teacher_val_ap(base)  # once per sweep: its trials read it (gid.distill.teacher)
     tracking = sweep.tracking
     client, experiment_id = connect(tracking.tracking_uri, tracking.experiment, tracking.artifact_location)
     settings = sweep.model_dump(mode="json", exclude={"space"})

@@ -31,14 +31,16 @@ from gid.config import Config
 from gid.engine.loop import PICTURES_DIR
 from gid.errors import GidError, first_line
 from search.names import quoted
-from search.space import with_values
-from search.trial import BASELINE, FINISHED, LOST, trial_config, trial_status
+from search.space import relevant, with_values
+from search.trial import BASELINE, FINAL, FINISHED, LOST, trial_config, trial_params, trial_status
 
 logger = logging.getLogger(__name__)
 
 SWEEP_TAG, SWEEP_ID_TAG, STORAGE_TAG = "gid.sweep", "gid.sweep_id", "gid.storage"
 FRAMEWORK_TAG, TRIAL_TAG, ROLE_TAG = "gid.framework", "gid.trial_id", "gid.role"
 STATUS_TAG, ERROR_TAG = "gid.status", "gid.error"
+# A finalize run: which configuration it re-trains (its label, the sweep trial it came from) and its seed.
+CANDIDATE_TAG, SOURCE_TAG, SEED_TAG = "gid.candidate", "gid.source_trial", "gid.seed"
 INVOCATION_TAG = "gid.invocation"  # gid.invocation.<n>: the n-th start or --resume of a sweep, with its --set values
 # What a trial's MLflow run holds besides the config it ran: the user's base config with the trial's values,
 # paths as the user wrote them and no sweep resources, which `gid export` writes out.
@@ -169,34 +171,41 @@ class TrialLogger:
 
     Every write is idempotent (runs are found by tags, epochs already in MLflow are skipped),
     so the live callback and a later :func:`sync_results` can both write the same trials.
-    ``portable_base`` is the framework's base config as the user wrote it (see ``PORTABLE_CONFIG``).
+    ``portable_base`` is the framework's base config as the user wrote it (see ``PORTABLE_CONFIG``);
+    ``role`` is ``trial`` for the sweep's trials, ``final`` for the finalize stage's runs. The methods take
+    a Tune trial's config, which :func:`~search.trial.trial_params` turns into config values.
     """
 
     def __init__(
         self, client: MlflowClient, experiment_id: str, sweep: SweepRun, base: Config, portable_base: dict[str, Any],
-        trials_path: str,
+        trials_path: str, role: str = "trial",
     ):
         self.client, self.experiment_id, self.sweep = client, experiment_id, sweep
-        self.base, self.portable_base, self.trials_path = base, portable_base, trials_path
+        self.base, self.portable_base, self.trials_path, self.role = base, portable_base, trials_path, role
         self.framework, self.epochs = base.model.framework, base.train.epochs
         self._runs: dict[str, str] = {}  # trial id -> run id
         self._last_step: dict[str, int] = {}  # trial id -> last epoch in MLflow
 
     def _tags(self, **more: str) -> dict[str, str]:
-        return {SWEEP_ID_TAG: self.sweep.id, FRAMEWORK_TAG: self.framework, ROLE_TAG: "trial", **more}
+        return {SWEEP_ID_TAG: self.sweep.id, FRAMEWORK_TAG: self.framework, ROLE_TAG: self.role, **more}
 
-    def run_for(self, trial_id: str, params: dict[str, Any]) -> str:
+    def run_for(self, trial_id: str, trial: dict[str, Any]) -> str:
         if trial_id in self._runs:
             return self._runs[trial_id]
         run_id = find_run(self.client, self.experiment_id, self._tags(**{TRIAL_TAG: trial_id}))
         if run_id is None:
+            name, final_tags = f"{self.framework}/{trial_id}", {}
+            if final := trial.get(FINAL):
+                name = f"{self.framework}/final {final['label']} seed {final['seed']}"
+                final_tags = {CANDIDATE_TAG: final["label"], SOURCE_TAG: final["source"], SEED_TAG: str(final["seed"])}
             run_tags = {
-                **self._tags(**{TRIAL_TAG: trial_id}), SWEEP_TAG: self.sweep.name,
-                MLFLOW_PARENT_RUN_ID: self.sweep.parent_run_id, MLFLOW_RUN_NAME: f"{self.framework}/{trial_id}",
+                **self._tags(**{TRIAL_TAG: trial_id}), **final_tags, SWEEP_TAG: self.sweep.name,
+                MLFLOW_PARENT_RUN_ID: self.sweep.parent_run_id, MLFLOW_RUN_NAME: name,
             }
             run_id = self.client.create_run(self.experiment_id, tags=run_tags).info.run_id
+            params = trial_params(trial)
             config = trial_config(self.base.to_dict(), params, trial_id, self.trials_path).to_dict()
-            log_params(self.client, run_id, flatten(config))
+            log_params(self.client, run_id, relevant(flatten(config)))
             log_yaml(self.client, run_id, config, "config.yaml")
             portable = Config.model_validate(with_values(self.portable_base, params)).to_dict()
             log_yaml(self.client, run_id, portable, PORTABLE_CONFIG)
@@ -207,8 +216,8 @@ class TrialLogger:
         self._runs[trial_id] = run_id
         return run_id
 
-    def log_result(self, trial_id: str, params: dict[str, Any], result: dict[str, Any]) -> None:
-        run_id = self.run_for(trial_id, params)
+    def log_result(self, trial_id: str, trial: dict[str, Any], result: dict[str, Any]) -> None:
+        run_id = self.run_for(trial_id, trial)
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
         if epoch <= self._last_step.get(trial_id, 0):
             return  # already in MLflow (e.g. logged before the sweep was interrupted)
@@ -223,9 +232,9 @@ class TrialLogger:
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         self._last_step[trial_id] = epoch
 
-    def finish(self, trial_id: str, params: dict[str, Any], last_result: dict[str, Any], error: str | None) -> None:
+    def finish(self, trial_id: str, trial: dict[str, Any], last_result: dict[str, Any], error: str | None) -> None:
         """Tag the trial's status (finished, pruned or failed, with its reason) and close its run."""
-        run_id = self.run_for(trial_id, params)
+        run_id = self.run_for(trial_id, trial)
         status = trial_status(error is not None, int(last_result.get("epoch", 0)), self.epochs)
         tags = [RunTag(STATUS_TAG, status)] + ([RunTag(ERROR_TAG, error[:5000])] if error is not None else [])
         self.client.log_batch(run_id, tags=tags)
@@ -268,9 +277,9 @@ class MlflowTrialCallback(Callback):
 
     def __init__(
         self, tracking_uri: str | None, experiment: str, sweep: SweepRun, base: Config, portable_base: dict[str, Any],
-        trials_path: str,
+        trials_path: str, role: str = "trial",
     ):
-        self.settings = (tracking_uri, experiment, sweep, base, portable_base, trials_path)
+        self.settings = (tracking_uri, experiment, sweep, base, portable_base, trials_path, role)
         self._writes: queue.Queue | None = None
 
     # Tune pickles callbacks into its experiment state: keep only the settings.

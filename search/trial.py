@@ -20,6 +20,9 @@ from search.space import with_values
 FINISHED, PRUNED, FAILED = "finished", "pruned", "failed"
 LOST = "lost"  # started just before the driver died, after Tune last saved its state: run again in its place
 BASELINE = "baseline"  # the MLflow role (and Train run name) of the student trained alone, when the sweep trains it
+# The finalize stage's Tune trials hold their point under this key: a config label, its source trial and a seed.
+FINAL = "final"
+STUDENT = "student"  # the finalize label of the student alone
 
 
 def trial_status(failed: bool, epochs_trained: int, epochs: int) -> str:
@@ -27,6 +30,12 @@ def trial_status(failed: bool, epochs_trained: int, epochs: int) -> str:
     if failed:
         return FAILED
     return FINISHED if epochs_trained >= epochs else PRUNED
+
+
+def trial_params(config: dict[str, Any]) -> dict[str, Any]:
+    """The values a Tune trial sets in the base config: the sampled point, or a finalize run's values and seed."""
+    final = config.get(FINAL)
+    return config if final is None else {**final["values"], "train.seed": final["seed"]}
 
 
 def trial_config(base: dict[str, Any], params: dict[str, Any], trial_id: str, trials_path: str) -> Config:
@@ -39,6 +48,6 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], trial_id: str, tr
 
 def run_trial(params: dict[str, Any], *, base: dict[str, Any], trials_path: str) -> None:
     trial_id = tune.get_context().get_trial_id()
-    config = trial_config(base, params, trial_id, trials_path)
+    config = trial_config(base, trial_params(params), trial_id, trials_path)
     with raise_user_error():
         build_trainer(config, callbacks=[TuneReportCallback()]).fit()

@@ -141,7 +141,7 @@ def test_a_teacher_whose_weights_are_all_zero_is_refused(tmp_path):
 
 
 def test_a_teacher_no_better_than_the_student_is_a_warning():
-    from gid.models import teacher_check
+    from gid.distill.teacher import teacher_check
 
     assert teacher_check(0.30, 0.25, "the student alone") is None
     assert teacher_check(None, 0.25, "the student alone") is None and teacher_check(0.3, None, "x") is None

@@ -17,6 +17,7 @@ from ray import tune
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
 from gid.config import load_config
+from gid.distill.teacher import cached_val_ap
 from gid.engine.trainer import run_training
 from gid.errors import GidError
 from gid.models import read_checkpoint
@@ -24,13 +25,16 @@ from search.config import load_sweep
 from search.export import export_best
 from search.leftovers import Leftovers
 from search.sweep import build_searcher, run_sweep
-from search.trial import run_trial
+from search.trial import FINAL, run_trial
 from search.tracking import (
+    CANDIDATE_TAG,
     ERROR_TAG,
     FRAMEWORK_TAG,
     INVOCATION_TAG,
     PORTABLE_CONFIG,
     ROLE_TAG,
+    SEED_TAG,
+    SOURCE_TAG,
     STATUS_TAG,
     SWEEP_ID_TAG,
     SWEEP_TAG,
@@ -98,9 +102,10 @@ def test_sweep_runs_every_trial_and_tracks_them_in_mlflow(finished_sweep, mlflow
     for run in baselines:  # trained once, on the trials' schedule, and not a GID trial
         assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val_ap")] == [EPOCHS]
-    baseline_aps = {o.framework: read_checkpoint(o.baseline)["metrics"]["val_ap"] for o in outcome.frameworks}
-    for framework, ap in baseline_aps.items():  # the summary's "student alone" column
-        assert f"| {framework} | – | {100 * ap:.1f} |" in outcome.summary
+    for framework in outcome.frameworks:  # the summary's teacher and "student alone" columns
+        ap = read_checkpoint(framework.baseline)["metrics"]["val_ap"]
+        teacher_ap = cached_val_ap(framework.base)  # its file stores none: the sweep measured it once
+        assert f"| {framework.framework} | {100 * teacher_ap:.1f} | {100 * ap:.1f} |" in outcome.summary
 
     runs = child_runs(client, MAIN)
     assert len(runs) == 6
@@ -109,8 +114,11 @@ def test_sweep_runs_every_trial_and_tracks_them_in_mlflow(finished_sweep, mlflow
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.data.tags[FRAMEWORK_TAG] in FRAMEWORKS and run.info.status == "FINISHED"
         assert run.data.params["model.framework"] == run.data.tags[FRAMEWORK_TAG]
-        assert "distill.gism.top_k" in run.data.params and "distill.feature.weight" in run.data.params
-        assert "True" in {run.data.params[f"distill.{term}.enabled"] for term in ("feature", "relation", "response")}
+        assert "distill.gism.top_k" in run.data.params
+        enabled = {term: run.data.params[f"distill.{term}.enabled"] == "True" for term in ("feature", "relation", "response")}
+        assert any(enabled.values())
+        for term, used in enabled.items():  # only the values that matter: none of a switched-off loss
+            assert used == any(k.startswith(f"distill.{term}.") and not k.endswith(".enabled") for k in run.data.params)
         history = client.get_metric_history(run.info.run_id, "val_ap")
         epochs = EPOCHS if run.data.tags[STATUS_TAG] == "finished" else len(history)
         assert [m.step for m in history] == list(range(1, epochs + 1))
@@ -278,6 +286,40 @@ def test_an_epoch_budget_ends_the_sweep_once_spent(ray_local, workspace, mlflow_
     assert sorted(int((r.metrics or {}).get("epoch", 0)) for r in framework.results) == sorted(epochs)
 
 
+def test_finalize_retrains_the_best_over_seeds_and_export_takes_its_winner(ray_local, workspace, mlflow_server, tmp_path):
+    path = write_sweep(
+        workspace, "final", mlflow_server, frameworks=["fcos"], trials=2, scheduler={"type": "none"},
+        finalize={"top": 1, "seeds": 2, "overrides": ["train.epochs=1"]},
+    )
+    (framework,) = run_sweep(load_sweep(path)).frameworks
+    client = MlflowClient(mlflow_server)
+    trials = {r.data.tags[TRIAL_TAG]: r.data.metrics["val_ap"] for r in child_runs(client, "final")}
+    best_trial = framework.final[0].source  # the best trial (of equals, the one Tune listed first)
+    assert trials[best_trial] == max(trials.values())
+    final = runs_of(client, "final", FINAL)
+    # the best trial and the student alone, each on two new seeds, with the stage's overrides (one epoch)
+    assert sorted((r.data.tags[CANDIDATE_TAG], r.data.tags[SEED_TAG]) for r in final) == [
+        ("1", "1"), ("1", "2"), ("student", "1"), ("student", "2")
+    ]
+    for run in final:
+        assert run.data.tags[STATUS_TAG] == "finished" and run.data.params["train.seed"] == run.data.tags[SEED_TAG]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_ap")] == [1]
+        assert run.data.tags[SOURCE_TAG] == (best_trial if run.data.tags[CANDIDATE_TAG] == "1" else "")
+    winner_runs = [r for r in final if r.data.tags[CANDIDATE_TAG] == "1"]
+    mean = sum(r.data.metrics["val_ap"] for r in winner_runs) / 2
+    (gid, student) = framework.final
+    assert gid.source == best_trial and gid.mean == pytest.approx(mean) and student.label == "student"
+
+    (exported,) = export_best(tmp_path / "best", tracking_uri=mlflow_server, experiment="gid-test", sweep="final")
+    assert exported.trial_id == best_trial and exported.seeds == 2
+    assert exported.metrics["val_ap"] == pytest.approx(mean)
+    assert load_config(exported.path).train.epochs == 1  # the configuration as finalized
+    # resuming a finished sweep re-trains nothing
+    (again,) = run_sweep(load_sweep(path), resume=True).frameworks
+    assert [(s.label, s.scores) for s in again.final] == [(s.label, s.scores) for s in framework.final]
+    assert len(runs_of(client, "final", FINAL)) == 4
+
+
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_local, workspace, mlflow_server):
     path = write_sweep(
         workspace, "resume", mlflow_server, frameworks=["retinanet"], trials=3,
@@ -355,6 +397,8 @@ def test_tpe_leaves_random_sampling_after_its_startup_trials(workspace, tmp_path
         ({"frameworks": {"yolo": {"config": "x.yaml"}}}, "frameworks.yolo"),
         ({"trials": 0}, "trials: Input should be greater than or equal to 1"),
         ({"sampler": {"type": "random", "startup_trials": 3}}, "startup_trials applies to sampler.type tpe only"),
+        ({"finalize": {"overrides": ["train.epochs=0"]}}, "with finalize.overrides: train.epochs"),
+        ({"finalize": {"seeds": 0}}, "finalize.seeds"),
     ],
 )
 def test_bad_sweep_files_fail_before_any_compute(workspace, tmp_path, change, expected):

@@ -208,11 +208,15 @@ def train_loop_per_worker(config_dict: dict) -> None:
     student, adapter = student_and_adapter(trainable)
     balance = gradient_balance(config, trainable)
     teacher_ap = getattr(trainable, "teacher_val_ap", None)
+    if teacher_ap is None and config.distill is not None:  # measured by the driver when the file stores none
+        from gid.distill.teacher import cached_val_ap
+
+        teacher_ap = cached_val_ap(config)
     if config.distill is not None and rank == 0:
         logger.info(
             "teacher %s: %s", config.distill.teacher,
-            f"val AP {100 * teacher_ap:.1f} (stored in its model file)" if teacher_ap is not None
-            else "its model file stores no val AP (an imported one?): `gid eval` it on this data to see what it knows",
+            f"val AP {100 * teacher_ap:.1f}" if teacher_ap is not None
+            else "val AP not known (its model file stores none and it was not measured on this split)",
         )
     params = [p for p in trainable.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(

@@ -109,6 +109,10 @@ def run_training(config: Config, address: str | None = None) -> TrainingOutcome:
     config = config.with_absolute_paths()
     check_writable(config.run.storage_path, "run.storage_path")
     check_run_inputs(config)
+    if config.distill is not None:
+        from gid.distill.teacher import ensure_teacher_val_ap
+
+        ensure_teacher_val_ap(config)  # once, here, rather than on every worker
     ensure_ray(address)
     with raise_user_error():
         result = build_trainer(config).fit()

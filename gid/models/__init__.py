@@ -7,11 +7,10 @@ from gid.models.checkpoint import (
     read_checkpoint,
     save_model,
     stored_val_ap,
-    teacher_check,
 )
 from gid.models.detectors import anchor_sizes, build_detector
 
 __all__ = [
     "anchor_sizes", "build_detector", "load_backbone_weights", "load_model", "load_weights", "read_checkpoint",
-    "save_model", "stored_val_ap", "teacher_check",
+    "save_model", "stored_val_ap",
 ]

@@ -140,16 +140,6 @@ def stored_val_ap(path: Path | None) -> float | None:
         return None
 
 
-def teacher_check(teacher_ap: float | None, student_ap: float | None, student: str) -> str | None:
-    """A warning when the teacher is no better than a student: GID then has nothing to teach."""
-    if teacher_ap is None or student_ap is None or teacher_ap > student_ap:
-        return None
-    return (
-        f"warning: the teacher ({100 * teacher_ap:.1f} AP) is not better than {student} ({100 * student_ap:.1f} AP): "
-        "GID has nothing to teach; train the teacher longer, or check that distill.teacher is the right file"
-    )
-
-
 def load_model(path: Path) -> tuple[nn.Module, Config, int]:
     """Rebuild the detector a model file was trained as, with its weights."""
     return model_from_state(read_checkpoint(path), path)
