@@ -20,7 +20,8 @@ from torchvision.ops import box_iou
 
 from gid.config import ModelConfig
 from gid.data.coco import load_coco
-from gid.models.detectors import anchor_sizes, build_anchor_generator, level_strides
+from gid.frameworks import FRAMEWORKS
+from gid.models.detectors import anchor_sizes, build_anchor_generator
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def coverage(config: ModelConfig, image_size: int, boxes: torch.Tensor) -> tuple[float, float, float]:
     """Median best IoU, share of boxes with an anchor at IoU >= 0.5, mean anchors at IoU >= 0.5 per box."""
-    strides = level_strides(config.framework)
+    strides = FRAMEWORKS[config.framework].fpn_layout(config).strides
     images = ImageList(torch.zeros(1, 3, image_size, image_size), [(image_size, image_size)])
     features = [torch.zeros(1, 1, -(-image_size // s), -(-image_size // s)) for s in strides]
     anchors = build_anchor_generator(config, image_size)(images, features)[0]

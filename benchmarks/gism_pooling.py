@@ -30,9 +30,9 @@ from torchvision.ops import batched_nms, clip_boxes_to_image, nms, remove_small_
 
 from gid.config import GismConfig
 from gid.distill import losses
-from gid.distill.gism import gi_scores, select_general_instances
+from gid.distill.gism import GeneralInstances, gi_scores, select_general_instances
 from gid.distill.losses import pool_instances
-from gid.distill.outputs import AnchorLayout, DenseOutput, GeneralInstances
+from gid.frameworks.view import AnchorLayout, DenseOutput
 
 BATCH = 8
 NUM_CLASSES = 4

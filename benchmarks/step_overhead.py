@@ -45,7 +45,7 @@ import gid.distill.distiller as distiller_module
 from gid.config import DataConfig, DistillConfig, ModelConfig
 from gid.data import build_dataset, collate, make_synthetic
 from gid.distill import Distiller
-from gid.distill.views import view_for
+from gid.frameworks import view_for
 from gid.models import build_detector
 
 FRAMEWORKS = ("retinanet", "fcos", "faster_rcnn")

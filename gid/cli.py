@@ -177,7 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--builder", required=True, help="the torchvision builder it comes from, e.g. retinanet_resnet50_fpn_v2"
     )
     imports.add_argument("--num-classes", type=int, default=None, help="classes with background (default: the file's)")
-    imports.add_argument("--image-size", type=int, default=800, help="longest image side it sees (default 800, COCO's)")
+    imports.add_argument(
+        "--image-size", type=int, default=None,
+        help="longest image side it sees (default: what its COCO weights were trained for, 800 or 320)",
+    )
     imports.add_argument("--out", type=Path, required=True, help="the model file to write")
     imports.set_defaults(func=cmd_model_import)
     exports = model_commands.add_parser("export", help="a model file's detector for torchvision or TorchScript")

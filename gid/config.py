@@ -15,23 +15,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gid.errors import GidError
+from gid.frameworks import COCO_IMAGE_SIZE, FRAMEWORKS
 
-#: Input size the paper's (COCO) pixel constants refer to; "auto" values scale from it.
-COCO_IMAGE_SIZE = 800
-
-Framework = Literal["retinanet", "fcos", "faster_rcnn"]
+Framework = Literal[tuple(FRAMEWORKS)]  # model.framework: one of gid.frameworks' modules
 Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large"]
-Variant = Literal["v1", "v2"]
+Variant = Literal[tuple(sorted({variant for framework in FRAMEWORKS.values() for variant in framework.variants}))]
 
-# torchvision's variants: v2 is RetinaNet's P6/P7 from C5, GroupNorm head and GIoU loss, and Faster
-# R-CNN's BatchNorm FPN, two-conv RPN head and four-conv box head; FCOS has one.
-VARIANTS: dict[str, tuple[str, ...]] = {"retinanet": ("v1", "v2"), "fcos": ("v1",), "faster_rcnn": ("v1", "v2")}
-# The defaults are the variants that train from scratch at small scale. RetinaNet v2: its GroupNorm
-# head (which gid's RetinaNet always had) learns where v1's unnormalised head stalls (ResNet-18,
-# 128 px synthetic data: v1's classification loss stayed at 1.1 for 250 steps and was 0.78 at 400;
-# v2's was 0.62 at 200 and 0.48 at 400, as with gid's earlier RetinaNet). Faster R-CNN v1: what the
-# benchmarks measured; v2's four-conv box head multiplies the second stage's cost per RoI.
-DEFAULT_VARIANT = {"retinanet": "v2", "fcos": "v1", "faster_rcnn": "v1"}
 # torchvision's limits for trainable_backbone_layers: ResNet conv1 + 4 stages, MobileNetV3's 6 stages.
 MAX_TRAINABLE_LAYERS = {"resnet18": 5, "resnet34": 5, "resnet50": 5, "resnet101": 5, "mobilenet_v3_large": 6}
 
@@ -62,11 +51,12 @@ class ModelConfig(StrictModel):
     framework: Framework = "retinanet"
     backbone: Backbone = "resnet18"
     fpn_channels: int = Field(64, ge=64)  # GroupNorm(32) heads need ≥ 2 channels per group on 1×1 maps
-    # torchvision's architecture variant (see DEFAULT_VARIANT); None takes the framework's default.
+    # torchvision's architecture variant (the framework module's); None takes the framework's default.
     variant: Variant | None = None
     num_classes: int | None = Field(None, ge=2)  # incl. background; None = from the data set
     # Anchor (RetinaNet, Faster R-CNN RPN) or location (FCOS) size per FPN level, smallest level
-    # first. "auto" scales the framework's COCO defaults by image_size / 800.
+    # first (Faster R-CNN on MobileNetV3: all of them on every level). "auto" scales the
+    # framework's COCO defaults by image_size / 800.
     anchor_sizes: Literal["auto"] | list[float] = "auto"
     weights: Path | None = None  # a local model file to initialise from (never downloaded)
     backbone_weights: Path | None = None  # a local torchvision ImageNet classifier state dict for the backbone
@@ -82,19 +72,20 @@ class ModelConfig(StrictModel):
     @classmethod
     def _framework_default_variant(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("variant") is None:
-            framework = data.get("framework", cls.model_fields["framework"].default)
-            data = {**data, "variant": DEFAULT_VARIANT.get(framework)}
+            framework = FRAMEWORKS.get(data.get("framework", cls.model_fields["framework"].default))
+            data = {**data, "variant": None if framework is None else framework.default_variant}
         return data
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
         if self.fpn_channels % 32:
             raise ValueError(f"fpn_channels must be a multiple of 32 (GroupNorm heads), got {self.fpn_channels}")
-        if isinstance(self.anchor_sizes, list) and len(self.anchor_sizes) != 5:
-            raise ValueError("anchor_sizes must be 'auto' or a list of 5 sizes, one per FPN level")
-        if self.variant not in VARIANTS[self.framework]:
-            variants = ", ".join(VARIANTS[self.framework])
-            raise ValueError(f"variant {self.variant} is not one of {self.framework}'s: {variants}")
+        framework = FRAMEWORKS[self.framework]
+        sizes = len(framework.coco_anchor_sizes)
+        if isinstance(self.anchor_sizes, list) and len(self.anchor_sizes) != sizes:
+            raise ValueError(f"anchor_sizes must be 'auto' or a list of {sizes} sizes, one per FPN level")
+        if self.variant not in framework.variants:
+            raise ValueError(f"variant {self.variant} is not one of {self.framework}'s: {', '.join(framework.variants)}")
         if self.builder is not None:
             module, _, function = self.builder.partition(":")
             if not module or not function.isidentifier():

@@ -11,6 +11,7 @@ from pydantic import Field, TypeAdapter, ValidationError, field_validator, model
 from gid.config import (
     SHARED_GPU_ERROR,
     Config,
+    Framework,
     StrictModel,
     apply_overrides,
     format_validation_error,
@@ -100,7 +101,7 @@ class Tracking(StrictModel):
 
 class SweepConfig(StrictModel):
     name: str
-    frameworks: dict[Literal["retinanet", "fcos", "faster_rcnn"], FrameworkSweep] = Field(min_length=1)
+    frameworks: dict[Framework, FrameworkSweep] = Field(min_length=1)
     # None: each framework's default_space for its base config's distill.balance.mode
     space: dict[str, Dimension] | None = None
     trials: int = Field(20, ge=1)  # per framework

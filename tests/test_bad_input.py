@@ -235,7 +235,6 @@ CASES = [
     ("import a missing file", lambda c: c.model_import("missing", "fcos_resnet50_fpn"), "torchvision state dict not found"),
     ("import a gid model file", lambda c: c.model_import("teacher", "retinanet_resnet50_fpn_v2"), "already a model file (format gid-model/2), not a torchvision state dict"),
     ("import of an unknown builder", lambda c: c.model_import("mobilenet_detector", "yolo_v8"), "--builder yolo_v8 is not a torchvision builder gid makes"),
-    ("import of the MobileNet builder", lambda c: c.model_import("mobilenet_detector", "fasterrcnn_mobilenet_v3_large_fpn"), "is not supported yet: its MobileNetV3 FPN has 3 levels"),
     ("import for tiny images", lambda c: c.model_import("mobilenet_detector", "fasterrcnn_resnet50_fpn", "--image-size", "8"), "--image-size 8: give the longest image side in pixels"),
     ("export to ONNX", lambda c: c.model_export("teacher", "onnx"), "--format onnx: use one of torchvision, torchscript"),
     ("export a missing file", lambda c: c.model_export("missing"), "checkpoint not found"),

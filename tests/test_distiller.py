@@ -20,11 +20,10 @@ def detector(framework: str, backbone: str = "resnet18", fpn: int = 64, num_clas
     )
 
 
-def distiller(framework: str, **distill) -> Distiller:
+def distiller(framework: str, teacher: str = "resnet34", student: str = "resnet18", **distill) -> Distiller:
     torch.manual_seed(0)
-    teacher = detector(framework, "resnet34", fpn=128)
     config = DistillConfig.model_validate({"teacher": "unused.pt", **distill})
-    return Distiller(teacher, detector(framework), config, IMAGE_SIZE)
+    return Distiller(detector(framework, teacher, fpn=128), detector(framework, student), config, IMAGE_SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +35,13 @@ def batch(synth_root):
     return list(images), list(targets)
 
 
-@pytest.mark.parametrize("framework", FRAMEWORKS)
-def test_gradients_reach_student_and_adapter_never_teacher(framework, batch):
-    model = distiller(framework).train()
+# Faster R-CNN on MobileNetV3 (torchvision's three FPN levels, two at stride 32) from a wider one
+@pytest.mark.parametrize(
+    "framework, teacher, student",
+    [(framework, "resnet34", "resnet18") for framework in FRAMEWORKS] + [("faster_rcnn", "mobilenet_v3_large", "mobilenet_v3_large")],
+)
+def test_gradients_reach_student_and_adapter_never_teacher(framework, teacher, student, batch):
+    model = distiller(framework, teacher, student).train()
     losses = model(*batch)
     expected = {"loss_feature", "loss_relation", "loss_response_cls", "loss_response_reg"}
     if framework == "faster_rcnn":

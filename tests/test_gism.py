@@ -7,9 +7,9 @@ import torch
 from torchvision.ops import clip_boxes_to_image, nms, remove_small_boxes
 
 from gid.config import GismConfig, ModelConfig
-from gid.distill.gism import filter_instances, gi_scores, gism_stats, select_general_instances
-from gid.distill.outputs import AnchorLayout, DenseOutput, GeneralInstances
-from gid.distill.views import view_for
+from gid.distill.gism import GeneralInstances, filter_instances, gi_scores, gism_stats, select_general_instances
+from gid.frameworks import view_for
+from gid.frameworks.view import AnchorLayout, DenseOutput
 from gid.models.detectors import build_detector
 
 # Student probabilities of ~0: the paper score of an anchor is then its teacher probability.

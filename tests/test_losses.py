@@ -20,8 +20,8 @@ from gid.distill.losses import (
     roi_align_by_matmul,
     roi_response_loss,
 )
-from gid.distill.outputs import DenseOutput
 from gid.errors import GidError
+from gid.frameworks.view import DenseOutput
 
 FIRST_LEVEL = 3
 IMAGE = 512

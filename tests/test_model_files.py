@@ -25,18 +25,23 @@ from gid.cli import main
 from gid.config import ModelConfig, validate
 from gid.engine.loop import build_trainable
 from gid.errors import GidError
+from gid.frameworks import FRAMEWORKS
 from gid.models import build_detector, load_model, save_model
-from gid.models.detectors import CLASS_LAYERS
 
 NUM_CLASSES = 7  # the synthetic data's six classes and background, so `gid eval` can score imports
 BUILDERS = {
-    "retinanet_resnet50_fpn": ("retinanet", "v1"),
-    "retinanet_resnet50_fpn_v2": ("retinanet", "v2"),
-    "fcos_resnet50_fpn": ("fcos", "v1"),
-    "fasterrcnn_resnet50_fpn": ("faster_rcnn", "v1"),
-    "fasterrcnn_resnet50_fpn_v2": ("faster_rcnn", "v2"),
+    "retinanet_resnet50_fpn": ("retinanet", "v1", "resnet50"),
+    "retinanet_resnet50_fpn_v2": ("retinanet", "v2", "resnet50"),
+    "fcos_resnet50_fpn": ("fcos", "v1", "resnet50"),
+    "fasterrcnn_resnet50_fpn": ("faster_rcnn", "v1", "resnet50"),
+    "fasterrcnn_resnet50_fpn_v2": ("faster_rcnn", "v2", "resnet50"),
+    "fasterrcnn_mobilenet_v3_large_fpn": ("faster_rcnn", "v1", "mobilenet_v3_large"),
+    "fasterrcnn_mobilenet_v3_large_320_fpn": ("faster_rcnn", "v1", "mobilenet_v3_large"),
 }
 ARCHITECTURES = [("retinanet", "v1"), ("retinanet", "v2"), ("fcos", "v1"), ("faster_rcnn", "v1"), ("faster_rcnn", "v2")]
+#: gid's students, which no torchvision builder makes: FPN-64 on a ResNet-18, and Faster R-CNN on a MobileNetV3 too
+STUDENTS = [(framework, variant, "resnet18") for framework, variant in ARCHITECTURES] + [
+    ("faster_rcnn", "v1", "mobilenet_v3_large"), ("faster_rcnn", "v2", "mobilenet_v3_large")]
 
 
 def torchvision_state_dict(builder: str, num_classes: int = NUM_CLASSES, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -46,7 +51,7 @@ def torchvision_state_dict(builder: str, num_classes: int = NUM_CLASSES, seed: i
 
 @pytest.fixture(scope="module", params=list(BUILDERS))
 def builder_file(request, tmp_path_factory) -> tuple[str, Path]:
-    """One seeded torchvision detector file per builder (ResNet-50: each made once)."""
+    """One seeded torchvision detector file per builder (each made once)."""
     path = tmp_path_factory.mktemp(request.param) / f"{request.param}.pth"
     torch.save(torchvision_state_dict(request.param), path)
     return request.param, path
@@ -61,9 +66,9 @@ def gid_config(framework: str, variant: str, **model) -> ModelConfig:
 
 def test_gid_builds_each_torchvision_builders_module_tree(builder_file):
     builder, path = builder_file
-    framework, variant = BUILDERS[builder]
+    framework, variant, backbone = BUILDERS[builder]
     theirs = torch.load(path, weights_only=True)
-    ours = build_detector(gid_config(framework, variant, backbone="resnet50", fpn_channels=256), 800, NUM_CLASSES)
+    ours = build_detector(gid_config(framework, variant, backbone=backbone, fpn_channels=256), 800, NUM_CLASSES)
     assert list(ours.state_dict()) == list(theirs)
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.items()}
     ours.load_state_dict(theirs, strict=True)
@@ -201,7 +206,7 @@ def test_weights_of_another_class_count_load_all_but_the_class_layers(synth_root
             synth_root, tmp_path, {"framework": framework, "variant": variant, "weights": str(tmp_path / "four_classes.pt")}
         )
     before, after = pretrained.state_dict(), model.state_dict()
-    layers = CLASS_LAYERS[framework]
+    layers = FRAMEWORKS[framework].class_layers
     is_class_layer = lambda key: key.startswith(tuple(f"{layer}." for layer in layers))  # noqa: E731
     assert all(torch.equal(after[k], v) for k, v in before.items() if not is_class_layer(k))
     reinitialised = [k for k in after if is_class_layer(k)]
@@ -231,12 +236,12 @@ def test_model_files_of_the_earlier_layout_are_refused_with_the_reason(tmp_path)
 
 def test_import_eval_export_gives_back_the_torchvision_file(builder_file, synth_root, tmp_path, capsys):
     builder, path = builder_file
-    framework, variant = BUILDERS[builder]
+    framework, variant, backbone = BUILDERS[builder]
     model_file = tmp_path / "imported.pt"
     assert main(["model", "import", str(path), "--builder", builder, "--image-size", "64", "--out", str(model_file)]) == 0
     model, config, num_classes = load_model(model_file)
     assert (config.model.framework, config.model.variant, config.model.backbone, config.model.fpn_channels) == (
-        framework, variant, "resnet50", 256)
+        framework, variant, backbone, 256)
     assert num_classes == NUM_CLASSES and config.data.image_size == 64 and config.model.frozen_batchnorm is False
 
     assert main(["eval", str(model_file), "--data", str(synth_root)]) == 0
@@ -244,7 +249,8 @@ def test_import_eval_export_gives_back_the_torchvision_file(builder_file, synth_
 
     exported = tmp_path / "exported.pth"
     assert main(["model", "export", str(model_file), "--format", "torchvision", "--out", str(exported)]) == 0
-    assert f"torchvision.models.detection.{builder}(weights=None, weights_backbone=None, num_classes=7)" in capsys.readouterr().out
+    named = builder.replace("_320_fpn", "_fpn")  # the 320 px builder makes the same module tree
+    assert f"torchvision.models.detection.{named}(weights=None, weights_backbone=None, num_classes=7)" in capsys.readouterr().out
     original, back = torch.load(path, weights_only=True), torch.load(exported, weights_only=True)
     assert list(back) == list(original)
     for key, tensor in original.items():
@@ -254,18 +260,19 @@ def test_import_eval_export_gives_back_the_torchvision_file(builder_file, synth_
 
 def test_an_imported_model_is_a_teacher_and_initial_weights(builder_file, synth_root, tmp_path):
     builder, path = builder_file
-    framework, variant = BUILDERS[builder]
+    framework, variant, backbone = BUILDERS[builder]
     model_file = tmp_path / "imported.pt"
     assert main(["model", "import", str(path), "--builder", builder, "--image-size", "64", "--out", str(model_file)]) == 0
     original = torch.load(path, weights_only=True)
 
-    student = {"framework": framework, "variant": variant}  # a ResNet-18 FPN-64 under the ResNet-50 FPN-256
+    # a ResNet-18 FPN-64 under the ResNet-50 FPN-256; a MobileNetV3 FPN-64 under the FPN-256 (the same levels)
+    student = {"framework": framework, "variant": variant, "backbone": "resnet18" if backbone == "resnet50" else backbone}
     config = validate({"data": {"root": str(synth_root), "image_size": 64}, "model": student,
                        "distill": {"teacher": str(model_file)}})
     distiller = build_trainable(config, NUM_CLASSES, torch.device("cpu"))
     assert all(torch.equal(distiller.teacher.state_dict()[k], v) for k, v in original.items())
 
-    same = {**student, "backbone": "resnet50", "fpn_channels": 256, "weights": str(model_file)}
+    same = {**student, "backbone": backbone, "fpn_channels": 256, "weights": str(model_file)}
     initialised = trainable_with(synth_root, tmp_path, same)
     assert all(torch.equal(initialised.state_dict()[k], v) for k, v in original.items())
 
@@ -300,6 +307,26 @@ def test_import_refuses_a_class_count_other_than_the_files(tmp_path, capsys):
                  "--num-classes", "91", "--out", str(tmp_path / "m.pt")]) == 0
 
 
+@pytest.mark.parametrize("builder, size", [("fasterrcnn_mobilenet_v3_large_fpn", 800), ("fasterrcnn_mobilenet_v3_large_320_fpn", 320)])
+def test_import_feeds_the_input_size_the_builders_weights_were_trained_for(tmp_path, builder, size):
+    torch.save(torchvision_state_dict(builder), tmp_path / "m.pth")
+    assert main(["model", "import", str(tmp_path / "m.pth"), "--builder", builder, "--out", str(tmp_path / "m.pt")]) == 0
+    model, config, _ = load_model(tmp_path / "m.pt")
+    assert config.data.image_size == size and model.transform.max_size == size
+
+
+def test_a_model_file_whose_weights_do_not_fit_its_own_config_is_one_line(tmp_path):
+    """As a Faster R-CNN on MobileNetV3 of an earlier gid, whose FPN had five levels, is now."""
+    config = validate({"model": {"framework": "faster_rcnn", "backbone": "mobilenet_v3_large"}})
+    earlier = validate({"model": {"framework": "faster_rcnn", "backbone": "resnet18"}})
+    save_model(build_detector(earlier.model, 64, 4), config, 4, tmp_path / "m.pt")
+    with pytest.raises(GidError) as info:
+        load_model(tmp_path / "m.pt")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{tmp_path / 'm.pt'}: weights do not fit the architecture its own")
+    assert message.endswith("train it again")
+
+
 # --- 5. export of gid's own architectures -----------------------------------------------------
 
 
@@ -311,28 +338,29 @@ def confident(model: nn.Module, framework: str) -> nn.Module:
 
 
 @pytest.fixture(scope="module")
-def gid_model_files(tmp_path_factory) -> dict[tuple[str, str], Path]:
-    """A ResNet-18 FPN-64 model file per architecture: gid's students, which no torchvision builder makes."""
+def gid_model_files(tmp_path_factory) -> dict[tuple[str, str, str], Path]:
+    """A model file per student architecture (``STUDENTS``)."""
     root = tmp_path_factory.mktemp("students")
     files = {}
-    for framework, variant in ARCHITECTURES:
-        config = validate({"data": {"image_size": 64}, "model": {"framework": framework, "variant": variant}})
+    for framework, variant, backbone in STUDENTS:
+        model = {"framework": framework, "variant": variant, "backbone": backbone}
+        config = validate({"data": {"image_size": 64}, "model": model})
         torch.manual_seed(5)
-        path = root / f"{framework}_{variant}.pt"
+        path = root / f"{framework}_{variant}_{backbone}.pt"
         save_model(confident(build_detector(config.model, 64, NUM_CLASSES), framework), config, NUM_CLASSES, path)
-        files[framework, variant] = path
+        files[framework, variant, backbone] = path
     return files
 
 
 IMAGES = [torch.rand(3, 64, 48, generator=torch.Generator().manual_seed(9)), torch.rand(3, 40, 64)]
 
 
-@pytest.mark.parametrize("framework, variant", ARCHITECTURES)
-def test_torchscript_detections_equal_gids(gid_model_files, tmp_path, capsys, framework, variant):
+@pytest.mark.parametrize("framework, variant, backbone", STUDENTS)
+def test_torchscript_detections_equal_gids(gid_model_files, tmp_path, capsys, framework, variant, backbone):
     out = tmp_path / "model.ts"
-    assert main(["model", "export", str(gid_model_files[framework, variant]), "--format", "torchscript", "--out", str(out)]) == 0
+    assert main(["model", "export", str(gid_model_files[framework, variant, backbone]), "--format", "torchscript", "--out", str(out)]) == 0
     assert "torch.jit.load it" in capsys.readouterr().out
-    model, _, _ = load_model(gid_model_files[framework, variant])
+    model, _, _ = load_model(gid_model_files[framework, variant, backbone])
     with torch.no_grad():
         expected = model.eval()(IMAGES)
         _, scripted = torch.jit.load(out)(IMAGES)
@@ -344,7 +372,7 @@ def test_torchscript_detections_equal_gids(gid_model_files, tmp_path, capsys, fr
 
 def test_torchscript_runs_without_gid(gid_model_files, tmp_path):
     out = tmp_path / "model.ts"
-    assert main(["model", "export", str(gid_model_files["faster_rcnn", "v2"]), "--format", "torchscript", "--out", str(out)]) == 0
+    assert main(["model", "export", str(gid_model_files["faster_rcnn", "v2", "resnet18"]), "--format", "torchscript", "--out", str(out)]) == 0
     torch.save(IMAGES, tmp_path / "images.pt")
     script = textwrap.dedent(f"""
         import sys
@@ -354,7 +382,7 @@ def test_torchscript_runs_without_gid(gid_model_files, tmp_path):
         torch.save(detections, {str(tmp_path / "detections.pt")!r})
         """)
     subprocess.run([sys.executable, "-c", script], check=True, timeout=300, cwd=tmp_path)
-    model, _, _ = load_model(gid_model_files["faster_rcnn", "v2"])
+    model, _, _ = load_model(gid_model_files["faster_rcnn", "v2", "resnet18"])
     with torch.no_grad():
         expected = model.eval()(IMAGES)
     for ours, theirs in zip(expected, torch.load(tmp_path / "detections.pt", weights_only=True), strict=True):
@@ -366,6 +394,7 @@ def test_torchscript_runs_without_gid(gid_model_files, tmp_path):
 TORCHVISION_NAMES = {
     **{name: getattr(models, name) for name in ("resnet18", "mobilenet_v3_large")},
     **{name: getattr(detection, name) for name in ("RetinaNet", "FCOS", "FasterRCNN")},
+    "AnchorGenerator": detection.anchor_utils.AnchorGenerator,
     "BackboneWithFPN": detection.backbone_utils.BackboneWithFPN,
     "RetinaNetHead": detection.retinanet.RetinaNetHead,
     "RPNHead": detection.rpn.RPNHead,
@@ -379,18 +408,20 @@ TORCHVISION_NAMES = {
 }
 
 
-@pytest.mark.parametrize("framework, variant", ARCHITECTURES)
-def test_a_students_export_names_the_torchvision_call_that_loads_it(gid_model_files, tmp_path, capsys, framework, variant):
+@pytest.mark.parametrize("framework, variant, backbone", STUDENTS)
+def test_a_students_export_names_the_torchvision_call_that_loads_it(gid_model_files, tmp_path, capsys, framework, variant, backbone):
     out = tmp_path / "student.pth"
-    assert main(["model", "export", str(gid_model_files[framework, variant]), "--format", "torchvision", "--out", str(out)]) == 0
+    assert main(["model", "export", str(gid_model_files[framework, variant, backbone]), "--format", "torchvision", "--out", str(out)]) == 0
     (line,) = capsys.readouterr().out.strip().splitlines()
     assert "no torchvision builder makes this architecture; " in line
     call = line.split("no torchvision builder makes this architecture; ")[1].split(" loads it with strict=True")[0]
     call = call.split(" (to train it")[0]
     rebuilt = eval(call, dict(TORCHVISION_NAMES))  # the printed constructor, run as it is
     rebuilt.load_state_dict(torch.load(out, weights_only=True), strict=True)
-    saved = torch.load(gid_model_files[framework, variant], weights_only=True)["model"]
+    saved = torch.load(gid_model_files[framework, variant, backbone], weights_only=True)["model"]
     assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in saved.items())
+    with torch.no_grad():
+        rebuilt.eval()(IMAGES)  # it runs too: its anchors fit its heads
 
 
 @pytest.mark.parametrize("backbone", ["mobilenet_v3_large"])

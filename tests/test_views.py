@@ -6,10 +6,15 @@ import math
 
 import pytest
 import torch
+from torchvision.models.detection import FasterRCNN
 
 from gid.config import ModelConfig
-from gid.distill.views import check_compatible, fcos_matched_idxs, view_for
 from gid.errors import GidError
+from gid.frameworks import view_for
+from gid.frameworks.base import FpnLayout, stages
+from gid.frameworks.fcos import fcos_matched_idxs
+from gid.frameworks.view import check_compatible
+from gid.models.backbones import build_fpn_backbone
 from gid.models.detectors import build_detector
 
 FRAMEWORKS = ["retinanet", "fcos", "faster_rcnn"]
@@ -201,6 +206,46 @@ def test_roi_outputs(model):
         class_logits, box_regression = view.roi_outputs(features, boxes, images.image_sizes)
     assert class_logits.shape == (3, NUM_CLASSES)
     assert box_regression.shape == (3, NUM_CLASSES * 4)
+
+
+# --- Faster R-CNN on MobileNetV3: torchvision's three levels, two of them at stride 32 ----------
+
+
+@pytest.fixture(scope="module")
+def mobilenet_faster_rcnn() -> torch.nn.Module:
+    return tiny("faster_rcnn", backbone="mobilenet_v3_large")
+
+
+def test_mobilenet_faster_rcnn_pools_gis_where_its_box_head_pools(mobilenet_faster_rcnn):
+    view = view_for(mobilenet_faster_rcnn.eval())
+    images, _, features, dense, layout = run(view, targets=False)
+    assert view.signature()["strides"] == (32, 32, 64)
+    assert layout.num_per_level == [2 * 2 * 15, 2 * 2 * 15, 1 * 1 * 15]  # five sizes x three ratios everywhere
+    assert dense.cls_logits.shape == (2, sum(layout.num_per_level), 1)
+    # torchvision's MultiScaleRoIAlign maps every box to '0', the first of its two stride-32 maps
+    boxes = [torch.tensor([[4.0, 4.0, 12.0, 12.0], [0.0, 0.0, 64.0, 64.0]]), torch.zeros(0, 4)]
+    pooler = mobilenet_faster_rcnn.roi_heads.box_roi_pool
+    with torch.no_grad():
+        pooler(features, boxes, images.image_sizes)
+    assert pooler.scales == [1 / 32, 1 / 32] and pooler.map_levels(boxes).unique().tolist() == [0]
+    assert view.first_level == dense.first_level == 5
+    assert len(dense.features) == 1 and dense.features[0] is features["0"]
+
+
+def test_mobilenet_faster_rcnn_views_are_the_detectors_own(mobilenet_faster_rcnn, monkeypatch):
+    """The checks every framework's view passes above, on this architecture."""
+    test_decode_agrees_with_the_detectors_own_decoding(mobilenet_faster_rcnn, monkeypatch)
+    test_gt_losses_equal_the_detectors_training_loss_and_backprop(mobilenet_faster_rcnn)
+    test_assign_foreground_marks_a_box_equal_to_an_anchor(mobilenet_faster_rcnn)
+    test_roi_outputs(mobilenet_faster_rcnn)
+
+
+def test_views_refuse_pooling_levels_that_do_not_double():
+    """A detector of the user's (model.builder) whose FPN skips stride 16: its levels have no FPN level rule."""
+    backbone = build_fpn_backbone("resnet18", 64, FpnLayout(stages(8, 32), "max_pool"))
+    view = view_for(FasterRCNN(backbone, NUM_CLASSES, min_size=IMAGE_SIZE, max_size=IMAGE_SIZE))
+    with pytest.raises(GidError, match=r"faster_rcnn: GIs are pooled from FPN levels .* this detector's are \[8, 32\]"):
+        view.first_level
 
 
 def test_view_for_rejects_other_modules():

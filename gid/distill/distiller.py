@@ -1,6 +1,6 @@
 """The Distiller: a frozen teacher, a student and an adapter; forward returns named losses.
 
-Written once for every framework against :class:`~gid.distill.views.DetectorView`.
+Written once for every framework against :class:`~gid.frameworks.view.DetectorView`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from gid.config import DistillConfig, scaled_to_input
 from gid.distill.balance import TERM_LOSSES
-from gid.distill.gism import filter_instances, gism_stats, select_general_instances
+from gid.distill.gism import GeneralInstances, filter_instances, gism_stats, select_general_instances
 from gid.distill.losses import (
     build_adapter,
     feature_loss,
@@ -21,9 +21,9 @@ from gid.distill.losses import (
     response_loss,
     roi_response_loss,
 )
-from gid.distill.outputs import GeneralInstances
-from gid.distill.views import DetectorView, check_compatible, view_for
 from gid.errors import GidError
+from gid.frameworks import view_for
+from gid.frameworks.view import DetectorView, check_compatible
 from gid.models.checkpoint import model_from_state, read_checkpoint
 
 # The paper's pixel constants at COCO scale (800 px), rescaled for the actual input size.
@@ -130,7 +130,7 @@ class Distiller(nn.Module):
             cls_weight, reg_weight = c.response.cls_weight * scale["response"], c.response.reg_weight * scale["response"]
             losses["loss_response_cls"] = cls_weight * cls_loss
             losses["loss_response_reg"] = reg_weight * reg_loss
-            if student.framework == "faster_rcnn" and c.response.roi_response:
+            if student.two_stage and c.response.roi_response:
                 with torch.no_grad():
                     teacher_rois = teacher.roi_outputs(teacher_features, boxes, layout.image_sizes)
                 student_rois = student.roi_outputs(features, boxes, layout.image_sizes)

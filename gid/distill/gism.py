@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
 from gid.config import GismConfig
-from gid.distill.outputs import AnchorLayout, DenseOutput, GeneralInstances
+from gid.frameworks.view import AnchorLayout, DenseOutput
 
 #: IoU thresholds of the instance-type ablation (spec §2.7) and the logged GT overlap (spec §2).
 SEMI_POSITIVE_IOU = 0.7
@@ -24,6 +25,16 @@ GT_OVERLAP_IOU = 0.5
 #: Candidates per image the first NMS round looks at (see _first_nms_survivors); any value gives
 #: the same result.
 _NMS_FIRST_PREFIX = 128
+
+
+@dataclass
+class GeneralInstances:
+    """The GIs GISM selected in one image (all tensors detached)."""
+
+    boxes: Tensor  # [k, 4] xyxy in the detector's input frame
+    scores: Tensor  # [k] GI scores
+    anchor_index: Tensor  # [k] index into the image's anchors
+    from_teacher: Tensor  # [k] bool: the box was decoded from the teacher's regression
 
 
 def gi_scores(p_teacher: Tensor, p_student: Tensor, mode: str) -> Tensor:

@@ -14,8 +14,8 @@ from torch import Tensor, nn
 from torchvision.ops import roi_align
 from torchvision.ops.poolers import LevelMapper
 
-from gid.distill.outputs import DenseOutput
 from gid.errors import GidError
+from gid.frameworks.view import DenseOutput
 
 
 def build_adapter(kind: str, student_channels: int, teacher_channels: int) -> nn.Module:

@@ -9,8 +9,7 @@ spelled out here.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Literal
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
@@ -19,8 +18,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-#: The levels above C5: RetinaNet v1 and FCOS compute P6 from P5, RetinaNet v2 from C5; Faster R-CNN max-pools P5.
-ExtraLevels = Literal["p6p7_from_p5", "p6p7_from_c5", "max_pool"]
+from gid.frameworks.base import ExtraLevels, FpnLayout
 
 #: The classification layers of each classifier family, which a detector backbone leaves out.
 _CLASSIFIER_HEADS = {"resnet": "fc.", "mobilenet": "classifier."}
@@ -57,31 +55,33 @@ def freeze_early_layers(name: str, classifier: nn.Module, trainable_layers: int)
     features[:freeze_before].requires_grad_(False)
 
 
-def _resnet_stages(classifier: nn.Module) -> dict[int, tuple[str, int]]:
-    """Output stride -> (name, channels) of ResNet's stages C2–C5, with torchvision's channel rule."""
+def _resnet_stages(classifier: nn.Module) -> dict[int, list[tuple[str, int]]]:
+    """Output stride -> [(name, channels)] of ResNet's stages C2–C5, with torchvision's channel rule."""
     width = classifier.inplanes // 8  # the channels of C2 (layer1) for basic and bottleneck blocks alike
-    return {2 ** (i + 1): (f"layer{i}", width * 2 ** (i - 1)) for i in range(1, 5)}
+    return {2 ** (i + 1): [(f"layer{i}", width * 2 ** (i - 1))] for i in range(1, 5)}
 
 
 @torch.no_grad()
-def _last_block_per_stride(body: nn.Sequential) -> dict[int, tuple[str, int]]:
-    """Output stride -> (name, channels) of the last block of a sequential body producing it (MobileNetV3)."""
+def _blocks_per_stride(body: nn.Sequential) -> dict[int, list[tuple[str, int]]]:
+    """Output stride -> [(name, channels)] of the blocks of a sequential body producing it, in order (MobileNetV3)."""
     was_training = body.training
     body.eval()  # a probe must not touch BatchNorm running statistics
     x = torch.zeros(1, 3, 64, 64)
-    found: dict[int, tuple[str, int]] = {}
+    found: dict[int, list[tuple[str, int]]] = {}
     for name, block in body.named_children():
         x = block(x)
-        found[64 // x.shape[-1]] = (name, x.shape[1])
+        found.setdefault(64 // x.shape[-1], []).append((name, x.shape[1]))
     body.train(was_training)
     return found
 
 
-def feature_stages(name: str, classifier: nn.Module) -> tuple[nn.Module, dict[int, tuple[str, int]]]:
-    """The module the FPN reads from, and per output stride the (child name, channels) that gives it."""
+def feature_stages(name: str, classifier: nn.Module, layout: FpnLayout) -> tuple[nn.Module, list[tuple[str, int]]]:
+    """The module the FPN reads from, and the (child name, channels) of each of the layout's stages."""
     if _family(name) == "resnet":
-        return classifier, _resnet_stages(classifier)
-    return classifier.features, _last_block_per_stride(classifier.features)
+        body, blocks = classifier, _resnet_stages(classifier)
+    else:
+        body, blocks = classifier.features, _blocks_per_stride(classifier.features)
+    return body, [blocks[stage.stride][0 if stage.first else -1] for stage in layout.stages]
 
 
 def _extra_block(extra: ExtraLevels, c5_channels: int, fpn_channels: int) -> ExtraFPNBlock:
@@ -92,31 +92,19 @@ def _extra_block(extra: ExtraLevels, c5_channels: int, fpn_channels: int) -> Ext
 
 
 def build_fpn_backbone(
-    name: str,
-    fpn_channels: int,
-    strides: tuple[int, ...],
-    extra: ExtraLevels,
-    *,
-    fpn_norm: Callable[..., nn.Module] | None = None,
-    frozen_batchnorm: bool = False,
-    trainable_layers: int = 5,
+    name: str, fpn_channels: int, layout: FpnLayout, *, frozen_batchnorm: bool = False, trainable_layers: int = 5
 ) -> BackboneWithFPN:
-    """The classifier's stages of the given strides under an FPN of ``fpn_channels``, plus the extra levels.
-
-    RetinaNet and FCOS read C3–C5 (strides 8–32) and add P6/P7; Faster R-CNN reads C2–C5 and
-    max-pools a P6, as torchvision's builders do.
-    """
+    """The classifier's stages the layout names under an FPN of ``fpn_channels``, plus the layout's extra levels."""
     classifier = build_classifier(name, frozen_batchnorm)
     freeze_early_layers(name, classifier, trainable_layers)
-    body, stages = feature_stages(name, classifier)
-    chosen = [stages[stride] for stride in strides]
+    body, chosen = feature_stages(name, classifier, layout)
     return BackboneWithFPN(
         body,
         return_layers={stage: str(i) for i, (stage, _) in enumerate(chosen)},
         in_channels_list=[channels for _, channels in chosen],
         out_channels=fpn_channels,
-        extra_blocks=_extra_block(extra, chosen[-1][1], fpn_channels),
-        norm_layer=fpn_norm,
+        extra_blocks=_extra_block(layout.extra, chosen[-1][1], fpn_channels),
+        norm_layer=layout.norm,
     )
 
 

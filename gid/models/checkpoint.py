@@ -149,7 +149,9 @@ def model_from_state(state: dict[str, Any], path: Path) -> tuple[nn.Module, Conf
     """The detector of a model file already read (``read_checkpoint``), with its weights."""
     config = validate(state["config"], source=f"{path} (stored config)")
     model = build_detector(config.model, config.data.image_size, state["num_classes"])
-    model.load_state_dict(state["model"])
+    # e.g. a Faster R-CNN on MobileNetV3 of an earlier gid, whose FPN had five levels where torchvision's has three
+    hint = "it was written by an earlier gid for an architecture this one builds differently: train it again"
+    _load_weights_of(model, state, path, "the architecture its own config describes", hint)
     return model, config, state["num_classes"]
 
 
@@ -164,23 +166,28 @@ def load_weights(model: nn.Module, path: Path, framework: str, num_classes: int)
     fresh = class_layer_keys(framework, own) if state["num_classes"] != num_classes else []
     weights = {key: value for key, value in state["model"].items() if key not in fresh}
     weights |= {key: own[key] for key in fresh}
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
-        first = first if len(first) <= 200 else first[:200] + "..."  # torch lists every key
-        held = state["config"]["model"]
-        raise GidError(
-            f"{path}: weights do not fit this model (the file holds a {held['framework']} {held['backbone']} "
-            f"{held['variant']} with {held['fpn_channels']} FPN channels: {first}); "
-            "check model.framework, model.backbone, model.variant and model.fpn_channels"
-        ) from None
+    hint = "check model.framework, model.backbone, model.variant and model.fpn_channels"
+    _load_weights_of(model, {**state, "model": weights}, path, "this model", hint)
     if fresh:
         layers = sorted({key.rsplit(".", 1)[0] for key in fresh})
         logger.info(
             "model.weights %s holds %d classes, this model %d: loaded everything except %s, re-initialised",
             path, state["num_classes"], num_classes, ", ".join(layers),
         )
+
+
+def _load_weights_of(model: nn.Module, state: dict[str, Any], path: Path, target: str, hint: str) -> None:
+    """Load a model file's weights into ``model``; what does not fit is one line naming what the file holds."""
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
+        first = first if len(first) <= 200 else first[:200] + "..."  # torch lists every key
+        held = state["config"]["model"]
+        raise GidError(
+            f"{path}: weights do not fit {target} (the file holds a {held['framework']} {held['backbone']} "
+            f"{held['variant']} with {held['fpn_channels']} FPN channels: {first}); {hint}"
+        ) from None
 
 
 def load_backbone_weights(model: nn.Module, path: Path, backbone: str) -> None:

@@ -14,31 +14,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from gid.config import COCO_IMAGE_SIZE, Config, ModelConfig, validate
+from gid.config import Config, ModelConfig, validate
 from gid.errors import GidError
+from gid.frameworks import FRAMEWORKS, TORCHVISION_BUILDERS
 from gid.models.backbones import build_classifier, feature_stages
 from gid.models.checkpoint import atomic_save, load_model, load_torch_file, save_model
-from gid.models.detectors import (
-    BACKBONE_STRIDES,
-    FASTER_RCNN_ROI_SIZE,
-    build_anchor_generator,
-    build_detector,
-    num_classes_in,
-    uses_frozen_batchnorm,
-)
+from gid.models.detectors import build_anchor_generator, build_detector, num_classes_in, uses_frozen_batchnorm
 from gid.models.state_dicts import differences, is_state_dict
 
-#: torchvision's builders gid makes exactly: the model config that gives the same module tree.
-BUILDERS: dict[str, dict[str, str | int]] = {
-    "retinanet_resnet50_fpn": {"framework": "retinanet", "variant": "v1"},
-    "retinanet_resnet50_fpn_v2": {"framework": "retinanet", "variant": "v2"},
-    "fcos_resnet50_fpn": {"framework": "fcos", "variant": "v1"},
-    "fasterrcnn_resnet50_fpn": {"framework": "faster_rcnn", "variant": "v1"},
-    "fasterrcnn_resnet50_fpn_v2": {"framework": "faster_rcnn", "variant": "v2"},
-}
-BUILDER_BACKBONE = {"backbone": "resnet50", "fpn_channels": 256}
-# Their FPN has 3 levels where gid's detectors have 5.
-NOT_YET = ("fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_mobilenet_v3_large_320_fpn")
 EXPORT_FORMATS = ("torchvision", "torchscript")
 
 
@@ -48,26 +31,27 @@ class Imported:
     num_classes: int
 
 
-def check_builder(builder: str) -> dict[str, str | int]:
-    """The gid model settings of a torchvision builder's architecture, or a one-line refusal."""
-    if builder in NOT_YET:
-        raise GidError(
-            f"--builder {builder} is not supported yet: its MobileNetV3 FPN has 3 levels and gid's detectors 5; "
-            f"supported: {', '.join(BUILDERS)}"
-        )
-    if builder not in BUILDERS:
-        raise GidError(f"--builder {builder} is not a torchvision builder gid makes; use one of {', '.join(BUILDERS)}")
-    return {**BUILDERS[builder], **BUILDER_BACKBONE}
+def check_builder(builder: str) -> tuple[dict[str, str | int], int]:
+    """The gid model settings of a torchvision builder's architecture and its input size, or a one-line refusal."""
+    if builder not in TORCHVISION_BUILDERS:
+        names = ", ".join(TORCHVISION_BUILDERS)
+        raise GidError(f"--builder {builder} is not a torchvision builder gid makes; use one of {names}")
+    framework, settings = TORCHVISION_BUILDERS[builder]
+    model = {"framework": framework.name, "variant": settings.variant, "backbone": settings.backbone,
+             "fpn_channels": settings.fpn_channels}
+    return model, settings.image_size
 
 
 def import_torchvision(
-    weights: Path, builder: str, out: Path, *, num_classes: int | None = None, image_size: int = COCO_IMAGE_SIZE
+    weights: Path, builder: str, out: Path, *, num_classes: int | None = None, image_size: int | None = None
 ) -> Imported:
     """Write the torchvision ``builder``'s state dict in ``weights`` as a gid model file at ``out``.
 
     The classes are the file's (its classification layer's shape); ``num_classes``, if given, must agree.
+    ``image_size`` defaults to the input the builder's COCO weights were trained for.
     """
-    model = check_builder(builder)
+    model, builder_image_size = check_builder(builder)
+    image_size = builder_image_size if image_size is None else image_size
     if not 32 <= image_size <= 4096:
         raise GidError(f"--image-size {image_size}: give the longest image side in pixels, 32 to 4096")
     if num_classes is not None and num_classes < 2:
@@ -118,10 +102,11 @@ def _reference(config: Config, num_classes: int) -> dict[str, Tensor]:
 
 def builder_for(model: ModelConfig) -> str | None:
     """The torchvision builder whose state dict loads into this architecture, if there is one."""
-    if model.builder is not None or {"backbone": model.backbone, "fpn_channels": model.fpn_channels} != BUILDER_BACKBONE:
+    if model.builder is not None:
         return None
-    for name, settings in BUILDERS.items():
-        if settings == {"framework": model.framework, "variant": model.variant}:
+    architecture = (model.variant, model.backbone, model.fpn_channels)
+    for name, settings in FRAMEWORKS[model.framework].builders.items():
+        if (settings.variant, settings.backbone, settings.fpn_channels) == architecture:
             return name
     return None
 
@@ -171,49 +156,26 @@ def rebuild_hint(config: Config, num_classes: int) -> str:
     builder = builder_for(model)
     if builder is not None:
         return f"torchvision.models.detection.{builder}(weights=None, weights_backbone=None, num_classes={num_classes})"
-    call = constructor_call(model, num_classes)
-    if (model.framework, model.variant) == ("retinanet", "v2"):
-        call += " (to train it, set head.regression_head._loss_type = 'giou' as v2 does)"
+    call = FRAMEWORKS[model.framework].rebuild_call(model, _backbone_call(model), num_classes)
     return f"no torchvision builder makes this architecture; {call}"
 
 
-def constructor_call(model: ModelConfig, num_classes: int) -> str:
-    """A Python expression of torchvision classes that builds the same module tree as gid, for any architecture.
-
-    Its names come from ``torchvision.models``, ``torchvision.models.detection`` (and its
-    ``backbone_utils``, ``retinanet``, ``rpn`` and ``faster_rcnn`` modules), ``torchvision.ops``
-    and ``torchvision.ops.misc``, ``torch.nn`` and ``functools``.
-    """
-    backbone = _backbone_call(model)
-    framework = {"retinanet": "RetinaNet", "fcos": "FCOS", "faster_rcnn": "FasterRCNN"}[model.framework]
-    # v1's heads are the ones these classes build by default (their default anchors per location are gid's)
-    if model.variant == "v1":
-        return f"{framework}({backbone}, {num_classes})"
-    width = model.fpn_channels
-    anchors = build_anchor_generator(model, COCO_IMAGE_SIZE).num_anchors_per_location()[0]
-    if model.framework == "retinanet":
-        head = f"RetinaNetHead({width}, {anchors}, {num_classes}, norm_layer=partial(GroupNorm, 32))"
-        return f"RetinaNet({backbone}, {num_classes}, head={head})"
-    roi = FASTER_RCNN_ROI_SIZE
-    return (
-        f"FasterRCNN({backbone}, {num_classes}, rpn_head=RPNHead({width}, {anchors}, conv_depth=2), "
-        f"box_head=FastRCNNConvFCHead(({width}, {roi}, {roi}), {[width] * 4}, [1024], norm_layer=BatchNorm2d))"
-    )
-
-
 def _backbone_call(model: ModelConfig) -> str:
+    """A torchvision expression of the backbone + FPN gid builds (names as in ``Framework.rebuild_call``)."""
     frozen = uses_frozen_batchnorm(model)
     classifier = f"{model.backbone}({'norm_layer=FrozenBatchNorm2d' if frozen else ''})"
     if model.backbone.startswith("mobilenet"):
         classifier += ".features"
+    layout = FRAMEWORKS[model.framework].fpn_layout(model)
     with torch.device("meta"):  # the stages' names and widths only
-        _, stages = feature_stages(model.backbone, build_classifier(model.backbone, frozen_batchnorm=False))
-    chosen = [stages[stride] for stride in BACKBONE_STRIDES[model.framework]]
+        _, chosen = feature_stages(model.backbone, build_classifier(model.backbone, frozen_batchnorm=False), layout)
     return_layers = {stage: str(i) for i, (stage, _) in enumerate(chosen)}
     channels = [c for _, c in chosen]
-    if model.framework == "faster_rcnn":
-        extra = "LastLevelMaxPool()" + (", norm_layer=BatchNorm2d" if model.variant == "v2" else "")
+    if layout.extra == "max_pool":
+        extra = "LastLevelMaxPool()"
     else:
-        p6_input = channels[-1] if model.variant == "v2" else model.fpn_channels
+        p6_input = channels[-1] if layout.extra == "p6p7_from_c5" else model.fpn_channels
         extra = f"LastLevelP6P7({p6_input}, {model.fpn_channels})"
+    if layout.norm is not None:
+        extra += f", norm_layer={layout.norm.__name__}"
     return f"BackboneWithFPN({classifier}, {return_layers}, {channels}, {model.fpn_channels}, {extra})"

@@ -1,0 +1,121 @@
+"""What a framework module defines: the facts and rules of one torchvision detector framework.
+
+A :class:`Framework` says how gid builds the framework's detector (FPN layout, anchors, heads),
+which torchvision builders it reproduces, which layers depend on the classes and which
+:class:`~gid.frameworks.view.DetectorView` reads it. The rest of gid looks a framework up in
+``gid.frameworks.FRAMEWORKS`` instead of branching on its name (docs/frameworks.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from torch import Tensor, nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+
+if TYPE_CHECKING:
+    from gid.config import ModelConfig
+    from gid.frameworks.view import DetectorView
+
+#: Input size torchvision's detectors see COCO at; COCO-scale pixel constants ("auto" values) scale from it.
+COCO_IMAGE_SIZE = 800
+
+#: The levels above the last stage: P6/P7 from P5 or from C5, or a max-pooled P6.
+ExtraLevels = Literal["p6p7_from_p5", "p6p7_from_c5", "max_pool"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A backbone output the FPN reads: the last block of that output stride or, with ``first``, the first.
+
+    A ResNet has one block (``layerN``) per stride; torchvision's MobileNet FPN reads where its last
+    stage starts as well as where it ends.
+    """
+
+    stride: int
+    first: bool = False
+
+
+def stages(*strides: int) -> tuple[Stage, ...]:
+    return tuple(Stage(stride) for stride in strides)
+
+
+@dataclass(frozen=True)
+class FpnLayout:
+    """The backbone outputs an FPN reads, finest first, and the levels it adds above them."""
+
+    stages: tuple[Stage, ...]
+    extra: ExtraLevels
+    norm: type[nn.Module] | None = None  # the FPN's normalisation (Faster R-CNN v2: BatchNorm)
+
+    @property
+    def strides(self) -> tuple[int, ...]:
+        """Output stride of every FPN level: the stages', then the extra levels' (x2 each)."""
+        added = 1 if self.extra == "max_pool" else 2
+        last = self.stages[-1].stride
+        return tuple(stage.stride for stage in self.stages) + tuple(last * 2 ** (i + 1) for i in range(added))
+
+
+@dataclass(frozen=True)
+class TorchvisionBuilder:
+    """A builder of ``torchvision.models.detection`` whose module tree gid builds with these settings."""
+
+    variant: str
+    backbone: str = "resnet50"
+    image_size: int = COCO_IMAGE_SIZE  # the input its COCO weights were trained for: `gid model import`'s default
+    fpn_channels: int = 256  # torchvision's FPN width
+
+
+class Framework:
+    """One detector framework. A subclass sets the attributes and implements the rules that differ."""
+
+    name: str  # model.framework
+    detector: type[nn.Module]  # torchvision's class; a model.builder must return one
+    view: type[DetectorView]
+    variants: tuple[str, ...]  # torchvision's architecture variants (model.variant)
+    default_variant: str
+    builders: dict[str, TorchvisionBuilder]  # by torchvision builder name
+    coco_anchor_sizes: tuple[float, ...]  # per FPN level at COCO_IMAGE_SIZE (model.anchor_sizes: auto)
+    class_layers: tuple[str, ...]  # layers shaped by the class count: fine-tuning to other classes starts them afresh
+    class_logits: str  # the weight whose first dimension counts the classes
+
+    def fpn_layout(self, model: ModelConfig) -> FpnLayout:
+        raise NotImplementedError
+
+    def anchor_sizes(self, model: ModelConfig, scale: float) -> list[float]:
+        """``model.anchor_sizes: auto``: COCO's sizes times ``scale`` (input size / COCO's).
+
+        Scaled sizes are kept at least twice their level's stride: strides do not shrink with the
+        input, and anchors much smaller than their stride tile the image too sparsely to match the
+        ground truth (at 128 px, unfloored, only a quarter of the synthetic boxes had an anchor at
+        IoU >= 0.5; floored, two thirds to all of them). At COCO scale they are torchvision's.
+        """
+        strides = self.fpn_layout(model).strides
+        return [max(size * scale, 2.0 * stride) for size, stride in zip(self.coco_anchor_sizes, strides)]
+
+    def anchor_generator(self, model: ModelConfig, sizes: list[float]) -> AnchorGenerator:
+        raise NotImplementedError
+
+    def build(
+        self, model: ModelConfig, backbone: BackboneWithFPN, anchors: AnchorGenerator, num_classes: int, **transform
+    ) -> nn.Module:
+        """The detector on ``backbone`` with ``anchors``; ``transform`` is GeneralizedRCNNTransform's sizes."""
+        raise NotImplementedError
+
+    def num_classes_in(self, logits: Tensor, anchors_per_location: int) -> int:
+        """The class count (background included) of the ``class_logits`` weight."""
+        return logits.shape[0]
+
+    def rebuild_call(self, model: ModelConfig, backbone: str, num_classes: int) -> str:
+        """The torchvision constructor call, around the ``backbone`` expression, that builds gid's module tree.
+
+        Its names come from ``torchvision.models``, ``torchvision.models.detection`` (and its
+        ``anchor_utils``, ``backbone_utils``, ``retinanet``, ``rpn`` and ``faster_rcnn`` modules),
+        ``torchvision.ops`` and ``torchvision.ops.misc``, ``torch.nn`` and ``functools``.
+        """
+        raise NotImplementedError
+
+    def anchors_per_location(self, model: ModelConfig) -> int:
+        return self.anchor_generator(model, list(self.coco_anchor_sizes)).num_anchors_per_location()[0]
