@@ -33,6 +33,10 @@ STRATEGIES = {
     # TPE past its random start-up within a small budget: Optuna's default start-up is 10 trials
     "tpe3+asha": {"sampler": {"type": "tpe", "startup_trials": 3}, "scheduler": "asha"},
 }
+# Where a trial's time from its start to its first training step goes: Tune and Ray Train starting the
+# worker (controller, placement group, worker process), the data sets, the models (teacher load included),
+# and the rest (DDP set-up, resuming, the first batch).
+STARTUP_PARTS = ("to_worker", "data", "models", "rest")
 COLOURS = {"tpe+asha": "#c44e52", "random": "#4c72b0", "tpe3+asha": "#55a868"}
 
 
@@ -115,6 +119,7 @@ def run_strategy(args: argparse.Namespace, base: Path, strategy: str, seed: int)
         raise SystemExit(f"sweep {name} ended after {spent} of {args.budget} trial-epochs; not recorded")
     training = 0.0
     startups, memory = [], []
+    parts: dict[str, list[float]] = {part: [] for part in STARTUP_PARTS}
     for result in results:
         history = result.metrics_dataframe
         if history is None or history.empty:
@@ -123,6 +128,10 @@ def run_strategy(args: argparse.Namespace, base: Path, strategy: str, seed: int)
         first = history.iloc[0]
         started_at = first["timestamp"] - first["time_total_s"]  # Tune's trial start
         startups.append(first["first_step_at"] - started_at)
+        data, model = float(first["setup_data_s"]), float(first["setup_model_s"])
+        to_worker = float(first["worker_started_at"]) - started_at
+        for part, seconds in zip(STARTUP_PARTS, (to_worker, data, model, startups[-1] - to_worker - data - model)):
+            parts[part].append(seconds)
         memory.append(float(history["memory_peak_mb"].max()))
     return {
         "trials": len(rows),
@@ -134,6 +143,7 @@ def run_strategy(args: argparse.Namespace, base: Path, strategy: str, seed: int)
         "curve": curve,
         "wall_s": wall,
         "startup_s": startups,
+        "startup_parts_s": parts,
         "memory_peak_mb": max(memory, default=float("nan")),
         "outside_training": 1 - training / (wall * args.concurrent),
     }
@@ -173,6 +183,12 @@ def render(runs: dict[str, dict], args: argparse.Namespace, argv: list[str]) -> 
         lines.append(
             f"| {strategy} | {statistics.mean(best):.1f}{spread} | {startup:.1f} | {100 * outside:.0f}% | {memory:.0f} |"
         )
+    measured = [r for r in runs.values() if "startup_parts_s" in r]  # results of earlier code lack the parts
+    if measured:
+        lines += ["", "| trial start → first step, median s | " + " | ".join(STARTUP_PARTS) + " |",
+                  "|---|" + "---:|" * len(STARTUP_PARTS)]
+        medians = [statistics.median(s for r in measured for s in r["startup_parts_s"][part]) for part in STARTUP_PARTS]
+        lines.append("| all strategies | " + " | ".join(f"{m:.1f}" for m in medians) + " |")
     return "\n".join(lines) + "\n"
 
 

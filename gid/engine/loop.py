@@ -190,6 +190,7 @@ def apply_gradients(
 
 @out_of_memory_as_user_error()
 def train_loop_per_worker(config_dict: dict) -> None:
+    worker_started_at = time.time()  # with the data and model set-up times: where a run's start-up goes
     configure_worker_logging()
     config = Config.model_validate(config_dict)
     context = ray.train.get_context()
@@ -198,13 +199,16 @@ def train_loop_per_worker(config_dict: dict) -> None:
     torch.manual_seed(config.train.seed + rank)
     device = ray.train.torch.get_device()
 
+    setup = time.perf_counter()
     train_set = build_dataset(config.data, config.data.train_split, train=True)
     val_set = build_dataset(config.data, config.data.val_split, train=False)
     num_classes = config.model.num_classes or train_set.num_classes
     train_loader = _loader(train_set, config.data.batch_size, config.data.loader_workers, shuffle=True)
     val_loader = _loader(val_set, config.data.batch_size, config.data.loader_workers, shuffle=False)
 
+    setup_data_s, setup = time.perf_counter() - setup, time.perf_counter()
     trainable = build_trainable(config, num_classes, device)
+    setup_model_s = time.perf_counter() - setup  # the teacher's load included
     student, adapter = student_and_adapter(trainable)
     balance = gradient_balance(config, trainable)
     teacher_ap = getattr(trainable, "teacher_val_ap", None)
@@ -282,7 +286,8 @@ def train_loop_per_worker(config_dict: dict) -> None:
                 )
         metrics = {
             "epoch": epoch + 1, **running.means(), "epoch_time_s": time.perf_counter() - started,
-            "first_step_at": first_step_at, "memory_peak_mb": memory_peak_mb(device), "worker_nodes": worker_nodes,
+            "first_step_at": first_step_at, "worker_started_at": worker_started_at, "setup_data_s": setup_data_s,
+            "setup_model_s": setup_model_s, "memory_peak_mb": memory_peak_mb(device), "worker_nodes": worker_nodes,
             **(balance.metrics() if balance is not None else {}),
             **({"teacher_val_ap": teacher_ap} if teacher_ap is not None else {}),
         }
