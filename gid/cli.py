@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
+from gid import logs
 from gid.errors import GidError
-from gid.logs import configure as configure_logging
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -17,6 +18,22 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
         help="override a config value, e.g. --set train.epochs=2 (repeatable)",
     )
     parser.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally)")
+
+
+def _add_verbose_arg(parser: argparse.ArgumentParser) -> None:
+    """For the commands that train: they run in a quiet terminal unless it is given (gid.logs)."""
+    parser.add_argument(
+        "--verbose", action="store_true",
+        help="show everything on the terminal: Ray's and its workers' output, per-step lines (default: one line per "
+        "epoch and Tune's table; the full log goes to gid.log either way)",
+    )
+
+
+def _print_log_paths() -> None:
+    from gid.engine.trainer import ray_logs
+
+    print(f"full log: {logs.log_file()}")
+    print(f"Ray's logs, the workers' output among them: {ray_logs()}")
 
 
 def cmd_data_synth(args: argparse.Namespace) -> None:
@@ -56,6 +73,7 @@ def _train(args: argparse.Namespace, distill: bool) -> None:
     if distill and (calibrated := describe_balance(outcome.metrics)):
         print(calibrated)
     print(f"model file: {outcome.model_path}")
+    _print_log_paths()
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -114,6 +132,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     print("\n" + outcome.summary)
     print(f"summary, trials.csv and plots: {outcome.report_dir}")
     print(f"MLflow runs: {outcome.runs_link}")
+    _print_log_paths()
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -132,6 +151,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from search.demo import run_demo
 
     run_demo(args.out, frameworks=args.frameworks.split(","), quick=args.quick)
+    _print_log_paths()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,10 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train one detector (a teacher, or a student alone)")
     _add_config_args(train)
+    _add_verbose_arg(train)
     train.set_defaults(func=cmd_train)
 
     distill = commands.add_parser("distill", help="train a student with GID under a teacher model file")
     _add_config_args(distill)
+    _add_verbose_arg(distill)
     distill.set_defaults(func=cmd_distill)
 
     evaluate = commands.add_parser("eval", help="COCO-evaluate a model file")
@@ -195,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a sweep file value, e.g. --set trials=4 (repeatable)")
     sweep.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally)")
     sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
+    _add_verbose_arg(sweep)
     sweep.set_defaults(func=cmd_sweep)
 
     export = commands.add_parser("export", help="write the best trials' configs as distill YAML files")
@@ -210,15 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("demo"), help="output folder (default demo/)")
     demo.add_argument("--frameworks", default="retinanet,fcos", help="comma-separated (default retinanet,fcos)")
     demo.add_argument("--quick", action="store_true", help="an even smaller run, for a smoke test")
+    _add_verbose_arg(demo)
     demo.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging()
+    logs.configure()
     try:
-        args.func(args)
+        with logs.command(args.verbose) if "verbose" in args else nullcontext():
+            args.func(args)
     except GidError as exc:
         print(f"gid: error: {exc}", file=sys.stderr)
         return 2

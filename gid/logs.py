@@ -3,6 +3,10 @@
 Library code only logs; the ``gid`` command (or a notebook, a benchmark) decides what is shown.
 Ray Train workers are other processes: they take the driver's level from ``GID_LOG_LEVEL``,
 which :func:`worker_env` hands to Ray when it starts.
+
+A command that trains (:func:`command`) keeps its full log in a file, ``gid.log`` in the folder
+the run or sweep starts in (:func:`open_log`); unless ``--verbose``, the terminal then shows
+gid's own lines alone, and Ray's processes keep their output in Ray's session logs.
 """
 
 from __future__ import annotations
@@ -10,9 +14,20 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 
 LOGGERS = ("gid", "search")
 LEVEL_ENV = "GID_LOG_LEVEL"
+LOG_FILE = "gid.log"
+# Libraries that print their own log records to the terminal. Each sets up its logger when imported,
+# so :func:`open_log` reroutes those already imported: a command imports them before its run starts.
+LIBRARIES = ("ray", "optuna", "mlflow")
+# Read when a Tune experiment starts: 0 picks Tune's classic reporter, whose verbosity 1 prints the trial
+# table alone (the newer output adds a config and a result table per trial).
+TUNE_NEW_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"
 
 
 class _PlainLines(logging.StreamHandler):
@@ -42,3 +57,91 @@ def configure_worker() -> None:
 def worker_env() -> dict[str, str]:
     """The environment that gives Ray's workers this process's level for gid's loggers."""
     return {LEVEL_ENV: logging.getLevelName(logging.getLogger("gid").getEffectiveLevel())}
+
+
+@dataclass
+class _Command:
+    quiet: bool
+    log_file: Path | None = None
+    undo: list[Callable[[], None]] = field(default_factory=list)  # run in reverse when the command ends
+
+
+_command: _Command | None = None
+
+
+@contextmanager
+def command(verbose: bool) -> Iterator[None]:
+    """The logging of one gid command that trains; everything it changes is undone when it ends.
+
+    Not ``verbose``: a quiet terminal, Tune's status table and gid's lines only (see the module's docstring).
+    """
+    global _command
+    _command = _Command(quiet=not verbose)
+    if _command.quiet:
+        _set_env(TUNE_NEW_OUTPUT_ENV, "0")
+    try:
+        yield
+    finally:
+        for undo in reversed(_command.undo):
+            undo()
+        _command = None
+
+
+def quiet() -> bool:
+    """Whether the terminal is quiet: Ray then starts without forwarding its processes' output (``log_to_driver``)."""
+    return _command is not None and _command.quiet
+
+
+def log_file() -> Path | None:
+    """The command's log file, once :func:`open_log` has started it."""
+    return _command.log_file if _command is not None else None
+
+
+def open_log(folder: Path) -> None:
+    """Start the command's log file in ``folder``, appending (a resumed run continues its log).
+
+    The first folder named keeps it: the demo's, not those of the runs it starts. Outside a command, nothing.
+    """
+    if _command is None or _command.log_file is not None:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    _command.log_file = folder / LOG_FILE
+    handler = logging.FileHandler(_command.log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    _command.undo.append(handler.close)
+    # gid's loggers do not propagate (see configure); every other record reaches the root logger.
+    for logger in (logging.getLogger(), *map(logging.getLogger, LOGGERS)):
+        logger.addHandler(handler)
+        _command.undo.append(lambda logger=logger: logger.removeHandler(handler))
+    for name in (n for n in LIBRARIES if n in sys.modules):
+        library = logging.getLogger(name)
+        saved = library.handlers[:], library.propagate
+        if _command.quiet:
+            library.handlers.clear()
+        library.propagate = True
+        _command.undo.append(lambda library=library, saved=saved: _restore(library, *saved))
+    logging.captureWarnings(True)  # Python's warnings become records of the "py.warnings" logger
+    _command.undo.append(lambda: logging.captureWarnings(False))
+    if not _command.quiet:  # and still show on the terminal
+        warnings_logger, shown = logging.getLogger("py.warnings"), logging.StreamHandler(sys.stderr)
+        warnings_logger.addHandler(shown)
+        _command.undo.append(lambda: warnings_logger.removeHandler(shown))
+    logging.getLogger(__name__).info("full log: %s", _command.log_file)
+
+
+def _restore(logger: logging.Logger, handlers: list[logging.Handler], propagate: bool) -> None:
+    logger.handlers[:] = handlers
+    logger.propagate = propagate
+
+
+def _set_env(name: str, value: str) -> None:
+    saved = os.environ.get(name)
+    os.environ[name] = value
+
+    def undo() -> None:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+
+    _command.undo.append(undo)

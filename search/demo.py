@@ -19,8 +19,8 @@ import yaml
 
 from gid.config import Config, load_config
 from gid.data import make_synthetic
-from gid.engine.evaluation import format_metrics
 from gid.engine.trainer import TrainingOutcome, run_training
+from gid.logs import open_log
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +127,7 @@ def run_demo(out: Path, frameworks: list[str], quick: bool = False) -> None:
 
     size = QUICK if quick else FULL
     out = out.expanduser().resolve()
+    open_log(out)  # one log for the whole demo, not one per run it starts
     step = _Steps(4)
 
     step(f"synthetic data: {size.train_images} train / {size.val_images} val images of {size.image_size} px")

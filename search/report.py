@@ -1,19 +1,24 @@
-"""The sweep's summary: a table per framework, a CSV of every trial, Optuna plots, on the parent run."""
+"""The sweep's report: a table per framework, a CSV of every trial, pictures, on the parent run."""
 
 from __future__ import annotations
 
 import logging
 import csv
 import io
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from optuna.visualization import matplotlib as optuna_plots
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
 from gid.distill.teacher import teacher_check, teacher_val_ap
+from gid.engine.loop import PICTURES_DIR
 from gid.models import stored_val_ap
 from search.config import SweepConfig
 from search.finalize import final_markdown
@@ -36,9 +41,11 @@ class TrialRow:
     value: float | None  # the objective at the trial's last epoch
     params: dict
     error: str = ""
+    checkpoint: str | None = None  # the trial's last Train checkpoint (a distillation's holds its GI pictures)
 
 
 def trial_rows(outcome: FrameworkOutcome, metric: str) -> list[TrialRow]:
+    """The framework's trials in the order Tune started them."""
     rows = []
     for result in outcome.results:
         metrics = result.metrics or {}
@@ -48,7 +55,7 @@ def trial_rows(outcome: FrameworkOutcome, metric: str) -> list[TrialRow]:
         rows.append(
             TrialRow(
                 outcome.framework, metrics.get("trial_id", Path(result.path).name), status, epochs,
-                metrics.get(metric), dict(result.config or {}), error,
+                metrics.get(metric), dict(result.config or {}), error, metrics.get(CHECKPOINT_PATH_KEY),
             )
         )
     return rows
@@ -78,7 +85,7 @@ def summary_markdown(sweep: SweepConfig, outcomes: list[FrameworkOutcome], rows:
     ]
     warnings = []
     for outcome in outcomes:
-        teacher_ap, baseline_ap = teacher_val_ap(outcome.base), stored_val_ap(outcome.baseline)
+        teacher_ap, baseline_ap = reference_aps(outcome)
         if warning := teacher_check(teacher_ap, baseline_ap, "the student alone"):
             warnings.append(f"- {outcome.framework}: {warning}")
         mine = [r for r in rows if r.framework == outcome.framework]
@@ -98,6 +105,12 @@ def summary_markdown(sweep: SweepConfig, outcomes: list[FrameworkOutcome], rows:
     if failed:
         lines += ["", "Failed trials:", ""] + [f"- {r.framework} {r.trial_id}: {r.error}" for r in failed]
     return "\n".join(lines) + "\n"
+
+
+def reference_aps(outcome: FrameworkOutcome) -> tuple[float | None, float | None]:
+    """The teacher's val AP (stored in its file, or measured once: gid.distill.teacher) and the one the
+    student-alone model file records; None where neither is known."""
+    return teacher_val_ap(outcome.base), stored_val_ap(outcome.baseline)
 
 
 def trials_csv(rows: list[TrialRow]) -> str:
@@ -137,8 +150,70 @@ def save_plots(outcome: FrameworkOutcome, metric: str, out_dir: Path) -> list[Pa
     return paths
 
 
+def _trial_axes(title: str, metric: str, teacher_ap: float | None, baseline_ap: float | None):
+    """A figure over trial numbers with the teacher's and the student-alone val AP as horizontal lines."""
+    figure = Figure(figsize=(7, 4), layout="constrained")
+    axes = figure.add_subplot()
+    for value, label, style in ((teacher_ap, "teacher", ":"), (baseline_ap, "student alone", "--")):
+        if value is not None:
+            axes.axhline(100 * value, color="grey", linestyle=style, label=f"{label}: val AP {100 * value:.1f}")
+    axes.set(title=title, xlabel="trial, in the order Tune started them", ylabel=f"{metric} (%)")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return figure, axes
+
+
+def _finish(axes) -> None:
+    axes.set_ylim(bottom=0)  # AP (or a loss, a time): never below 0, even when all trials score 0
+    if axes.get_legend_handles_labels()[0]:  # nothing to name when no trial finished and no file records an AP
+        axes.legend()
+
+
+def trials_figure(
+    rows: list[TrialRow], metric: str, teacher_ap: float | None, baseline_ap: float | None, framework: str
+) -> Figure:
+    """The objective of each trial (pruned ones at their last epoch) against the teacher and the student alone."""
+    figure, axes = _trial_axes(f"{framework}: {metric} of each GID trial", metric, teacher_ap, baseline_ap)
+    for status, marker in ((FINISHED, {"color": "tab:blue"}), (PRUNED, {"color": "tab:blue", "mfc": "none"})):
+        points = [(number, 100 * r.value) for number, r in enumerate(rows, 1) if r.status == status and r.value is not None]
+        if points:
+            axes.plot(*zip(*points), "o", label=status, **marker)
+    _finish(axes)
+    return figure
+
+
+def best_so_far_figure(
+    rows: list[TrialRow], metric: str, mode: str, teacher_ap: float | None, baseline_ap: float | None, framework: str
+) -> Figure:
+    """The best finished trial's objective after each finished trial, against the teacher and the student alone."""
+    figure, axes = _trial_axes(f"{framework}: best {metric} so far", metric, teacher_ap, baseline_ap)
+    best, points = None, []
+    for number, row in enumerate(rows, 1):
+        if row.status == FINISHED and row.value is not None:
+            best = row.value if best is None else (max if mode == "max" else min)(best, row.value)
+            points.append((number, 100 * best))
+    if points:
+        axes.plot(*zip(*points), "o-", drawstyle="steps-post", label="best finished trial so far")
+    _finish(axes)
+    return figure
+
+
+def save_trial_pictures(outcome: FrameworkOutcome, rows: list[TrialRow], sweep: SweepConfig, out_dir: Path) -> None:
+    """The framework's two trial figures, and the GI pictures of its best trial copied from its last checkpoint."""
+    metric, mode, framework = sweep.objective.metric, sweep.objective.mode, outcome.framework
+    teacher_ap, baseline_ap = reference_aps(outcome)
+    trials_figure(rows, metric, teacher_ap, baseline_ap, framework).savefig(out_dir / f"{framework}_trials.png", dpi=110)
+    best_so_far_figure(rows, metric, mode, teacher_ap, baseline_ap, framework).savefig(
+        out_dir / f"{framework}_best_so_far.png", dpi=110
+    )
+    pictures = out_dir / f"{framework}_best_gi_pictures"
+    shutil.rmtree(pictures, ignore_errors=True)  # a resumed sweep's best trial may be another
+    best = best_row(rows, mode)
+    if best is not None and best.checkpoint and (Path(best.checkpoint) / PICTURES_DIR).is_dir():
+        shutil.copytree(Path(best.checkpoint) / PICTURES_DIR, pictures)
+
+
 def write_sweep_report(sweep: SweepConfig, outcomes: list[FrameworkOutcome], local_dir: Path) -> tuple[str, Path]:
-    """Write the summary (Markdown), every trial (CSV) and the plots to ``local_dir/report``."""
+    """Write the summary (Markdown), every trial (CSV), the pictures and the plots to ``local_dir/report``."""
     metric = sweep.objective.metric
     rows = [row for outcome in outcomes for row in trial_rows(outcome, metric)]
     report_dir = local_dir / "report"
@@ -147,5 +222,6 @@ def write_sweep_report(sweep: SweepConfig, outcomes: list[FrameworkOutcome], loc
     (report_dir / "summary.md").write_text(summary)
     (report_dir / "trials.csv").write_text(trials_csv(rows))
     for outcome in outcomes:
+        save_trial_pictures(outcome, [r for r in rows if r.framework == outcome.framework], sweep, report_dir)
         save_plots(outcome, metric, report_dir)
     return summary, report_dir

@@ -17,13 +17,16 @@ from typing import Any
 
 import optuna
 from ray import tune
+from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from gid.config import Config, DistillConfig
 from gid.distill.teacher import ensure_teacher_val_ap
 from gid.engine.preflight import check_run_inputs, check_writable
+from gid.engine.progress import epoch_line
 from gid.engine.trainer import MODEL_FILE, ensure_ray, run_training
+from gid.logs import open_log, quiet
 from gid.models import read_checkpoint
 from gid.errors import GidError, first_line
 from search.config import SweepConfig
@@ -129,6 +132,33 @@ class EpochBudget(tune.Stopper):
 
     def stop_all(self) -> bool:
         return sum(self.epochs.values()) >= self.budget
+
+
+class TrialEpochLines(tune.Callback):
+    """gid's line per epoch of each trial (Tune runs its callbacks on the driver)."""
+
+    def __init__(self, label: str, epochs: int) -> None:
+        self.label, self.epochs = label, epochs  # label: what names the trials' experiment, e.g. the framework
+
+    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
+        logger.info(epoch_line(f"{self.label} {trial.trial_id}", result, self.epochs))
+
+
+def tune_output(sweep: SweepConfig) -> dict[str, Any]:
+    """RunConfig options for Tune's terminal output: its default, or in a quiet terminal (gid.logs) its trial
+    table alone, once a minute (the classic reporter, which gid.logs has Tune pick)."""
+    if not quiet():
+        return {}
+    metric = sweep.objective.metric
+    reporter = tune.CLIReporter(
+        metric_columns={"epoch": "epoch", "loss": "loss", metric: metric, "time_total_s": "time (s)"},
+        # One value, to keep the table narrow: the summary and MLflow hold them all (an empty dict would mean all).
+        parameter_columns={LOSSES: "losses"},
+        max_column_length=len(",".join(TERMS)),
+        max_report_frequency=60,  # its best-trial line takes TuneConfig's metric and mode
+        print_intermediate_tables=True,  # at verbosity 1 the default is no table at all
+    )
+    return {"verbose": 1, "progress_reporter": reporter}
 
 
 def sweep_base(sweep: SweepConfig, written: Config) -> Config:
@@ -257,10 +287,12 @@ def run_framework(
                     MlflowTrialCallback(
                         sweep.tracking.tracking_uri, sweep.tracking.experiment, trials.sweep, base,
                         trials.portable_base, trials_path,
-                    )
+                    ),
+                    TrialEpochLines(framework, base.train.epochs),
                 ],
                 failure_config=tune.FailureConfig(max_failures=0),
                 stop=budget,
+                **tune_output(sweep),
             ),
         )
     if restored and sweep.budget_epochs and EpochBudget(sweep.budget_epochs, ledger).stop_all():
@@ -310,9 +342,11 @@ def run_finalize(
                 MlflowTrialCallback(
                     sweep.tracking.tracking_uri, sweep.tracking.experiment, final.sweep, base, final.portable_base,
                     final.trials_path, role=FINAL,
-                )
+                ),
+                TrialEpochLines(f"{outcome.framework} {FINAL}", base.train.epochs),
             ],
             failure_config=tune.FailureConfig(max_failures=0),
+            **tune_output(sweep),
         ),
     )
     results = fit(tuner)
@@ -346,6 +380,8 @@ def run_sweep(
     check_writable(sweep.storage_path, "storage_path")
     for base in bases.values():
         check_run_inputs(base)
+    open_log(paths.local)
+    for base in bases.values():
         ensure_teacher_val_ap(base)  # once per sweep: its trials read it (gid.distill.teacher)
     tracking = sweep.tracking
     client, experiment_id = connect(tracking.tracking_uri, tracking.experiment, tracking.artifact_location)

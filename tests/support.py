@@ -58,6 +58,12 @@ class BalanceLog(ray.train.UserCallback):
             f.write(json.dumps([{k: v for k, v in m.items() if k.startswith("balance_")} for m in metrics]) + "\n")
 
 
+def lines_of(figure) -> dict[str, tuple[list, list]]:
+    """The plotted lines of a one-axes matplotlib figure: label -> (x values, y values)."""
+    (axes,) = figure.axes
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in axes.get_lines()}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,14 +1,32 @@
-"""The library reports through logging, which the CLI (or a notebook, a benchmark) sets up."""
+"""The library reports through logging, which the CLI (or a notebook, a benchmark) sets up; `gid`'s terminal."""
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import subprocess
+import sys
+import time
+import warnings
 from pathlib import Path
 
 import pytest
+import yaml
 
-from gid.logs import LEVEL_ENV, LOGGERS, configure, configure_worker, worker_env
+from gid.logs import (
+    LEVEL_ENV,
+    LOG_FILE,
+    LOGGERS,
+    TUNE_NEW_OUTPUT_ENV,
+    command,
+    configure,
+    configure_worker,
+    log_file,
+    open_log,
+    quiet,
+    worker_env,
+)
 
 ROOT = Path(__file__).parents[1]
 
@@ -52,3 +70,98 @@ def test_ray_workers_take_the_level_the_driver_had(restored_loggers, monkeypatch
     monkeypatch.delenv(LEVEL_ENV)
     configure_worker()  # nothing said: the CLI's default
     assert logging.getLogger("gid").level == logging.INFO
+
+
+def test_a_quiet_command_shows_gids_lines_and_keeps_everything_in_its_log_file(restored_loggers, tmp_path, capsys):
+    import ray  # noqa: F401 - sets up its logger, which the command reroutes
+
+    ray_logger = logging.getLogger("ray")
+    ray_handlers = ray_logger.handlers[:]
+    configure()
+    with command(verbose=False):
+        assert quiet() and os.environ[TUNE_NEW_OUTPUT_ENV] == "0"
+        open_log(tmp_path / "run")
+        open_log(tmp_path / "other")  # the first folder keeps the log
+        logging.getLogger("gid.engine.progress").info("retinanet resnet18  epoch 1/2")
+        logging.getLogger("ray.tune").warning("a Ray warning")
+        warnings.warn("a FutureWarning", FutureWarning)
+        assert log_file() == tmp_path / "run" / LOG_FILE
+        assert ray_logger.handlers == []  # Ray's own terminal handler is off
+    captured = capsys.readouterr()
+    assert captured.out == f"full log: {tmp_path / 'run' / LOG_FILE}\nretinanet resnet18  epoch 1/2\n"
+    assert captured.err == ""
+    text = (tmp_path / "run" / LOG_FILE).read_text()
+    assert all(line in text for line in ("epoch 1/2", "WARNING ray.tune: a Ray warning", "FutureWarning: a FutureWarning"))
+    assert not (tmp_path / "other").exists()
+
+    # the command over, everything is as it was
+    assert not quiet() and log_file() is None and TUNE_NEW_OUTPUT_ENV not in os.environ
+    assert ray_logger.handlers == ray_handlers and not ray_logger.propagate
+    logging.getLogger("ray.tune").warning("after the command")
+    assert "after the command" not in (tmp_path / "run" / LOG_FILE).read_text()
+
+
+def test_a_verbose_command_shows_everything_and_keeps_it_in_its_log_file_too(restored_loggers, tmp_path, capsys):
+    import ray  # noqa: F401
+
+    ray_logger = logging.getLogger("ray")
+    ray_handlers = ray_logger.handlers[:]
+    configure()
+    with command(verbose=True):
+        assert not quiet() and TUNE_NEW_OUTPUT_ENV not in os.environ
+        open_log(tmp_path)
+        assert ray_logger.handlers == ray_handlers  # Ray's own terminal handler is kept
+        logging.getLogger("ray.tune").warning("a Ray warning")
+        warnings.warn("a FutureWarning", FutureWarning)
+    assert "a FutureWarning" in capsys.readouterr().err
+    text = (tmp_path / LOG_FILE).read_text()
+    assert "a Ray warning" in text and "a FutureWarning" in text
+
+
+def test_outside_a_command_no_log_file_is_started(tmp_path):
+    open_log(tmp_path / "run")
+    assert log_file() is None and not (tmp_path / "run").exists()
+
+
+def gid_train(config, tmp_path: Path, address: str, *flags: str) -> subprocess.CompletedProcess:
+    """`gid train` in a process of its own, as a person runs it, on the session's Ray instance."""
+    path = tmp_path / f"{config.run.name}.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    return subprocess.run(
+        [sys.executable, "-m", "gid.cli", "train", str(path), "--address", address, *flags],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+EPOCH_LINE = re.compile(r"retinanet resnet18  epoch (\d)/2  loss \d+\.\d{3}  val AP \d+\.\d  \(\d+ s training\)")
+
+
+def test_gid_train_shows_a_line_per_epoch_and_keeps_the_full_logs_in_files(ray_local, tiny_config, tmp_path):
+    config = tiny_config(train={"epochs": 2, "log_every": 1}, run={"name": "quiet"})
+    started = time.time()
+    proc = gid_train(config, tmp_path, ray_local.get_runtime_context().gcs_address)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    run = Path(config.run.storage_path) / "quiet"
+    assert [m[1] for m in map(EPOCH_LINE.fullmatch, lines) if m] == ["1", "2"]
+    assert f"model file: {run / 'model.pt'}" in lines
+    # nothing of Ray's: no worker prefixes, warnings, checkpoint or per-step lines
+    assert proc.stderr == ""
+    assert not any(word in proc.stdout for word in ("pid=", "WARNING", "Checkpoint", "iter 1/8", "Warning"))
+
+    log = run / LOG_FILE
+    assert lines.count(f"full log: {log}") == 2  # at the start and in the summary
+    text = log.read_text()
+    assert "INFO ray." in text and all(m[0] in text for m in map(EPOCH_LINE.search, lines) if m)
+    (ray_logs,) = {line.split(": ", 1)[1] for line in lines if line.startswith("Ray's logs, ")}
+    worker_output = [
+        f.read_text(errors="replace") for f in Path(ray_logs).glob("worker-*.out") if f.stat().st_mtime >= started
+    ]
+    assert any("epoch 2/2 iter 8/8 loss" in out for out in worker_output)  # the per-step lines, kept there
+
+
+def test_gid_train_verbose_shows_rays_worker_lines(ray_local, tiny_config, tmp_path):
+    proc = gid_train(tiny_config(train={"log_every": 4}, run={"name": "verbose"}), tmp_path, ray_local.get_runtime_context().gcs_address, "--verbose")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "(RayTrainWorker pid=" in proc.stdout and "epoch 1/1 iter 8/8 loss" in proc.stdout
+    assert (Path(tmp_path) / "runs" / "verbose" / LOG_FILE).is_file()

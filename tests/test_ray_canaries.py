@@ -90,3 +90,15 @@ def test_the_developer_api_names_gid_imports_still_exist():
     from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 
     assert isinstance(CHECKPOINT_PATH_KEY, str) and callable(TuneReportCallback) and hasattr(Trial, "error_file")
+
+
+def test_tunes_default_output_still_prints_tables_per_trial_and_the_classic_one_is_still_chosen_so(monkeypatch):
+    # gid/logs.py sets RAY_AIR_NEW_OUTPUT=0 in a quiet terminal; search/sweep.py passes the classic CLIReporter.
+    from ray.tune.experimental.output import AirVerbosity, TuneTerminalReporter, get_air_verbosity
+
+    from gid.logs import TUNE_NEW_OUTPUT_ENV
+
+    monkeypatch.delenv(TUNE_NEW_OUTPUT_ENV, raising=False)
+    assert get_air_verbosity(1) == AirVerbosity.DEFAULT == TuneTerminalReporter._start_end_verbosity
+    monkeypatch.setenv(TUNE_NEW_OUTPUT_ENV, "0")
+    assert get_air_verbosity(1) is None  # the classic reporter, which takes progress_reporter

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from PIL import Image
 import ray
 from ray import tune
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
@@ -24,6 +26,7 @@ from gid.models import read_checkpoint
 from search.config import load_sweep
 from search.export import export_best
 from search.leftovers import Leftovers
+from search.report import best_row, reference_aps, trial_rows, trials_figure
 from search.sweep import build_searcher, run_sweep
 from search.trial import FINAL, run_trial
 from search.tracking import (
@@ -41,7 +44,7 @@ from search.tracking import (
     TRIAL_TAG,
     tag_filter,
 )
-from support import write_base_configs, write_sweep
+from support import lines_of, write_base_configs, write_sweep
 
 FRAMEWORKS = ("retinanet", "fcos")
 EPOCHS = 2
@@ -127,6 +130,32 @@ def test_sweep_runs_every_trial_and_tracks_them_in_mlflow(finished_sweep, mlflow
         assert run.data.tags[SWEEP_ID_TAG] == parent.data.tags[SWEEP_ID_TAG]
         if run.data.tags[STATUS_TAG] == "finished" and run.data.params["distill.feature.enabled"] == "True":
             assert "gi_pictures" in artifacts
+
+
+def test_the_report_pictures_show_the_finished_trials_and_the_best_ones_gis(finished_sweep, mlflow_server):
+    sweep, outcome = finished_sweep
+    client = MlflowClient(mlflow_server)
+    (parent,) = runs_of(client, MAIN, "sweep")
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    for framework in outcome.frameworks:
+        fw = framework.framework
+        for name in ("trials", "best_so_far"):
+            with Image.open(outcome.report_dir / f"{fw}_{name}.png") as image:
+                assert image.format == "PNG" and image.width > 300
+            assert f"report/{fw}_{name}.png" in logged
+        # what the trials picture plots: one point per trial MLflow marks finished, at its AP
+        finished = [r for r in child_runs(client, MAIN) if r.data.tags[FRAMEWORK_TAG] == fw and r.data.tags[STATUS_TAG] == "finished"]
+        rows = trial_rows(framework, sweep.objective.metric)
+        teacher_ap, baseline_ap = reference_aps(framework)
+        lines = lines_of(trials_figure(rows, "val_ap", teacher_ap, baseline_ap, fw))
+        assert sorted(lines["finished"][1]) == pytest.approx(sorted(100 * r.data.metrics["val_ap"] for r in finished))
+        assert teacher_ap is None and f"student alone: val AP {100 * baseline_ap:.1f}" in lines  # the one the sweep trained
+        # the best trial's GI pictures, as its MLflow run holds them
+        best = best_row(rows, sweep.objective.mode)
+        (best_run,) = [r for r in finished if r.data.tags[TRIAL_TAG] == best.trial_id]
+        copied = sorted(p.name for p in (outcome.report_dir / f"{fw}_best_gi_pictures").iterdir())
+        assert copied and copied == sorted(Path(a.path).name for a in client.list_artifacts(best_run.info.run_id, "gi_pictures"))
+        assert f"report/{fw}_best_gi_pictures" in logged
 
 
 def test_paper_defaults_are_the_first_trial(finished_sweep):
@@ -320,17 +349,19 @@ def test_finalize_retrains_the_best_over_seeds_and_export_takes_its_winner(ray_l
     assert len(runs_of(client, "final", FINAL)) == 4
 
 
-def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_local, workspace, mlflow_server):
+def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_local, workspace, mlflow_server, tmp_path):
     path = write_sweep(
         workspace, "resume", mlflow_server, frameworks=["retinanet"], trials=3,
         scheduler={"type": "none"}, resources={"max_concurrent_trials": 1},
     )
     sweep = load_sweep(path)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "gid.cli", "sweep", str(path), "--address", ray_local.get_runtime_context().gcs_address],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "PYTHONUNBUFFERED": "1"}
+    terminal = tmp_path / "terminal.txt"
+    with terminal.open("w") as out:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "gid.cli", "sweep", str(path), "--address", ray_local.get_runtime_context().gcs_address],
+            stdout=out, stderr=subprocess.STDOUT, env=env,
+        )
     client = MlflowClient(mlflow_server)
     deadline = time.time() + 300
     while not any(r.data.tags.get(STATUS_TAG) == "finished" for r in child_runs(client, "resume")):
@@ -339,6 +370,10 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_local, wor
     time.sleep(8)  # let Tune write its experiment state after the finished trial
     driver.send_signal(signal.SIGKILL)
     driver.wait()
+    # what a person saw until then: Tune's trial table and a line per epoch, nothing of Ray's own output
+    seen = terminal.read_text()
+    assert "| run_trial_" in seen and re.search(r"^retinanet \w+  epoch 2/2  loss \d", seen, re.MULTILINE), seen
+    assert "pid=" not in seen and "WARNING" not in seen, seen
     finished_before = {r.data.tags[TRIAL_TAG] for r in child_runs(client, "resume") if r.data.tags.get(STATUS_TAG) == "finished"}
     checkpoints = {t: sorted(p.name for p in (workspace / "sweeps/resume/trials/retinanet" / t).glob("checkpoint_*")) for t in finished_before}
 

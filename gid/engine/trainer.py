@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,9 +16,12 @@ from ray.train.torch import TorchTrainer
 from gid.config import Config, validate
 from gid.engine.loop import CHECKPOINT_FILE, PICTURES_DIR, train_loop_per_worker
 from gid.engine.preflight import check_run_inputs, check_writable
+from gid.engine.progress import epoch_lines
 from gid.errors import GidError
-from gid.logs import worker_env
+from gid.logs import open_log, quiet, worker_env
 from gid.models.checkpoint import read_checkpoint, save_model
+
+logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt"
 
@@ -37,10 +41,23 @@ def ensure_ray(address: str | None = None) -> None:
     """Connect to ``address``, or start an embedded local Ray instance once per process.
 
     The local instance includes Ray's dashboard (on 127.0.0.1 only): Train's placement group
-    cleanup needs its state API to free the workers of a trial stopped early.
+    cleanup needs its state API to free the workers of a trial stopped early. In a quiet terminal
+    (``gid.logs``) Ray's processes keep their output in Ray's logs, and its driver-side records
+    go to the command's log file only.
     """
-    if not ray.is_initialized():
-        ray.init(address=address, runtime_env={"env_vars": {**RAY_ENV_VARS, **worker_env()}})
+    if ray.is_initialized():
+        return
+    ray.init(
+        address=address, runtime_env={"env_vars": {**RAY_ENV_VARS, **worker_env()}},
+        log_to_driver=not quiet(), configure_logging=not quiet(),
+    )
+    logger.info("Ray's logs, the workers' output among them: %s", ray_logs())
+
+
+def ray_logs() -> Path:
+    """The session log folder of this node's Ray: every Ray process's output, the training workers' included."""
+    context = ray.get_runtime_context()
+    return Path(context.get_temp_dir()) / context.get_session_name() / "logs"
 
 
 def use_gpu(config: Config) -> bool:
@@ -109,11 +126,19 @@ def run_training(config: Config, address: str | None = None) -> TrainingOutcome:
     config = config.with_absolute_paths()
     check_writable(config.run.storage_path, "run.storage_path")
     check_run_inputs(config)
+    open_log(local_run_folder(config))
     if config.distill is not None:
         from gid.distill.teacher import ensure_teacher_val_ap
 
         ensure_teacher_val_ap(config)  # once, here, rather than on every worker
     ensure_ray(address)
-    with raise_user_error():
-        result = build_trainer(config).fit()
+    label = f"{config.model.framework} {config.model.backbone}"
+    with raise_user_error(), epoch_lines(label, config.train.epochs) as reports:
+        result = build_trainer(config, callbacks=[reports]).fit()
     return finish_run(config, result)
+
+
+def local_run_folder(config: Config) -> Path:
+    """The run's folder on this machine: Ray Train's, or ``.gid-runs/<name>`` when the run is stored in a bucket."""
+    storage = config.run.storage_path
+    return (Path(".gid-runs") if "://" in storage else Path(storage)) / config.run.name

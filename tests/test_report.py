@@ -1,0 +1,42 @@
+"""The sweep report's trial pictures, drawn from rows (test_sweep.py checks them on a real sweep)."""
+
+from __future__ import annotations
+
+from PIL import Image
+
+from search.report import TrialRow, best_so_far_figure, trials_figure
+from search.trial import FAILED, FINISHED, PRUNED
+from support import lines_of
+
+# In the order Tune started them: trial numbers 1..5.
+ROWS = [
+    TrialRow("fcos", "a", FINISHED, 2, 0.10, {}),
+    TrialRow("fcos", "b", PRUNED, 1, 0.05, {}),
+    TrialRow("fcos", "c", FAILED, 0, None, {}, "training loss became nan"),
+    TrialRow("fcos", "d", FINISHED, 2, 0.20, {}),
+    TrialRow("fcos", "e", FINISHED, 2, 0.15, {}),
+]
+
+
+def test_each_trial_is_a_point_at_its_number_against_the_teacher_and_the_student_alone():
+    lines = lines_of(trials_figure(ROWS, "val_ap", teacher_ap=0.3, baseline_ap=0.12, framework="fcos"))
+    assert lines["finished"] == ([1, 4, 5], [10.0, 20.0, 15.0])
+    assert lines["pruned"] == ([2], [5.0])  # at its last epoch; the failed trial has no point
+    assert lines["teacher: val AP 30.0"][1] == [30.0, 30.0]
+    assert lines["student alone: val AP 12.0"][1] == [12.0, 12.0]
+
+
+def test_the_best_so_far_follows_the_finished_trials_in_the_objectives_direction():
+    (best,) = lines_of(best_so_far_figure(ROWS, "val_ap", "max", None, None, "fcos")).values()
+    assert best == ([1, 4, 5], [10.0, 20.0, 20.0])
+    (best,) = lines_of(best_so_far_figure(ROWS, "val_ap", "min", None, None, "fcos")).values()
+    assert best == ([1, 4, 5], [10.0, 10.0, 10.0])
+
+
+def test_a_framework_without_finished_trials_or_references_still_gets_its_pictures(tmp_path):
+    failed = [TrialRow("fcos", "a", FAILED, 0, None, {}, "out of memory")]
+    for figure in (trials_figure(failed, "val_ap", None, None, "fcos"), best_so_far_figure(failed, "val_ap", "max", None, None, "fcos")):
+        assert lines_of(figure) == {}
+        figure.savefig(tmp_path / "empty.png")
+        with Image.open(tmp_path / "empty.png") as image:
+            assert image.format == "PNG" and image.width > 100
