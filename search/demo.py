@@ -14,6 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -21,6 +22,10 @@ from gid.config import Config, load_config
 from gid.data import make_synthetic
 from gid.engine.trainer import TrainingOutcome, run_training
 from gid.logs import open_log
+
+if TYPE_CHECKING:
+    from search.config import SweepConfig
+    from search.sweep import SweepOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +119,10 @@ class _Steps:
         logger.info("\n=== [%d/%d] %s  (demo time so far %.1f min)", self.done, self.total, title, elapsed / 60)
 
 
+def _named(model: dict) -> str:
+    return f"{model['backbone']} FPN-{model['fpn_channels']}"
+
+
 def train_side_by_side(configs: list[Config]) -> list[TrainingOutcome]:
     """Train ``configs`` one CPU each, as many at once as there are cores, longest first as given."""
     with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
@@ -138,8 +147,8 @@ def run_demo(out: Path, frameworks: list[str], quick: bool = False) -> None:
     configs = {fw: write_configs(out, fw, size) for fw in frameworks}
 
     step(
-        f"teachers (ResNet-18 FPN-128, {size.teacher_epochs} epochs) and students alone "
-        f"(ResNet-18 FPN-64, {size.student_epochs} epochs: the baseline), side by side"
+        f"teachers ({_named(TEACHER_MODEL)}, {size.teacher_epochs} epochs) and students alone "
+        f"({_named(STUDENT_MODEL)}, {size.student_epochs} epochs: the baseline), side by side"
     )
     runs = [(fw, role) for role in ("teacher", "student") for fw in frameworks]
     train_side_by_side([load_config(configs[fw][role]) for fw, role in runs])
@@ -157,7 +166,7 @@ def run_demo(out: Path, frameworks: list[str], quick: bool = False) -> None:
         out / "best", tracking_uri=sweep.tracking.tracking_uri, experiment=sweep.tracking.experiment, sweep="demo"
     )
 
-    lines = ["", outcome.summary, *verdicts(outcome)]
+    lines = ["", outcome.summary, *verdicts(outcome, sweep)]
     lines += [
         "", f"Data:            {out / 'data'}",
         f"Configs:         {out / 'configs'}  and the sweep file {sweep_file}",
@@ -169,11 +178,13 @@ def run_demo(out: Path, frameworks: list[str], quick: bool = False) -> None:
     logger.info("\n".join(lines))
 
 
-def verdicts(outcome) -> list[str]:
+def verdicts(outcome: SweepOutcome, sweep: SweepConfig) -> list[str]:
     """One plain line per framework: did GID beat the student trained alone, at this scale?"""
+    from search.report import gain_over_student, trial_rows
+
     lines = [""]
     for framework in outcome.frameworks:
-        gain = best_gain(framework)
+        gain = gain_over_student(framework, trial_rows(framework, sweep.objective.metric), sweep.objective.mode)
         if gain is None:
             lines.append(f"{framework.framework}: no GID trial finished, so nothing to compare")
         elif gain > 0:

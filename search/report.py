@@ -80,8 +80,9 @@ def summary_markdown(sweep: SweepConfig, outcomes: list[FrameworkOutcome], rows:
         "",
         f"Objective: {metric} ({mode}), AP in %.",
         "",
-        "| framework | teacher | student alone | best GID | trials finished / pruned / failed | best trial | best values |",
-        "|---|---|---|---|---|---|---|",
+        "| framework | teacher | student alone | GID defaults | best GID | gain | trials finished / pruned / failed "
+        "| best trial | best values |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     warnings = []
     for outcome in outcomes:
@@ -92,9 +93,12 @@ def summary_markdown(sweep: SweepConfig, outcomes: list[FrameworkOutcome], rows:
         best = best_row(mine, mode)
         counts = " / ".join(str(sum(r.status == s for r in mine)) for s in (FINISHED, PRUNED, FAILED))
         values = describe_values(best.params) if best else "–"
+        defaults = next((r for r in mine if outcome.defaults is not None and r.params == outcome.defaults), None)
+        gain = gain_over_student(outcome, mine, mode)
         lines.append(
-            f"| {outcome.framework} | {_percent(teacher_ap)} | {_percent(baseline_ap)} "
-            f"| {_percent(best.value if best else None)} | {counts} | {best.trial_id if best else '–'} | {values} |"
+            f"| {outcome.framework} | {_percent(teacher_ap)} | {_percent(baseline_ap)} | {_trial_value(defaults)} "
+            f"| {_percent(best.value if best else None)} | {'–' if gain is None else f'{100 * gain:+.1f}'} | {counts} "
+            f"| {best.trial_id if best else '–'} | {values} |"
         )
     if warnings:
         lines += ["", *warnings]
@@ -105,6 +109,18 @@ def summary_markdown(sweep: SweepConfig, outcomes: list[FrameworkOutcome], rows:
     if failed:
         lines += ["", "Failed trials:", ""] + [f"- {r.framework} {r.trial_id}: {r.error}" for r in failed]
     return "\n".join(lines) + "\n"
+
+
+def _trial_value(row: TrialRow | None) -> str:
+    if row is None:
+        return "–"
+    return _percent(row.value) if row.status == FINISHED else row.status
+
+
+def gain_over_student(outcome: FrameworkOutcome, rows: list[TrialRow], mode: str) -> float | None:
+    """The best finished GID trial's objective minus the student alone's val AP (None if either is unknown)."""
+    best, baseline_ap = best_row(rows, mode), stored_val_ap(outcome.baseline)
+    return None if best is None or baseline_ap is None else best.value - baseline_ap
 
 
 def reference_aps(outcome: FrameworkOutcome) -> tuple[float | None, float | None]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -57,6 +58,7 @@ class FrameworkOutcome:
     study: optuna.Study
     trials_path: str
     baseline: Path | None  # model file of the student trained alone: the sweep file's, or the one the sweep trained
+    defaults: dict[str, Any] | None = None  # the spec's defaults, when the sweep's first trial evaluated them
     final: list[FinalScore] = field(default_factory=list)  # the finalize stage's candidates, when it ran
 
 
@@ -301,7 +303,8 @@ def run_framework(
         results = fit(tuner)
     sync_to_mlflow(trials, results)
     study = optuna.load_study(study_name=name, storage=storage)
-    outcome = FrameworkOutcome(framework, base, results, study, trials_path, baseline)
+    defaults = paper_defaults(space) if sweep.sampler.paper_defaults_first else None
+    outcome = FrameworkOutcome(framework, base, results, study, trials_path, baseline, defaults)
     if sweep.finalize:
         outcome.final = run_finalize(sweep, outcome, paths, trials, resume)
     return outcome
@@ -398,6 +401,7 @@ def run_sweep(
     summary, report_dir = write_sweep_report(sweep, outcomes, paths.local)
     try:
         client.log_artifacts(sweep_run.parent_run_id, str(report_dir), "report")
+        client.set_tag(sweep_run.parent_run_id, MLFLOW_RUN_NOTE, summary)  # shown as the run's description
         client.set_terminated(sweep_run.parent_run_id, status="FINISHED")
     except Exception as exc:  # noqa: BLE001 - the report is on disk either way
         logger.warning("MLflow unreachable (%s); the report is in %s", first_line(exc), report_dir)

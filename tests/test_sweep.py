@@ -88,6 +88,7 @@ def test_sweep_runs_every_trial_and_tracks_them_in_mlflow(finished_sweep, mlflow
 
     (parent,) = runs_of(client, MAIN, "sweep")
     assert parent.info.status == "FINISHED" and parent.data.params["trials"] == "3"
+    assert parent.data.tags["mlflow.note.content"] == outcome.summary  # the run's description in the UI
     # the printed link opens this experiment's runs table, and the UI shows it as model training
     experiment = client.get_experiment(parent.info.experiment_id)
     assert outcome.runs_link == f"{mlflow_server}/#/experiments/{experiment.experiment_id}/runs"
@@ -108,7 +109,13 @@ def test_sweep_runs_every_trial_and_tracks_them_in_mlflow(finished_sweep, mlflow
     for framework in outcome.frameworks:  # the summary's teacher and "student alone" columns
         ap = read_checkpoint(framework.baseline)["metrics"]["val_ap"]
         teacher_ap = cached_val_ap(framework.base)  # its file stores none: the sweep measured it once
-        assert f"| {framework.framework} | {100 * teacher_ap:.1f} | {100 * ap:.1f} |" in outcome.summary
+        rows = trial_rows(framework, "val_ap")
+        defaults = next(r for r in rows if r.params == framework.defaults)  # the first trial: the spec's defaults
+        best = best_row(rows, "max")
+        cells = [100 * teacher_ap, 100 * ap, 100 * defaults.value, 100 * best.value]
+        gain = f"{100 * (best.value - ap):+.1f}"
+        row = f"| {framework.framework} | " + " | ".join(f"{c:.1f}" for c in cells) + f" | {gain} |"
+        assert row in outcome.summary if defaults.status == "finished" else f"| {defaults.status} |" in outcome.summary
 
     runs = child_runs(client, MAIN)
     assert len(runs) == 6
