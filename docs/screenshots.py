@@ -5,7 +5,7 @@ experiment's runs table (the sweep's parent run and its nested trials), a finish
 charts, and the parent run's overview with the sweep summary as its description. Chromium is
 Debian's ``chromium`` package (``apt-get install chromium``).
 
-    python docs/screenshots.py --tracking-uri sqlite:///demo/mlflow.db --experiment gid-demo --out docs/img
+    python docs/screenshots.py --tracking-uri sqlite:///demo/mlflow.db --experiment gid-demo --sweep demo --out docs/img
 """
 
 from __future__ import annotations
@@ -95,7 +95,9 @@ class Browser:
             pass
         return message.get("result", {})
 
-    async def shoot_all(self, origin: str, settings: dict[str, str], routes: dict[str, str], out: Path) -> list[Path]:
+    async def shoot_all(
+        self, origin: str, settings: dict[str, str], routes: dict[str, str], out: Path, page_text: bool
+    ) -> list[Path]:
         async with aiohttp.ClientSession() as session, session.ws_connect(await self._page(session), max_msg_size=0) as ws:
             await self._call(ws, "Page.navigate", url=origin)
             await asyncio.sleep(2)
@@ -110,6 +112,9 @@ class Browser:
                 shot = await self._call(ws, "Page.captureScreenshot", format="png")
                 paths.append(out / f"{name}.png")
                 paths[-1].write_bytes(base64.b64decode(shot["data"]))
+                if page_text:  # what the page says, for a test to read
+                    text = await self._call(ws, "Runtime.evaluate", expression="document.body.innerText")
+                    (out / f"{name}.txt").write_text(text["result"]["value"])
             return paths
 
     def close(self) -> None:
@@ -118,18 +123,23 @@ class Browser:
         self.profile.cleanup()  # Chromium has exited: nothing writes to the profile any more
 
 
-def pages(client: MlflowClient, experiment: str) -> tuple[str, dict[str, str]]:
+def pages(client: MlflowClient, experiment: str, sweep: str | None) -> tuple[str, dict[str, str]]:
     """The experiment's id and the UI routes to photograph: the runs table, a finished trial's charts, the
-    parent run's overview."""
+    parent run's overview, of the sweep named ``sweep`` (default: the latest)."""
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise SystemExit(f"no MLflow experiment {experiment!r} in this store")
     experiment_id = found.experiment_id
     runs = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=500)
-    parent = next((r for r in runs if r.data.tags.get("gid.role") == "sweep"), None)
-    trial = next((r for r in runs if r.data.tags.get("gid.role") == "trial" and r.data.tags.get("gid.status") == "finished"), None)
+    parent = next(
+        (r for r in runs if r.data.tags.get("gid.role") == "sweep" and sweep in (None, r.data.tags.get("gid.sweep"))), None
+    )
+    trial = parent and next(
+        (r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+         and r.data.tags.get("gid.role") == "trial" and r.data.tags.get("gid.status") == "finished"), None,
+    )
     if parent is None or trial is None:
-        raise SystemExit(f"experiment {experiment!r} holds no sweep with a finished trial")
+        raise SystemExit(f"experiment {experiment!r} holds no sweep {sweep or ''} with a finished trial")
     base = f"#/experiments/{experiment_id}"
     view = "?workflowType=machine_learning"
     return experiment_id, {
@@ -141,26 +151,34 @@ def pages(client: MlflowClient, experiment: str) -> tuple[str, dict[str, str]]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tracking-uri", required=True, help="the sweep's store, e.g. sqlite:///demo/mlflow.db")
+    p.add_argument(
+        "--tracking-uri", required=True,
+        help="the sweep's store (e.g. sqlite:///demo/mlflow.db, served here) or a running server's http(s) address",
+    )
     p.add_argument("--experiment", required=True)
+    p.add_argument("--sweep", help="the sweep's name (default: the latest sweep in the experiment)")
     p.add_argument("--out", type=Path, required=True, help="folder for the PNG files")
     p.add_argument("--port", type=int, default=5077, help="for the MLflow server; Chromium's DevTools take the next")
+    p.add_argument("--page-text", action="store_true", help="also write each page's text beside its picture")
     args = p.parse_args(argv)
     executable = chromium()
-    experiment_id, routes = pages(MlflowClient(args.tracking_uri), args.experiment)
+    experiment_id, routes = pages(MlflowClient(args.tracking_uri), args.experiment, args.sweep)
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "mlflow-server.log"
-    server = serve(args.tracking_uri, args.port, log)
+    running = args.tracking_uri.startswith(("http://", "https://"))
+    server = None if running else serve(args.tracking_uri, args.port, log)
+    origin = args.tracking_uri.rstrip("/") if running else f"http://127.0.0.1:{args.port}"
     browser = Browser(executable, args.port + 1)
     try:
-        origin = f"http://127.0.0.1:{args.port}"
-        for path, route in zip(asyncio.run(browser.shoot_all(origin, ui_settings(experiment_id), routes, args.out)), routes.values()):
+        shots = asyncio.run(browser.shoot_all(origin, ui_settings(experiment_id), routes, args.out, args.page_text))
+        for path, route in zip(shots, routes.values()):
             print(f"{path}  ({route})")
     finally:
         browser.close()
-        server.terminate()
-        server.wait(timeout=30)
-        log.unlink(missing_ok=True)
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
+            log.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -44,12 +44,12 @@ class DemoSize:
 
 # Chosen on a data set of another seed (docs/benchmarks.md, "The demo's scale"): small images with
 # 1-3 large objects, the easiest set on which detectors trained from scratch on two CPU cores learn
-# within minutes. The teacher is the student's ResNet-18 with a 2x wider FPN and head trained 7x
+# within minutes. The teacher is the student's ResNet-18 with a 2x wider FPN and head trained 6x
 # longer: from scratch a ResNet-50 learns too slowly per step for the demo's minutes (3.6 AP after 480
 # steps where a ResNet-18 had 5.5), so here the teacher's lead comes from its schedule and width.
 FULL = DemoSize(
     train_images=384, val_images=64, image_size=64, max_objects=3, min_object_size=16,
-    teacher_epochs=14, student_epochs=2, trials=4,
+    teacher_epochs=12, student_epochs=2, trials=4,
 )
 QUICK = DemoSize(
     train_images=32, val_images=16, image_size=64, max_objects=3, min_object_size=16,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,8 +45,9 @@ from search.tracking import (
     TRIAL_TAG,
     tag_filter,
 )
-from support import lines_of, write_base_configs, write_sweep
+from support import free_port, lines_of, write_base_configs, write_sweep
 
+REPO = Path(__file__).resolve().parent.parent
 FRAMEWORKS = ("retinanet", "fcos")
 EPOCHS = 2
 
@@ -192,6 +194,32 @@ def test_export_writes_the_best_finished_configs_that_run(finished_sweep, worksp
 
     config = load_config(exported[0].path, ["train.epochs=1", f"run.storage_path={tmp_path / 'runs'}"])
     assert math.isfinite(run_training(config).metrics["loss"])
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    """Debian's Chromium, installed here from Debian's packages when it is missing and apt-get can."""
+    if shutil.which("chromium") is None and shutil.which("apt-get") and os.geteuid() == 0:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], capture_output=True, env=env, timeout=900)
+    if (found := shutil.which("chromium")) is None:
+        pytest.skip("Chromium is not installed and apt-get cannot install it here: the MLflow UI was not checked in a browser")
+    return found
+
+
+def test_the_mlflow_ui_shows_the_sweep_as_a_person_sees_it(finished_sweep, mlflow_server, tmp_path, chromium):
+    out = tmp_path / "shots"
+    command = [sys.executable, str(REPO / "docs" / "screenshots.py"), "--tracking-uri", mlflow_server,
+               "--experiment", "gid-test", "--sweep", MAIN, "--out", str(out), "--page-text", "--port", str(free_port())]
+    subprocess.run(command, check=True, timeout=600)
+    for name in ("mlflow_runs", "mlflow_trial_charts", "mlflow_sweep_run"):
+        with Image.open(out / f"{name}.png") as image:
+            assert image.width == 1500 and len(set(image.convert("RGB").getdata())) > 50  # a page, not a blank
+    runs = (out / "mlflow_runs.txt").read_text()
+    assert "Runs" in runs and MAIN in runs and "GenAI apps" not in runs and "Welcome to MLflow" not in runs
+    assert "retinanet/" in runs  # the nested trials, expanded under the sweep's run
+    assert "val_ap" in (out / "mlflow_trial_charts.txt").read_text()  # the trial's metric charts
+    assert f"Sweep {MAIN}" in (out / "mlflow_sweep_run.txt").read_text()  # the summary, as the run's description
 
 
 def test_two_sweeps_of_one_name_never_touch_each_others_runs(finished_sweep, workspace, mlflow_server, tmp_path):

@@ -1,0 +1,38 @@
+"""`gid demo`, reduced (`--quick`, one framework): the README's main job end to end, on real runs."""
+
+from __future__ import annotations
+
+import re
+
+from mlflow.tracking import MlflowClient
+
+from gid.cli import main
+from gid.models import read_checkpoint
+from search.tracking import ROLE_TAG, STATUS_TAG, tag_filter
+
+
+def test_the_demo_ends_in_teacher_student_and_gid_side_by_side_and_a_link_to_its_runs(ray_local, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--frameworks", "fcos", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+
+    teacher = read_checkpoint(out / "runs" / "fcos_teacher" / "model.pt")["metrics"]["val_ap"]
+    student = read_checkpoint(out / "runs" / "fcos_student" / "model.pt")["metrics"]["val_ap"]
+    (row,) = [line for line in printed.splitlines() if line.startswith("| fcos |")]
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[1:3] == [f"{100 * teacher:.1f}", f"{100 * student:.1f}"]  # teacher and student alone, from their files
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("gid-demo")
+    trials = client.search_runs([experiment.experiment_id], filter_string=tag_filter({ROLE_TAG: "trial"}))
+    finished = [r.data.metrics["val_ap"] for r in trials if r.data.tags[STATUS_TAG] == "finished"]
+    assert cells[4] == f"{100 * max(finished):.1f}" and cells[5] == f"{100 * (max(finished) - student):+.1f}"
+    assert re.search(r"^fcos: (the best GID student is|at the demo's scale GID did not beat)", printed, re.M)
+    # the best trial's values without those of a loss it switched off
+    best = max((r for r in trials if r.data.tags[STATUS_TAG] == "finished"), key=lambda r: r.data.metrics["val_ap"])
+    for term in ("feature", "relation", "response"):
+        if best.data.params[f"distill.{term}.enabled"] == "False":
+            assert f"{term}." not in cells[8]
+    # the printed link opens this experiment's runs table
+    (link,) = re.findall(r"then open (\S+)", printed)
+    assert link.endswith(f"/#/experiments/{experiment.experiment_id}/runs")
+    assert (out / "best" / "demo_fcos_best1.yaml").is_file()
