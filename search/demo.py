@@ -20,7 +20,7 @@ import yaml
 
 from gid.config import Config, load_config
 from gid.data import make_synthetic
-from gid.engine.trainer import TrainingOutcome, run_training
+from gid.engine.trainer import TrainingOutcome, ensure_ray, run_training
 from gid.logs import open_log
 
 if TYPE_CHECKING:
@@ -125,6 +125,9 @@ def _named(model: dict) -> str:
 
 def train_side_by_side(configs: list[Config]) -> list[TrainingOutcome]:
     """Train ``configs`` one CPU each, as many at once as there are cores, longest first as given."""
+    # Ray starts here, on the main thread: started by a pool thread, a later Tune run in this process
+    # ends in SystemExit(1) inside ray.wait (docs/ray-workarounds.md).
+    ensure_ray()
     with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
         return list(pool.map(run_training, configs))
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,9 +37,6 @@ class TrainingOutcome:
 RAY_ENV_VARS = {"RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0"}
 
 
-_RAY_START = threading.Lock()
-
-
 def ensure_ray(address: str | None = None) -> None:
     """Connect to ``address``, or start an embedded local Ray instance once per process.
 
@@ -49,13 +45,12 @@ def ensure_ray(address: str | None = None) -> None:
     (``gid.logs``) Ray's processes keep their output in Ray's logs, and its driver-side records
     go to the command's log file only.
     """
-    with _RAY_START:  # runs started side by side (threads) share the one instance
-        if ray.is_initialized():
-            return
-        ray.init(
-            address=address, runtime_env={"env_vars": {**RAY_ENV_VARS, **worker_env()}},
-            log_to_driver=not quiet(), configure_logging=not quiet(),
-        )
+    if ray.is_initialized():
+        return
+    ray.init(
+        address=address, runtime_env={"env_vars": {**RAY_ENV_VARS, **worker_env()}},
+        log_to_driver=not quiet(), configure_logging=not quiet(),
+    )
     logger.info("Ray's logs, the workers' output among them: %s", ray_logs())
 
 
