@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import json
 import os
 import shutil
 import subprocess
@@ -54,15 +55,25 @@ def serve(tracking_uri: str, port: int, log: Path) -> subprocess.Popen:
             time.sleep(0.5)
 
 
-def ui_settings(experiment_id: str) -> dict[str, str]:
-    """What the UI keeps in the browser's local storage (as its useLocalStorage writes it: ``key_v1``, JSON):
-    the model-training view rather than GenAI's, the assistant panel closed (not opened on first load), and
-    the experiment's runs table with the sweep's nested trials shown."""
+def ui_settings(experiment_id: str, sweep_run_id: str) -> dict[str, str]:
+    """What the UI keeps in the browser's local storage (as MLflow 3.17's UI writes it): the model-training
+    view rather than GenAI's, the assistant panel closed (not opened on first load), and the experiment's
+    runs table with the sweep's trials expanded under its run and their objective as a column."""
+    runs_table = {  # the UI's own defaults, but for the expanded sweep run and the val_ap column
+        "searchFilter": "", "orderByKey": "attributes.start_time", "orderByAsc": False, "startTime": "ALL",
+        "lifecycleFilter": "Active", "datasetsFilter": [], "modelVersionFilter": "All Runs",
+        "selectedColumns": ["metrics.`val_ap`", "tags.`gid.status`", "attributes.`Source`"], "columnOrder": [],
+        "columnWidths": {}, "runsExpanded": {sweep_run_id: True}, "runsPinned": [], "runsHidden": [],
+        "runsVisibilityMap": {}, "runsHiddenMode": "FIRST_10_RUNS", "viewMaximized": False, "runListHidden": False,
+        "isAccordionReordered": False, "useGroupedValuesInCharts": True, "hideEmptyCharts": True, "groupBy": None,
+        "groupsExpanded": {}, "autoRefreshEnabled": False,
+        "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": 0, "selectedXAxisMetricKey": ""},
+    }
     return {
         "mlflow.workflowType_v1": '"machine_learning"',
         "mlflow.assistant.panelOpen_v1": "false",
         "mlflow.assistant.fab.autoOpenedOnFirstLoad_v1": "true",
-        f"MLflowLocalStorage-1.1-ExperimentView-{experiment_id}-expandRows": "true",
+        f'MLflowLocalStorage-1.1-ExperimentPage-["{experiment_id}"]-ReactComponentState': json.dumps(runs_table),
     }
 
 
@@ -123,9 +134,9 @@ class Browser:
         self.profile.cleanup()  # Chromium has exited: nothing writes to the profile any more
 
 
-def pages(client: MlflowClient, experiment: str, sweep: str | None) -> tuple[str, dict[str, str]]:
-    """The experiment's id and the UI routes to photograph: the runs table, a finished trial's charts, the
-    parent run's overview, of the sweep named ``sweep`` (default: the latest)."""
+def pages(client: MlflowClient, experiment: str, sweep: str | None) -> tuple[str, str, dict[str, str]]:
+    """The experiment's id, the sweep's run id and the UI routes to photograph: the runs table, a finished
+    trial's charts, the sweep run's overview, of the sweep named ``sweep`` (default: the latest)."""
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise SystemExit(f"no MLflow experiment {experiment!r} in this store")
@@ -142,7 +153,7 @@ def pages(client: MlflowClient, experiment: str, sweep: str | None) -> tuple[str
         raise SystemExit(f"experiment {experiment!r} holds no sweep {sweep or ''} with a finished trial")
     base = f"#/experiments/{experiment_id}"
     view = "?workflowType=machine_learning"
-    return experiment_id, {
+    return experiment_id, parent.info.run_id, {
         "mlflow_runs": f"{base}/runs{view}",
         "mlflow_trial_charts": f"{base}/runs/{trial.info.run_id}/model-metrics{view}",
         "mlflow_sweep_run": f"{base}/runs/{parent.info.run_id}{view}",
@@ -162,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--page-text", action="store_true", help="also write each page's text beside its picture")
     args = p.parse_args(argv)
     executable = chromium()
-    experiment_id, routes = pages(MlflowClient(args.tracking_uri), args.experiment, args.sweep)
+    experiment_id, sweep_run_id, routes = pages(MlflowClient(args.tracking_uri), args.experiment, args.sweep)
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "mlflow-server.log"
     running = args.tracking_uri.startswith(("http://", "https://"))
@@ -170,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     origin = args.tracking_uri.rstrip("/") if running else f"http://127.0.0.1:{args.port}"
     browser = Browser(executable, args.port + 1)
     try:
-        shots = asyncio.run(browser.shoot_all(origin, ui_settings(experiment_id), routes, args.out, args.page_text))
+        shots = asyncio.run(browser.shoot_all(origin, ui_settings(experiment_id, sweep_run_id), routes, args.out, args.page_text))
         for path, route in zip(shots, routes.values()):
             print(f"{path}  ({route})")
     finally:
