@@ -14,16 +14,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gid.config import Config
-from search.space import TERMS, describe_values
+from search.space import STUDENT_ALONE, describe_values
 from search.trial import FINAL, FINISHED, STUDENT
 
 if TYPE_CHECKING:
     from ray.tune import ResultGrid
 
     from search.report import TrialRow
-
-STUDENT_ALONE = {f"distill.{term}.enabled": False for term in TERMS}
-
 
 @dataclass(frozen=True)
 class Candidate:

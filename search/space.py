@@ -90,6 +90,7 @@ RATIO_SPACE: dict[str, dict[str, Any]] = {
 #: (the baseline every GID trial is compared with), not a GID trial.
 LOSSES = "distill.losses"
 TERMS = ("feature", "relation", "response")
+STUDENT_ALONE = {f"distill.{term}.enabled": False for term in TERMS}  # every GID loss off: the plain student
 LOSS_SETS = [
     ",".join(term for term, used in zip(TERMS, mask) if used)
     for mask in ((1, 1, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 0, 0), (0, 1, 0), (0, 0, 1))

@@ -34,7 +34,7 @@ from search.config import SweepConfig
 from search.finalize import FinalScore, candidates, final_points, final_scores, final_seeds
 from search.leftovers import Leftovers
 from search.report import trial_rows, write_sweep_report
-from search.space import LOSSES, TERMS, to_optuna
+from search.space import LOSSES, STUDENT_ALONE, TERMS, to_optuna
 from search.tracking import (
     MlflowTrialCallback,
     TrialLogger,
@@ -212,8 +212,7 @@ class SweepPaths:
 def train_baseline(base: Config, trials: TrialLogger) -> Path:
     """Train the student alone once (a later run of the sweep reuses it) and log it as the sweep's baseline:
     the base config with every GID loss off, on the trials' schedule and resources."""
-    all_off = {f"distill.{term}.enabled": False for term in TERMS}
-    config = trial_config(base.to_dict(), all_off, BASELINE, trials.trials_path)
+    config = trial_config(base.to_dict(), STUDENT_ALONE, BASELINE, trials.trials_path)
     model_file = Path(config.run.storage_path) / BASELINE / MODEL_FILE
     if model_file.is_file():
         metrics = read_checkpoint(model_file)["metrics"]
