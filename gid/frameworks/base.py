@@ -8,6 +8,7 @@ which torchvision builders it reproduces, which layers depend on the classes and
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -68,7 +69,7 @@ class TorchvisionBuilder:
     fpn_channels: int = 256  # torchvision's FPN width
 
 
-class Framework:
+class Framework(abc.ABC):
     """One detector framework. A subclass sets the attributes and implements the rules that differ."""
 
     name: str  # model.framework
@@ -81,6 +82,7 @@ class Framework:
     class_layers: tuple[str, ...]  # layers shaped by the class count: fine-tuning to other classes starts them afresh
     class_logits: str  # the weight whose first dimension counts the classes
 
+    @abc.abstractmethod
     def fpn_layout(self, model: ModelConfig) -> FpnLayout:
         raise NotImplementedError
 
@@ -95,9 +97,11 @@ class Framework:
         strides = self.fpn_layout(model).strides
         return [max(size * scale, 2.0 * stride) for size, stride in zip(self.coco_anchor_sizes, strides)]
 
+    @abc.abstractmethod
     def anchor_generator(self, model: ModelConfig, sizes: list[float]) -> AnchorGenerator:
         raise NotImplementedError
 
+    @abc.abstractmethod
     def build(
         self, model: ModelConfig, backbone: BackboneWithFPN, anchors: AnchorGenerator, num_classes: int, **transform
     ) -> nn.Module:
@@ -108,6 +112,7 @@ class Framework:
         """The class count (background included) of the ``class_logits`` weight."""
         return logits.shape[0]
 
+    @abc.abstractmethod
     def rebuild_call(self, model: ModelConfig, backbone: str, num_classes: int) -> str:
         """The torchvision constructor call, around the ``backbone`` expression, that builds gid's module tree.
 

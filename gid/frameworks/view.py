@@ -8,6 +8,7 @@ anchor generator, box coder, matcher, losses). Each framework module subclasses 
 
 from __future__ import annotations
 
+import abc
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
@@ -51,7 +52,7 @@ class DenseOutput:
     centerness: Tensor | None = None  # [B, R, 1] logits, FCOS only
 
 
-class DetectorView:
+class DetectorView(abc.ABC):
     """A detector seen as the pieces GID needs; subclasses bind them to one framework."""
 
     framework: str
@@ -63,20 +64,25 @@ class DetectorView:
     # --- framework specifics ---------------------------------------------------------------
 
     @property
+    @abc.abstractmethod
     def anchor_generator(self) -> AnchorGenerator:
         raise NotImplementedError
 
+    @abc.abstractmethod
     def num_classes(self) -> int:
         raise NotImplementedError
 
+    @abc.abstractmethod
     def dense(self, features: Features) -> DenseOutput:
         """The dense head outputs, flattened over levels as the head's own loss expects them."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def decode(self, deltas: Tensor, anchors: Tensor) -> Tensor:
         """``[N, 4]`` regression outputs at ``[N, 4]`` anchors -> ``[N, 4]`` xyxy boxes."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def gt_losses(
         self,
         images: ImageList,
@@ -88,6 +94,7 @@ class DetectorView:
         """The detector's own training loss from already computed outputs, keys ``loss_gt_*``."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def _foreground(self, boxes: Tensor, anchors: Tensor, layout: AnchorLayout) -> Tensor:
         """``[R]`` bool: anchors of one image the detector's assignment makes foreground."""
         raise NotImplementedError
