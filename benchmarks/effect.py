@@ -17,6 +17,12 @@ are kept in ``OUT/results.json``, so an interrupted benchmark picks up where it 
 
     python benchmarks/effect.py --out runs/bench-effect            # the full table (2 CPUs: 136 min when its sweeps had 4 trials and no finalize stage)
     python benchmarks/effect.py --quick --out runs/bench-effect-q  # a smaller table, FCOS only (2 CPUs: 11 min before the spec-weights row; its teacher is too weak to teach)
+    python benchmarks/effect.py --dev --out runs/bench-effect-dev  # the development table the defaults are chosen on
+
+``--dev`` runs on a data set of another seed and size, with a faster teacher, and compares the spec's
+weights with gradient-balance candidates (``CANDIDATES``); the product's default ``distill.balance`` is
+chosen from that table, never from the benchmark's. It also prints how well val AP after epoch k
+ranks the runs by their final val AP: the evidence for the sweep's ASHA grace period.
 """
 
 from __future__ import annotations
@@ -66,6 +72,8 @@ class Scale:
     finalize_seeds: int = 2
     frameworks: tuple[str, ...] = ("fcos", "retinanet", "faster_rcnn")  # fastest learner first
     single_losses: bool = True
+    data_seed: int = 0
+    candidates: bool = False  # the gradient-balance candidates instead of the default, tuned and single-loss rows
 
 
 FULL = Scale(
@@ -78,6 +86,18 @@ QUICK = replace(
     FULL, train_images=512, val_images=64, test_images=128, teacher_epochs=10, student_epochs=4,
     seeds=2, sweep_trials=2, finalize_top=1, frameworks=("fcos",), single_losses=False,
 )
+# Another seed and size, and a teacher that learns in minutes (docs/benchmarks.md, "The demo's scale").
+DEV = replace(
+    FULL, data_seed=1, train_images=512, val_images=64, test_images=128,
+    teacher_backbone="resnet18", teacher_fpn=128, teacher_epochs=12,
+    seeds=2, sweep_trials=0, single_losses=False, candidates=True,
+)
+#: ``distill.balance`` of the development table's candidate rows, beside the spec's fixed weights.
+CANDIDATES = {
+    "gradient_1_1_1": {"feature": 1.0, "relation": 1.0, "response": 1.0},
+    "gradient_025_025_1": {"feature": 0.25, "relation": 0.25, "response": 1.0},
+    "gradient_025_025_025": {"feature": 0.25, "relation": 0.25, "response": 0.25},
+}
 # On a GPU the same command trains on more, larger images for longer.
 GPU = replace(
     FULL, train_images=8192, val_images=512, test_images=1024, image_size=256, max_objects=8, min_object_size=12,
@@ -90,6 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="working folder: data, runs, results.json, effect.md")
     p.add_argument("--quick", action="store_true", help="FCOS only, 2 seeds, no single-loss rows, a 2-trial sweep")
     p.add_argument("--gpu", action="store_true", help="the GPU scale: 8k images of 256 px, longer schedules")
+    p.add_argument("--dev", action="store_true", help="the development table: another data set, balance candidates")
     p.add_argument("--frameworks", help=f"comma-separated subset of {','.join(FRAMEWORKS)}")
     p.add_argument("--seeds", type=int, help="training seeds of the student / GID rows")
     p.add_argument(
@@ -97,7 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="runs side by side, each on its share of the CPUs (default: one per GPU, else one per CPU)",
     )
     args = p.parse_args(argv)
-    scale = GPU if args.gpu else QUICK if args.quick else FULL
+    scale = GPU if args.gpu else DEV if args.dev else QUICK if args.quick else FULL
     if args.frameworks:
         chosen = tuple(f.strip() for f in args.frameworks.split(","))
         if not set(chosen) <= set(FRAMEWORKS):
@@ -162,12 +183,19 @@ def train_and_test(key: str, data: dict, data_root: Path) -> dict:
 
     config = validate({**data, "run": {**data["run"], "name": key.replace("/", "_")}}, source=key)
     print(f"=== {key}: started", flush=True)
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     outcome = run_training(config)
     seconds = time.perf_counter() - started
     torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))  # evaluate on this run's share too
+    first = outcome.history[0] if outcome.history else {}
     return {"test": test_metrics(outcome.model_path, data_root), "seconds": seconds,
             "val_ap": outcome.metrics.get("val_ap"), "memory_peak_mb": outcome.metrics.get("memory_peak_mb"),
+            "val_ap_by_epoch": [m.get("val_ap") for m in outcome.history],
+            "startup_s": {  # from run_training's call to the worker, its data, its models, its first step
+                "to_worker": first.get("worker_started_at", started_at) - started_at,
+                "data": first.get("setup_data_s"), "models": first.get("setup_model_s"),
+                "to_first_step": first.get("first_step_at", started_at) - started_at,
+            } if first else None,
             "model": str(outcome.model_path)}
 
 
@@ -254,6 +282,9 @@ class Bench:
         """gid-spec.md's weights as they are (DistillConfig's defaults with ``balance.mode: fixed``)."""
         return self.gid_config(framework, seed, balance={"mode": "fixed"})
 
+    def candidate_config(self, framework: str, seed: int, candidate: str) -> dict:
+        return self.gid_config(framework, seed, balance={"mode": "gradient", "ratios": CANDIDATES[candidate]})
+
     def sweep(self, framework: str) -> Job:
         """A TPE + ASHA sweep on the validation split, the spec's defaults as its first trial."""
         s = self.scale
@@ -305,17 +336,25 @@ class Bench:
                     f"{framework}/gid_spec_weights/{seed}",
                     lambda f=framework, seed=seed: self.spec_weights_config(f, seed), (teacher,),
                 ))
-                distilled.append(self.training(
-                    f"{framework}/gid_default/{seed}", lambda f=framework, seed=seed: self.gid_config(f, seed), (teacher,)
-                ))
-            sweeps.append(self.sweep(framework))
+                if s.candidates:
+                    distilled += [self.training(
+                        f"{framework}/{candidate}/{seed}",
+                        lambda f=framework, seed=seed, c=candidate: self.candidate_config(f, seed, c), (teacher,),
+                    ) for candidate in CANDIDATES]
+                else:
+                    distilled.append(self.training(
+                        f"{framework}/gid_default/{seed}", lambda f=framework, seed=seed: self.gid_config(f, seed),
+                        (teacher,),
+                    ))
+            if s.sweep_trials:
+                sweeps.append(self.sweep(framework))
             if s.single_losses:
                 for loss in SINGLE_LOSSES:
                     switches = {other: {"enabled": other == loss} for other in SINGLE_LOSSES}
                     distilled.append(self.training(
                         f"{framework}/{loss}_only/0", lambda f=framework, sw=switches: self.gid_config(f, **sw), (teacher,)
                     ))
-            for seed in range(s.seeds):
+            for seed in range(s.seeds if s.sweep_trials else 0):
                 tuned.append(self.training(
                     f"{framework}/gid_tuned/{seed}", lambda f=framework, seed=seed: self.tuned_config(f, seed),
                     (f"{framework}/sweep",),
@@ -357,6 +396,7 @@ ROWS = (
     ("relation_only", "relation loss only"),
     ("response_only", "response loss only"),
     ("gid_tuned", "GID, tuned"),
+    *((name, "GID, gradient " + "/".join(f"{r:g}" for r in ratios.values())) for name, ratios in CANDIDATES.items()),
 )
 
 
@@ -395,12 +435,12 @@ def render(runs: dict[str, dict], scale: Scale, argv: list[str], sittings: list[
         f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; torch {torch.__version__}",
         f"- commit: {commit()}; wall time {sum(sitting['minutes'] for sitting in sittings):.0f} min in "
         f"{len(sittings)} sitting(s) of {', '.join(str(sitting['lanes']) for sitting in sittings)} run(s) side by side",
-        f"- data: synthetic, {s.train_images} train / {s.val_images} val / {s.test_images} test images of "
+        f"- data: synthetic (seed {s.data_seed}), {s.train_images} train / {s.val_images} val / {s.test_images} test images of "
         f"{s.image_size} px, 1–{s.max_objects} objects of {s.min_object_size:g} px to half the image",
         f"- teacher {s.teacher_backbone} FPN {s.teacher_fpn}, {s.teacher_epochs} epochs; student "
         f"{s.student_backbone} FPN {s.student_fpn}, {s.student_epochs} epochs; SGD lr {s.lr}, cosine, batch 8",
-        f"- tuned: TPE + ASHA sweep of {s.sweep_trials} trials on the val split, its top {s.finalize_top} finalized "
-        f"over {s.finalize_seeds} seeds, the winner exported and re-trained",
+        *([f"- tuned: TPE + ASHA sweep of {s.sweep_trials} trials on the val split, its top {s.finalize_top} finalized "
+           f"over {s.finalize_seeds} seeds, the winner exported and re-trained"] if s.sweep_trials else []),
         "",
         "| framework | row | seeds | AP | AP50 | AP75 | APs | train min / run | Δ AP vs student |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -414,7 +454,30 @@ def render(runs: dict[str, dict], scale: Scale, argv: list[str], sittings: list[
             delta = f"{stats['ap'][0] - student['ap'][0]:+.1f}" if student and row != "student" else ""
             cells = " | ".join(fmt(*stats[m]) for m in METRICS)
             lines.append(f"| {framework} | {label} | {stats['seeds']} | {cells} | {stats['minutes']:.1f} | {delta} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + early_ranking(runs, scale)) + "\n"
+
+
+def early_ranking(runs: dict[str, dict], scale: Scale) -> list[str]:
+    """How well val AP after epoch k ranks a framework's student runs by their final val AP (Spearman).
+
+    ASHA stops trials on their AP after the grace period; where that ranks runs no better than
+    noise, pruning throws away trials that were not worse.
+    """
+    from scipy.stats import spearmanr
+
+    epochs = scale.student_epochs
+    lines = ["", f"Val AP after epoch k against final val AP (epoch {epochs}), student runs of each framework:", "",
+             "| framework | runs | " + " | ".join(f"Spearman, k = {k}" for k in range(1, epochs)) + " |",
+             "|---|---:|" + "---:|" * (epochs - 1)]
+    for framework in scale.frameworks:
+        curves = [r["val_ap_by_epoch"] for key, r in runs.items()
+                  if key.startswith(f"{framework}/") and "/teacher/" not in key and len(r.get("val_ap_by_epoch", [])) == epochs]
+        if len(curves) < 3:
+            continue
+        final = [curve[-1] for curve in curves]
+        cells = [f"{spearmanr([curve[k - 1] for curve in curves], final).statistic:+.2f}" for k in range(1, epochs)]
+        lines.append(f"| {framework} | {len(curves)} | " + " | ".join(cells) + " |")
+    return lines if len(lines) > 5 else []
 
 
 def plot(runs: dict[str, dict], scale: Scale, path: Path) -> None:
@@ -452,6 +515,7 @@ def main(argv: list[str] | None = None) -> None:
         make_synthetic(
             out / "data", train=scale.train_images, val=scale.val_images, test=scale.test_images,
             image_size=scale.image_size, max_objects=scale.max_objects, min_object_size=scale.min_object_size,
+            seed=scale.data_seed,
         )
     from gid.engine.trainer import ensure_ray
 

@@ -42,13 +42,18 @@ class EpochReports(ray.train.UserCallback):
 
 
 @contextmanager
-def epoch_lines(label: str, epochs: int) -> Iterator[EpochReports]:
-    """Log :func:`epoch_line` for each report of the run that the yielded callback is given to."""
+def epoch_lines(label: str, epochs: int, history: list[dict] | None = None) -> Iterator[EpochReports]:
+    """Log :func:`epoch_line` for each report of the run that the yielded callback is given to.
+
+    Each report's metrics are also appended to ``history`` when one is given.
+    """
     queue = Queue(actor_options={"num_cpus": 0})  # placed even while the workers hold every CPU
 
     def show() -> None:
         while (metrics := queue.get()) is not None:
             logger.info(epoch_line(label, metrics, epochs))
+            if history is not None:
+                history.append(metrics)
 
     thread = threading.Thread(target=show, name="epoch-lines", daemon=True)
     thread.start()

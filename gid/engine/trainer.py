@@ -6,7 +6,7 @@ import logging
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
@@ -31,6 +31,7 @@ class TrainingOutcome:
     metrics: dict
     model_path: Path  # the final model file (weights + config), for `gid eval` or as a teacher
     run_path: Path  # Ray Train's run folder: results and per-epoch checkpoints
+    history: list[dict] = field(default_factory=list)  # every epoch's metrics this call trained, in order
 
 
 # Train V2's structured worker logging would print every worker line twice on the driver.
@@ -107,7 +108,7 @@ def raise_user_error() -> Iterator[None]:
         raise
 
 
-def finish_run(config: Config, result: ray.train.Result) -> TrainingOutcome:
+def finish_run(result: ray.train.Result, history: list[dict]) -> TrainingOutcome:
     """Export the final model file (and the GI pictures of a distillation) of a finished run."""
     run_path = Path(result.path)
     model_path = run_path / MODEL_FILE
@@ -116,7 +117,7 @@ def finish_run(config: Config, result: ray.train.Result) -> TrainingOutcome:
         pictures = Path(directory) / PICTURES_DIR
         if pictures.is_dir():
             shutil.copytree(pictures, run_path / PICTURES_DIR, dirs_exist_ok=True)
-    return TrainingOutcome(metrics=result.metrics, model_path=model_path, run_path=run_path)
+    return TrainingOutcome(metrics=result.metrics, model_path=model_path, run_path=run_path, history=history)
 
 
 def run_training(config: Config, address: str | None = None) -> TrainingOutcome:
@@ -133,9 +134,10 @@ def run_training(config: Config, address: str | None = None) -> TrainingOutcome:
         ensure_teacher_val_ap(config)  # once, here, rather than on every worker
     ensure_ray(address)
     label = f"{config.model.framework} {config.model.backbone}"
-    with raise_user_error(), epoch_lines(label, config.train.epochs) as reports:
+    history: list[dict] = []
+    with raise_user_error(), epoch_lines(label, config.train.epochs, history) as reports:
         result = build_trainer(config, callbacks=[reports]).fit()
-    return finish_run(config, result)
+    return finish_run(result, history)
 
 
 def local_run_folder(config: Config) -> Path:
