@@ -8,18 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import roi_align
+from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.poolers import LevelMapper
 
 from gid.distill.losses import (
     build_adapter,
     feature_loss,
-    pool_instances,
     relation_loss,
     response_loss,
-    roi_align_by_matmul,
     roi_response_loss,
 )
+from gid.distill.pooling import multiscale_roi_align, pool_instances, roi_align_by_matmul
 from gid.errors import GidError
 from gid.frameworks.view import DenseOutput
 
@@ -108,21 +107,27 @@ def test_pool_instances_with_no_boxes_stays_in_the_graph():
     assert loss.item() == 0.0 and maps[0].grad is not None
 
 
-def torchvision_roi_align(feature_map, rois, roi_size, spatial_scale):
-    return roi_align(feature_map, rois, roi_size, spatial_scale=spatial_scale, sampling_ratio=2, aligned=True)
+def torchvision_roi_align(feature_map, rois, roi_size, spatial_scale, aligned=True):
+    return roi_align(feature_map, rois, roi_size, spatial_scale=spatial_scale, sampling_ratio=2, aligned=aligned)
 
 
 def assert_same_roi_align(feature_map, rois, roi_size, spatial_scale):
-    """roi_align_by_matmul gives torchvision's values and gradients w.r.t. the map."""
+    """roi_align_by_matmul gives torchvision's values and gradients w.r.t. the map, aligned or not."""
+    for aligned in (True, False):
+        assert_same_pooling(
+            feature_map, lambda m, a=aligned: roi_align_by_matmul(m, rois, roi_size, spatial_scale, a),
+            lambda m, a=aligned: torchvision_roi_align(m, rois, roi_size, spatial_scale, a),
+        )
+
+
+def assert_same_pooling(feature_map, pool, expected_pool):
+    """``pool(feature_map)`` equals ``expected_pool(feature_map)``, values and gradients w.r.t. the map."""
     feature_map = feature_map.detach().requires_grad_()
-    generator = torch.Generator().manual_seed(9)
-    upstream = torch.randn(len(rois), feature_map.shape[1], roi_size, roi_size, generator=generator)
-    results = []
-    for align in (roi_align_by_matmul, torchvision_roi_align):
-        pooled = align(feature_map, rois, roi_size, spatial_scale)
-        (grad,) = torch.autograd.grad(pooled, feature_map, upstream)
-        results.append((pooled, grad))
-    (pooled, grad), (expected, expected_grad) = results
+    pooled = pool(feature_map)
+    upstream = torch.randn(pooled.shape, generator=torch.Generator().manual_seed(9))
+    (grad,) = torch.autograd.grad(pooled, feature_map, upstream)
+    expected = expected_pool(feature_map)
+    (expected_grad,) = torch.autograd.grad(expected, feature_map, upstream)
     assert pooled.shape == expected.shape
     torch.testing.assert_close(pooled, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-4)
@@ -174,6 +179,37 @@ def test_roi_align_by_matmul_without_boxes():
     assert torch.all(feature_map.grad == 0)
     # Images without a box among images with boxes.
     assert_same_roi_align(feature_map, torch.tensor([[1.0, 0.0, 0.0, 30.0, 20.0]] * 3), 4, 0.125)
+
+
+@pytest.mark.parametrize("featmap_names", [["0", "1", "2", "3"], ["0", "1"]])
+def test_multiscale_roi_align_equals_the_faster_rcnn_pooler(featmap_names):
+    # A ResNet FPN's four levels at strides 4-32, and a MobileNet FPN's two levels at the same stride 32,
+    # both pooled by torchvision's default box pooler (named levels "0"-"3": a missing name is skipped).
+    generator = torch.Generator().manual_seed(len(featmap_names))
+    image_sizes = [(128, 120), (96, 128), (128, 128)]
+    strides = [4, 8, 16, 32] if len(featmap_names) == 4 else [32, 32]
+    sides = [(128 // stride, 128 // stride) for stride in strides]
+    boxes = []
+    for n in (10, 0, 12):
+        corner = torch.rand(n, 2, generator=generator) * 140 - 10
+        boxes.append(torch.cat([corner, corner + torch.rand(n, 2, generator=generator) ** 2 * 128], dim=1))
+    boxes[0][0, 2:] = boxes[0][0, :2]  # an empty box: the legacy mode widens it to one pixel
+    stacked = torch.randn(3, 4, sum(h * w for h, w in sides), generator=generator)
+
+    def box_pooler():
+        return MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
+
+    def as_features(flat):  # one tensor whose slices are the levels, so one gradient covers them all
+        maps, start = {}, 0
+        for name, (h, w) in zip(featmap_names, sides):
+            maps[name] = flat[:, :, start:start + h * w].reshape(3, 4, h, w)
+            start += h * w
+        return {**maps, "pool": flat.new_zeros(3, 4, 2, 2)}
+
+    assert_same_pooling(
+        stacked, lambda flat: multiscale_roi_align(box_pooler(), as_features(flat), boxes, image_sizes),
+        lambda flat: box_pooler()(as_features(flat), boxes, image_sizes),
+    )
 
 
 @pytest.mark.parametrize("image", [64, 128])

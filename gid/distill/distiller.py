@@ -16,11 +16,11 @@ from gid.distill.gism import GeneralInstances, filter_instances, gism_stats, sel
 from gid.distill.losses import (
     build_adapter,
     feature_loss,
-    pool_instances,
     relation_loss,
     response_loss,
     roi_response_loss,
 )
+from gid.distill.pooling import pool_instances
 from gid.errors import GidError
 from gid.frameworks import view_for
 from gid.frameworks.view import DetectorView, check_compatible

@@ -11,8 +11,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import roi_align
-from torchvision.ops.poolers import LevelMapper
 
 from gid.errors import GidError
 from gid.frameworks.view import DenseOutput
@@ -37,116 +35,6 @@ def build_adapter(kind: str, student_channels: int, teacher_channels: int) -> nn
 def _zero(attached_to: Tensor) -> Tensor:
     """A scalar 0 in the graph of ``attached_to``, so backward works when there is nothing to distil."""
     return attached_to.sum() * 0.0
-
-
-def pool_instances(
-    maps: list[Tensor],
-    first_level: int,
-    boxes: list[Tensor],
-    roi_size: int,
-    canonical_size: float,
-    canonical_level: int = 4,
-) -> Tensor:
-    """Pool every box from the one FPN level the FPN rule assigns it -> ``[N, C, roi_size, roi_size]``.
-
-    level = clamp(floor(k0 + log2(sqrt(w * h) / canonical_size)), first_level, last_level), k0 =
-    ``canonical_level``; aligned ROIAlign with sampling ratio 2 at that level's stride. Rows follow
-    the boxes: image by image, in each image's order.
-    """
-    last_level = first_level + len(maps) - 1
-    levels = LevelMapper(first_level, last_level, canonical_size, canonical_level)(boxes)
-    image_index = torch.cat([torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)])
-    rois = torch.cat([image_index, torch.cat(boxes)], dim=1).detach()  # boxes are constants
-
-    pooled, order = [], []
-    for offset, feature_map in enumerate(maps):
-        index = torch.nonzero(levels == offset).squeeze(1)
-        stride = 2 ** (first_level + offset)
-        pooled.append(_roi_align(feature_map, rois[index].to(feature_map.dtype), roi_size, 1.0 / stride))
-        order.append(index)
-    # Rows come out level by level; put them back in box order. They often already are (all boxes on
-    # one level): then the gather, and its backward, would only copy every pooled feature.
-    pooled, order = torch.cat(pooled), torch.cat(order)
-    if bool((order[1:] > order[:-1]).all()):
-        return pooled
-    return pooled[torch.argsort(order)]
-
-
-#: Largest map (H * W) on which roi_align_by_matmul is the faster one on CPU: its cost grows with
-#: the map's area, torchvision's does not. Forward + backward of 80 RoIs x 256 channels on one
-#: thread: 10-20 ms against 115 ms on a 16 x 16 map, about 0.12 s each on 48 x 48.
-_MATMUL_ROI_ALIGN_MAX_AREA = 48 * 48
-
-
-def _roi_align(feature_map: Tensor, rois: Tensor, roi_size: int, spatial_scale: float) -> Tensor:
-    """Aligned ROIAlign with sampling ratio 2 (spec §3), by whichever implementation is faster here.
-
-    torchvision's CPU kernel runs forward and backward on one thread, one sample at a time, and its
-    backward dominates the cost of the feature and relation losses; on CUDA it is fast.
-    """
-    height, width = feature_map.shape[-2:]
-    if feature_map.device.type == "cpu" and height * width <= _MATMUL_ROI_ALIGN_MAX_AREA:
-        return roi_align_by_matmul(feature_map, rois, roi_size, spatial_scale)
-    return roi_align(feature_map, rois, roi_size, spatial_scale=spatial_scale, sampling_ratio=2, aligned=True)
-
-
-def roi_align_by_matmul(feature_map: Tensor, rois: Tensor, roi_size: int, spatial_scale: float) -> Tensor:
-    """``torchvision.ops.roi_align(..., aligned=True, sampling_ratio=2)`` as two matrix products.
-
-    ``rois [N, 5]`` are (image index, x1, y1, x2, y2) -> ``[N, C, roi_size, roi_size]``. Bilinear
-    sampling is separable: bin (i, j) averages its 2 x 2 samples of w_y(row) * w_x(column) * F, so a
-    RoI's pooled map is Wy @ F @ Wx^T, where row i of Wy [roi_size, H] holds the row weights of
-    bin row i's two samples, halved (and Wx likewise). The sample positions and roi_align's
-    boundary rules are reproduced exactly; only the order of the sums differs. Matrix products
-    run, and back-propagate, on all cores; the work grows with H * W.
-    """
-    num_images, channels, height, width = feature_map.shape
-    image_index = rois[:, 0].long()
-    x1, y1, x2, y2 = (rois[:, 1:] * spatial_scale - 0.5).unbind(dim=1)  # aligned: pixel centres at integers
-    weights_y = _bin_weights(y1, y2, roi_size, height).to(feature_map.dtype)  # [N, roi_size, H]
-    weights_x = _bin_weights(x1, x2, roi_size, width).to(feature_map.dtype)  # [N, roi_size, W]
-
-    # Rows first, one product per image for all its RoIs: their Wy are stacked into zero-padded slots.
-    slot, num_slots = _rank_within_image(image_index, num_images)
-    stacked = weights_y.new_zeros(num_images, num_slots, roi_size, height)
-    stacked[image_index, slot] = weights_y
-    rows_of_image = feature_map.transpose(1, 2).reshape(num_images, height, channels * width)
-    rows = stacked.view(num_images, num_slots * roi_size, height) @ rows_of_image
-    rows = rows.view(num_images, num_slots, roi_size * channels, width)[image_index, slot]
-    pooled = rows @ weights_x.transpose(1, 2)  # [N, roi_size * C, roi_size]
-    return pooled.view(-1, roi_size, channels, roi_size).transpose(1, 2)
-
-
-def _bin_weights(start: Tensor, end: Tensor, bins: int, length: int) -> Tensor:
-    """``[N, bins, length]``: along one axis, each bin's weight on each pixel, as roi_align samples.
-
-    Two samples per bin, at roi_align's positions computed as its CPU kernel does, so that its
-    boundary decisions come out the same: a sample beyond one pixel outside the map adds nothing,
-    one in [-1, 0] reads pixel 0, one past the last pixel centre reads the last pixel.
-    """
-    bin_size = ((end - start) / bins)[:, None, None]
-    bin_index = torch.arange(bins, dtype=start.dtype, device=start.device)[:, None]
-    first = start[:, None, None] + bin_index * bin_size
-    offsets = torch.tensor([0.5, 1.5], dtype=start.dtype, device=start.device)
-    samples = first + offsets * bin_size / 2  # [N, bins, 2]
-    inside = (samples >= -1) & (samples <= length)  # False for NaN too
-    samples = torch.where(inside, samples, 0).clamp(min=0, max=length - 1)
-    low = samples.floor()
-    high_weight = samples - low
-    low = low.long()
-    high = (low + 1).clamp(max=length - 1)
-    zero = samples.new_zeros(())
-    weights = samples.new_zeros(*samples.shape[:2], length)
-    weights.scatter_add_(2, low, torch.where(inside, (1 - high_weight) / 2, zero))
-    weights.scatter_add_(2, high, torch.where(inside, high_weight / 2, zero))
-    return weights
-
-
-def _rank_within_image(image_index: Tensor, num_images: int) -> tuple[Tensor, int]:
-    """Each RoI's rank among the RoIs of its image, and the largest count of RoIs in one image."""
-    one_hot = F.one_hot(image_index, num_images)
-    rank = (one_hot.cumsum(dim=0) - 1).gather(1, image_index[:, None]).squeeze(1)
-    return rank, int(one_hot.sum(dim=0).max())
 
 
 def feature_loss(pooled_teacher: Tensor, pooled_student: Tensor) -> Tensor:

@@ -98,8 +98,10 @@ class FasterRCNNView(DetectorView):
     def roi_outputs(
         self, features: Features, boxes: list[Tensor], image_sizes: list[tuple[int, int]]
     ) -> tuple[Tensor, Tensor]:
+        from gid.distill.pooling import multiscale_roi_align  # gid.distill builds on these views
+
         roi_heads = self.model.roi_heads
-        pooled = roi_heads.box_roi_pool(features, boxes, image_sizes)
+        pooled = multiscale_roi_align(roi_heads.box_roi_pool, features, boxes, image_sizes)
         return roi_heads.box_predictor(roi_heads.box_head(pooled))
 
 
