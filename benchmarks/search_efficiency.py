@@ -37,6 +37,10 @@ STRATEGIES = {
 # worker (controller, placement group, worker process), the data sets, the models (teacher load included),
 # and the rest (DDP set-up, resuming, the first batch).
 STARTUP_PARTS = ("to_worker", "data", "models", "rest")
+# Where a sweep's slot time (wall time x concurrent trials) goes, as shares: the trials' training steps,
+# their per-epoch evaluation and checkpoints, their start-up (trial start -> first step), and the rest
+# (Tune between trials, shutting runs down, a slot left idle at the end).
+SLOT_PARTS = ("training", "evaluation", "checkpoints", "start-up", "rest")
 COLOURS = {"tpe+asha": "#c44e52", "random": "#4c72b0", "tpe3+asha": "#55a868"}
 
 
@@ -117,17 +121,21 @@ def run_strategy(args: argparse.Namespace, base: Path, strategy: str, seed: int)
         curve.append((spent, best))
     if spent < args.budget:  # Ctrl-C ends a Tune experiment early but cleanly: not a result
         raise SystemExit(f"sweep {name} ended after {spent} of {args.budget} trial-epochs; not recorded")
-    training = 0.0
+    spent_in = dict.fromkeys(SLOT_PARTS[:-1], 0.0)
     startups, memory = [], []
     parts: dict[str, list[float]] = {part: [] for part in STARTUP_PARTS}
     for result in results:
         history = result.metrics_dataframe
         if history is None or history.empty:
             continue
-        training += float(history["epoch_time_s"].sum())
+        for part, column in (("training", "epoch_time_s"), ("evaluation", "eval_time_s"),
+                             ("checkpoints", "checkpoint_time_s")):
+            if column in history:  # results of earlier code lack the last two
+                spent_in[part] += float(history[column].sum())
         first = history.iloc[0]
         started_at = first["timestamp"] - first["time_total_s"]  # Tune's trial start
         startups.append(first["first_step_at"] - started_at)
+        spent_in["start-up"] += startups[-1]
         data, model = float(first["setup_data_s"]), float(first["setup_model_s"])
         to_worker = float(first["worker_started_at"]) - started_at
         for part, seconds in zip(STARTUP_PARTS, (to_worker, data, model, startups[-1] - to_worker - data - model)):
@@ -145,7 +153,9 @@ def run_strategy(args: argparse.Namespace, base: Path, strategy: str, seed: int)
         "startup_s": startups,
         "startup_parts_s": parts,
         "memory_peak_mb": max(memory, default=float("nan")),
-        "outside_training": 1 - training / (wall * args.concurrent),
+        "outside_training": 1 - spent_in["training"] / (wall * args.concurrent),
+        "slot_shares": {**{part: seconds / (wall * args.concurrent) for part, seconds in spent_in.items()},
+                        "rest": 1 - sum(spent_in.values()) / (wall * args.concurrent)},
     }
 
 
@@ -189,6 +199,11 @@ def render(runs: dict[str, dict], args: argparse.Namespace, argv: list[str]) -> 
                   "|---|" + "---:|" * len(STARTUP_PARTS)]
         medians = [statistics.median(s for r in measured for s in r["startup_parts_s"][part]) for part in STARTUP_PARTS]
         lines.append("| all strategies | " + " | ".join(f"{m:.1f}" for m in medians) + " |")
+    shared = [r for r in runs.values() if "slot_shares" in r]
+    if shared:
+        lines += ["", "| slot time, mean share | " + " | ".join(SLOT_PARTS) + " |", "|---|" + "---:|" * len(SLOT_PARTS)]
+        means = [statistics.mean(r["slot_shares"][part] for r in shared) for part in SLOT_PARTS]
+        lines.append("| all strategies | " + " | ".join(f"{100 * m:.0f}%" for m in means) + " |")
     return "\n".join(lines) + "\n"
 
 

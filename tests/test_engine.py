@@ -42,13 +42,17 @@ def test_two_workers_train_checkpoint_and_resume(ray_local, tiny_config, tmp_pat
     assert result.metrics["epoch"] == 3
 
 
-def test_run_training_exports_a_model_file(ray_local, tiny_config, tmp_path):
-    config = tiny_config("fcos", run={"name": "export"})
+def test_run_training_exports_a_model_file_and_returns_every_epochs_metrics(ray_local, tiny_config, tmp_path):
+    config = tiny_config("fcos", run={"name": "export"}, train={"epochs": 2, "eval_every": 2})
     outcome = run_training(config)
     assert outcome.model_path == outcome.run_path / MODEL_FILE
     model, stored, num_classes = load_model(outcome.model_path)
     assert stored.model.framework == "fcos" and num_classes == 7
     assert set(outcome.metrics) >= {"epoch", "loss", "val_ap", "val_ap50", "val_ap75", "val_aps", "val_apm", "val_apl"}
+    # what each epoch cost: training, evaluation (only in the epochs that evaluate) and writing the checkpoint
+    assert [m["epoch"] for m in outcome.history] == [1, 2]
+    assert ["eval_time_s" in m for m in outcome.history] == [False, True]
+    assert all(m["epoch_time_s"] > 0 and m["checkpoint_time_s"] > 0 for m in outcome.history)
 
 
 def test_the_lr_schedule_waits_while_amp_skips_overflowed_steps():

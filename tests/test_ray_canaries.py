@@ -67,13 +67,19 @@ def test_the_gcs_tables_the_cleanup_reads_have_what_it_needs(ray_local):
     ray.kill(probe)
 
 
-def test_train_v2_still_has_its_structured_worker_logging_switch():
-    # gid/engine/trainer.py: RAY_ENV_VARS turns it off (it printed every worker line twice on the driver).
-    from ray.train.v2._internal.constants import ENABLE_WORKER_STRUCTURED_LOGGING_ENV_VAR, ENV_VARS_TO_PROPAGATE
+def test_train_v2_still_has_the_switches_gid_turns_off():
+    # gid/engine/trainer.py: RAY_ENV_VARS turns off structured worker logging (it printed every worker
+    # line twice on the driver) and the preemption watcher (an actor per run that gid's loop never asks).
+    from ray.train.v2._internal.constants import (
+        ENABLE_PREEMPTION_WATCHER_ENV_VAR,
+        ENABLE_WORKER_STRUCTURED_LOGGING_ENV_VAR,
+        ENV_VARS_TO_PROPAGATE,
+    )
 
     from gid.engine.trainer import RAY_ENV_VARS
 
-    assert set(RAY_ENV_VARS) == {ENABLE_WORKER_STRUCTURED_LOGGING_ENV_VAR} <= ENV_VARS_TO_PROPAGATE
+    assert set(RAY_ENV_VARS) == {ENABLE_WORKER_STRUCTURED_LOGGING_ENV_VAR, ENABLE_PREEMPTION_WATCHER_ENV_VAR}
+    assert ENABLE_WORKER_STRUCTURED_LOGGING_ENV_VAR in ENV_VARS_TO_PROPAGATE  # to the workers, from the controller
 
 
 def test_ray_trains_placement_group_cleaner_still_asks_the_state_api():

@@ -294,14 +294,17 @@ def train_loop_per_worker(config_dict: dict) -> None:
 
         last = epoch + 1 == config.train.epochs
         if last or (epoch + 1) % config.train.eval_every == 0:
+            evaluation = time.perf_counter()
             records = _detections_on_rank_zero(predict(student, val_loader, val_set.label_to_category_id, device))
             if records is not None:
                 metrics.update({f"val_{k}": v for k, v in coco_metrics(val_set.coco, records).items()})
+                metrics["eval_time_s"] = time.perf_counter() - evaluation
                 val = {k.removeprefix("val_"): v for k, v in metrics.items() if k.startswith("val_")}
                 logger.info("epoch %d/%d val %s", epoch + 1, config.train.epochs, format_metrics(val))
 
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
+            saving = time.perf_counter()
             if rank == 0:
                 training_state = {
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
@@ -319,4 +322,5 @@ def train_loop_per_worker(config_dict: dict) -> None:
 
                     save_gi_pictures(trainable, val_set, Path(directory) / PICTURES_DIR)
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
-            ray.train.report(metrics, checkpoint=checkpoint)
+            # the file holds the metrics as they were before it was written
+            ray.train.report({**metrics, "checkpoint_time_s": time.perf_counter() - saving}, checkpoint=checkpoint)

@@ -34,8 +34,10 @@ class TrainingOutcome:
     history: list[dict] = field(default_factory=list)  # every epoch's metrics this call trained, in order
 
 
-# Train V2's structured worker logging would print every worker line twice on the driver.
-RAY_ENV_VARS = {"RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0"}
+# Train V2's structured worker logging would print every worker line twice on the driver. Its
+# preemption watcher, one more actor process per run, only hands node-drain notices to training
+# code that asks for them (``ray.train.get_preemption_info``), which gid's loop does not.
+RAY_ENV_VARS = {"RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 def ensure_ray(address: str | None = None) -> None:
