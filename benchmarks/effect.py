@@ -301,7 +301,7 @@ class Bench:
                 "resources": {
                     "workers_per_trial": 1, "cpus_per_worker": self.cpus_per_run, "max_concurrent_trials": self.lanes,
                 },
-                "scheduler": {"type": "asha", "grace_period": max(1, s.student_epochs // 2)},
+                "scheduler": {"type": "asha"},  # the default grace period: two thirds of the schedule
                 "sampler": {"type": "tpe", "seed": 0},
                 "finalize": {"top": s.finalize_top, "seeds": s.finalize_seeds},
                 "tracking": tracking,
@@ -433,7 +433,7 @@ def render(runs: dict[str, dict], scale: Scale, argv: list[str], sittings: list[
         f"- command: `python benchmarks/effect.py {' '.join(argv)}`",
         f"- machine: {cpu_name()}, {os.cpu_count()} cores, "
         f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; torch {torch.__version__}",
-        f"- commit: {commit()}; wall time {sum(sitting['minutes'] for sitting in sittings):.0f} min in "
+        f"- commit: {', '.join(dict.fromkeys(sitting['commit'] for sitting in sittings))}; wall time {sum(sitting['minutes'] for sitting in sittings):.0f} min in "
         f"{len(sittings)} sitting(s) of {', '.join(str(sitting['lanes']) for sitting in sittings)} run(s) side by side",
         f"- data: synthetic (seed {s.data_seed}), {s.train_images} train / {s.val_images} val / {s.test_images} test images of "
         f"{s.image_size} px, 1–{s.max_objects} objects of {s.min_object_size:g} px to half the image",

@@ -102,7 +102,7 @@ def run_strategy(args: argparse.Namespace, base: Path, strategy: str, seed: int)
         "trials": args.budget,  # an upper bound: the epoch budget ends the experiment first
         "budget_epochs": args.budget,
         "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": args.concurrent},
-        "scheduler": {"type": choice["scheduler"], "grace_period": 1},
+        "scheduler": {"type": choice["scheduler"]},  # ASHA's grace period: the sweep's default
         "sampler": {**choice["sampler"], "seed": seed, "paper_defaults_first": False},
         "tracking": {"tracking_uri": f"sqlite:///{args.out / 'mlflow.db'}", "experiment": "gid-bench-search"},
         "storage_path": str(args.out / "sweeps"),

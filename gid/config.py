@@ -196,7 +196,8 @@ class BalanceRatios(StrictModel):
 class BalanceConfig(StrictModel):
     """How the GID terms are weighted: as configured, or calibrated on their gradients (beyond the paper)."""
 
-    mode: Literal["fixed", "gradient"] = "fixed"  # fixed: the configured weights, as the spec says
+    # gradient: chosen on a development data set (docs/benchmarks.md); fixed: the configured weights, as the spec says
+    mode: Literal["fixed", "gradient"] = "gradient"
     calibration_steps: int = Field(10, ge=1)  # gradient: training steps the norms are averaged over
     ratios: BalanceRatios = BalanceRatios()
     recalibrate: Literal["never", "epoch"] = "never"  # epoch: calibrate again at the start of every epoch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,14 +57,26 @@ class Objective(StrictModel):
 
 class Scheduler(StrictModel):
     type: Literal["asha", "none"] = "asha"
-    grace_period: int = Field(1, ge=1)  # epochs before ASHA may stop a trial
+    grace_period: int | Literal["auto"] = "auto"  # epochs before ASHA may stop a trial
     reduction_factor: float = Field(2, gt=1)
+
+    @model_validator(mode="after")
+    def _grace_period_is_positive(self) -> Scheduler:
+        if self.grace_period != "auto" and self.grace_period < 1:
+            raise ValueError(f"grace_period must be 'auto' or at least 1, got {self.grace_period}")
+        return self
+
+    def grace_period_for(self, epochs: int) -> int:
+        """auto: two thirds of the schedule. Measured (docs/benchmarks.md): AP after the first third of a
+        short schedule ranks trials no better than chance, so ASHA may only stop trials in the last third."""
+        grace = math.ceil(2 * epochs / 3) if self.grace_period == "auto" else self.grace_period
+        return max(1, min(grace, epochs))
 
 
 class Sampler(StrictModel):
     type: Literal["tpe", "random"] = "tpe"
     seed: int = 0
-    paper_defaults_first: bool = True  # evaluate the spec's defaults as the first trial
+    paper_defaults_first: bool = True  # evaluate GID's defaults (the spec's GISM values) as the first trial
     # TPE samples at random until this many trials have finished (Optuna's default: 10); small sweeps
     # need fewer to reach the model-guided phase at all. auto: a quarter of the trials, 2 to 10.
     startup_trials: int | Literal["auto"] = "auto"

@@ -58,7 +58,7 @@ class FrameworkOutcome:
     study: optuna.Study
     trials_path: str
     baseline: Path | None  # model file of the student trained alone: the sweep file's, or the one the sweep trained
-    defaults: dict[str, Any] | None = None  # the spec's defaults, when the sweep's first trial evaluated them
+    defaults: dict[str, Any] | None = None  # GID's defaults, when the sweep's first trial evaluated them
     final: list[FinalScore] = field(default_factory=list)  # the finalize stage's candidates, when it ran
 
 
@@ -67,7 +67,7 @@ def experiment_name(sweep: SweepConfig, framework: str) -> str:
 
 
 def paper_defaults(space: dict[str, Any]) -> dict[str, Any]:
-    """The spec's default for every space key its range contains: the first point evaluated."""
+    """DistillConfig's default (the spec's, and ratios 1) for every space key its range contains: the first point evaluated."""
     defaults = flatten({"distill": DistillConfig(teacher="-").model_dump(mode="json")})
     defaults[LOSSES] = ",".join(TERMS)  # all three
     return {key: defaults[key] for key, dimension in space.items() if dimension.contains(defaults.get(key))}
@@ -102,7 +102,7 @@ def build_scheduler(sweep: SweepConfig, epochs: int):
     return ASHAScheduler(
         time_attr="epoch",
         max_t=epochs,
-        grace_period=min(sweep.scheduler.grace_period, epochs),
+        grace_period=sweep.scheduler.grace_period_for(epochs),
         reduction_factor=sweep.scheduler.reduction_factor,
     )
 
@@ -224,12 +224,15 @@ def train_baseline(base: Config, trials: TrialLogger) -> Path:
     return model_file
 
 
+# A trial function only drives its TorchTrainer, whose workers ask for the real resources. Tune
+# refuses an empty request, so it asks for a token of memory: a token share of a CPU would leave the
+# workers of the last concurrent trial short of a whole CPU, and they would wait for another trial's.
+TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 2**20}
+
+
 def trial_trainable(base: Config, trials_path: str):
     return tune.with_resources(
-        tune.with_parameters(run_trial, base=base.to_dict(), trials_path=trials_path),
-        # The trial function only drives its TorchTrainer, whose workers ask for the real resources
-        # (Tune refuses an empty request, hence a token share of a CPU).
-        {"CPU": 0.01},
+        tune.with_parameters(run_trial, base=base.to_dict(), trials_path=trials_path), TRIAL_DRIVER_RESOURCES
     )
 
 

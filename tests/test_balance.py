@@ -10,6 +10,7 @@ import yaml
 
 from gid.cli import main
 from gid.config import BalanceConfig
+from gid.engine.loop import gradient_balance
 from gid.engine.trainer import build_trainer
 from gid.models import build_detector, save_model
 from gid.distill.balance import DETECTOR, GradientBalance, _gradient_norm, describe, effective_weights
@@ -58,13 +59,32 @@ def test_calibration_gives_each_term_the_asked_ratio(framework, batch):
     assert describe(balance.metrics()).startswith("calibrated GID weights: feature ")
 
 
-def test_fixed_weights_are_exactly_the_configured_ones(batch):
+def test_fixed_mode_trains_at_the_specs_weights_and_never_calibrates(batch, tiny_config):
+    model = distiller("retinanet", balance={"mode": "fixed"})
+    spec = {"feature": 5e-3, "relation": 40.0, "response_cls": 0.1, "response_reg": 1.0}  # gid-spec.md's weights
+    assert effective_weights(model.config, model.term_scales) == spec
     torch.manual_seed(1)
-    fixed = distiller("retinanet", balance={"mode": "fixed"}).train()(*batch)
+    losses = model.train()(*batch)
     torch.manual_seed(1)
-    default = distiller("retinanet").train()(*batch)
-    assert default.keys() == fixed.keys()
-    assert all(torch.equal(default[k], fixed[k]) for k in default)
+    default = distiller("retinanet").train()(*batch)  # before its calibration: the same configured weights
+    assert all(torch.equal(default[k], losses[k]) for k in default)
+    assert gradient_balance(tiny_config(distill={"teacher": "t.pt", "balance": {"mode": "fixed"}}), model) is None
+    # the product's default calibrates
+    assert isinstance(gradient_balance(tiny_config(distill={"teacher": "t.pt"}), model), GradientBalance)
+
+
+def test_an_epoch_shorter_than_the_calibration_calibrates_on_the_steps_it_had(batch):
+    model = distiller("retinanet").train()
+    config = BalanceConfig(mode="gradient", calibration_steps=10, ratios=RATIOS)
+    balance = GradientBalance(config, model.config, model.term_scales)
+    assert not balance.end_epoch()  # nothing measured yet: nothing to calibrate on
+    for _ in range(2):
+        balance.measure(losses_of(model, batch), trainable_params(model))
+    assert balance.measuring and balance.end_epoch() and not balance.measuring
+    assert balance.calibrations == 1 and not balance.end_epoch()
+    norms = term_norms(model, batch)
+    for term, ratio in RATIOS.items():
+        assert norms[term] / norms[DETECTOR] == pytest.approx(ratio, rel=1e-3), term
 
 
 def test_a_resumed_run_keeps_its_calibrated_weights_and_does_not_calibrate_again(batch):

@@ -16,7 +16,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 import ray
+import ray.train
 from ray import tune
+from ray.train.torch import TorchTrainer
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
 from gid.config import load_config
@@ -28,7 +30,7 @@ from search.config import load_sweep
 from search.export import export_best
 from search.leftovers import Leftovers
 from search.report import best_row, reference_aps, trial_rows, trials_figure
-from search.sweep import build_searcher, run_sweep
+from search.sweep import TRIAL_DRIVER_RESOURCES, build_scheduler, build_searcher, run_sweep
 from search.trial import FINAL, run_trial
 from search.tracking import (
     CANDIDATE_TAG,
@@ -252,7 +254,7 @@ def test_a_trial_stopped_early_frees_its_workers_for_the_next(ray_local, workspa
     # after Tune stopped it mid-training, the second trial could never start.
     base = load_config(workspace / "retinanet_gid.yaml", ["train.epochs=3", "scaling.cpus_per_worker=3"])
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base.to_dict(), trials_path=str(workspace / "stopped")), {"CPU": 0.01}
+        tune.with_parameters(run_trial, base=base.to_dict(), trials_path=str(workspace / "stopped")), TRIAL_DRIVER_RESOURCES
     )
     tuner = tune.Tuner(
         trainable,
@@ -263,6 +265,34 @@ def test_a_trial_stopped_early_frees_its_workers_for_the_next(ray_local, workspa
     results = tuner.fit()
     assert len(results) == 2 and not results.errors
     assert [r.metrics["epoch"] for r in results] == [1, 1]
+
+
+def record_span(config: dict) -> None:
+    started = time.time()
+    time.sleep(3)
+    Path(config["out"]).write_text(f"{started} {time.time()}")
+
+
+def test_concurrent_trials_train_side_by_side_when_their_workers_fill_the_cluster(ray_local, tmp_path):
+    # Each trial's worker asks for half the cluster's CPUs: had each trial function held a share of a
+    # CPU itself, the second trial's worker would have waited for the first's to finish.
+    cpus = ray.cluster_resources()["CPU"] / 2
+
+    def drive(config: dict) -> None:
+        out = tmp_path / f"{config['trial']}.span"
+        TorchTrainer(
+            record_span, train_loop_config={"out": str(out)},
+            scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": cpus}),
+            run_config=ray.train.RunConfig(name=f"side{config['trial']}", storage_path=str(tmp_path / "train")),
+        ).fit()
+
+    tune.Tuner(
+        tune.with_resources(drive, TRIAL_DRIVER_RESOURCES), param_space={"trial": tune.grid_search([0, 1])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=2),
+        run_config=tune.RunConfig(name="side", storage_path=str(tmp_path / "tune"), verbose=0),
+    ).fit()
+    (start0, end0), (start1, end1) = [map(float, (tmp_path / f"{t}.span").read_text().split()) for t in (0, 1)]
+    assert start0 < end1 and start1 < end0  # the two trials trained at the same time
 
 
 @ray.remote(num_cpus=0)
@@ -460,6 +490,13 @@ def test_tpe_leaves_random_sampling_after_its_startup_trials(workspace, tmp_path
     assert early[2:] != default[2:]  # TPE's model has taken over in the first sweep only
 
 
+def test_asha_may_stop_trials_only_in_the_last_third_of_their_schedule_by_default(workspace):
+    sweep = load_sweep(write_sweep(workspace, "grace", "sqlite:///unused.db", scheduler={"type": "asha"}))
+    assert [sweep.scheduler.grace_period_for(epochs) for epochs in (1, 2, 3, 12)] == [1, 2, 2, 8]
+    rungs = build_scheduler(sweep, 3)._brackets[0]._rungs  # (epoch, results) of each point ASHA may stop at
+    assert [epoch for epoch, _ in rungs] == [2]
+
+
 @pytest.mark.parametrize(
     "change, expected",
     [
@@ -472,6 +509,7 @@ def test_tpe_leaves_random_sampling_after_its_startup_trials(workspace, tmp_path
         ({"sampler": {"type": "random", "startup_trials": 3}}, "startup_trials applies to sampler.type tpe only"),
         ({"finalize": {"overrides": ["train.epochs=0"]}}, "with finalize.overrides: train.epochs"),
         ({"finalize": {"seeds": 0}}, "finalize.seeds"),
+        ({"scheduler": {"grace_period": 0}}, "grace_period must be 'auto' or at least 1"),
     ],
 )
 def test_bad_sweep_files_fail_before_any_compute(workspace, tmp_path, change, expected):

@@ -74,6 +74,17 @@ class GradientBalance:
         if self.config.recalibrate == "epoch" and not self.measuring:
             self.measuring = True
 
+    def end_epoch(self) -> bool:
+        """Calibrate on the steps measured so far if an epoch was shorter than ``calibration_steps``.
+
+        Every DDP worker trains the same number of steps per epoch, so all of them calibrate here
+        together. Returns whether it calibrated.
+        """
+        if not (self.measuring and self._steps):
+            return False
+        self._calibrate()
+        return True
+
     def measure(self, losses: dict[str, Tensor], params: list[nn.Parameter]) -> None:
         """Add one step's gradient norms (one extra backward pass per group); calibrate after the last."""
         started = time.perf_counter()

@@ -284,6 +284,8 @@ def train_loop_per_worker(config_dict: dict) -> None:
                     "epoch %d/%d iter %d/%d loss %.4f lr %.4g (%.2f s/it)", epoch + 1, config.train.epochs, it + 1,
                     len(train_loader), running.means()["loss"], scheduler.get_last_lr()[0], speed,
                 )
+        if balance is not None and balance.end_epoch() and rank == 0:
+            logger.info(balance.summary())
         metrics = {
             "epoch": epoch + 1, **running.means(), "epoch_time_s": time.perf_counter() - started,
             "first_step_at": first_step_at, "worker_started_at": worker_started_at, "setup_data_s": setup_data_s,
