@@ -107,7 +107,8 @@ def write_base_configs(synth_root: Path, root: Path, frameworks, epochs: int = 2
         teacher_config = validate(base)
         for role in ("teacher", "student"):
             save_model(build_detector(teacher_config.model, 64, 7), teacher_config, 7, root / f"{framework}_{role}.pt")
-        base["distill"] = {"teacher": str(root / f"{framework}_teacher.pt")}
+        # gradient balance (the default) calibrated on one step: the mechanics at the least cost
+        base["distill"] = {"teacher": str(root / f"{framework}_teacher.pt"), "balance": {"calibration_steps": 1}}
         (root / f"{framework}_gid.yaml").write_text(yaml.safe_dump(base))
 
 

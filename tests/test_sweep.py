@@ -171,10 +171,11 @@ def test_the_report_pictures_show_the_finished_trials_and_the_best_ones_gis(fini
         assert f"report/{fw}_best_gi_pictures" in logged
 
 
-def test_paper_defaults_are_the_first_trial(finished_sweep):
+def test_gids_defaults_are_the_first_trial(finished_sweep):
     _, outcome = finished_sweep
     first = outcome.frameworks[0].study.trials[0].params
-    assert first["distill.feature.weight"] == 5e-3 and first["distill.gism.top_k"] == 10
+    ratios = [first[f"distill.balance.ratios.{term}"] for term in ("feature", "relation", "response")]
+    assert ratios == [1.0, 1.0, 1.0] and first["distill.gism.top_k"] == 10  # the default balance mode: gradient
     assert first["distill.gism.score_mode"] == "paper" and first["distill.losses"] == "feature,relation,response"
 
 
@@ -223,7 +224,7 @@ def test_the_mlflow_ui_shows_the_sweep_as_a_person_sees_it(finished_sweep, mlflo
     assert "Runs" in runs and MAIN in runs and "GenAI apps" not in runs and "Welcome to MLflow" not in runs
     assert "retinanet/" in runs  # the nested trials, expanded under the sweep's run
     charts = (out / "mlflow_trial_charts.txt").read_text()
-    assert "Model metrics" in charts and "epoch_time_s" in charts and "Step" in charts  # the trial's charts, drawn
+    assert "Model metrics" in charts and re.search(r"^fcos/\w+ \(\w+\)$", charts, re.M)  # the trial's charts, drawn
     assert f"Sweep {MAIN}" in (out / "mlflow_sweep_run.txt").read_text()  # the summary, as the run's description
 
 
@@ -355,12 +356,12 @@ def test_what_an_experiment_left_running_is_ended_and_nothing_else(ray_local):
 def test_a_nan_trial_fails_with_its_reason_and_the_sweep_goes_on(ray_local, workspace, mlflow_server):
     space = {"distill.feature.weight": {"type": "choice", "values": [0.005, float("inf")]}}
     path = write_sweep(
-        workspace, "nan", mlflow_server, frameworks=["retinanet"], space=space, trials=4,
-        scheduler={"type": "none"}, sampler={"type": "random", "seed": 3}, resources={"max_concurrent_trials": 1},
+        workspace, "nan", mlflow_server, frameworks=["retinanet"], space=space, trials=2,
+        scheduler={"type": "none"}, sampler={"type": "random", "seed": 3},  # the defaults, then inf
     )
     outcome = run_sweep(load_sweep(path))
     (framework,) = outcome.frameworks
-    assert len(framework.results) == 4
+    assert len(framework.results) == 2
     statuses = {r.data.tags[STATUS_TAG] for r in child_runs(MlflowClient(mlflow_server), "nan")}
     assert statuses == {"finished", "failed"}
     for run in child_runs(MlflowClient(mlflow_server), "nan"):
