@@ -113,6 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dev", action="store_true", help="the development table: another data set, balance candidates")
     p.add_argument("--frameworks", help=f"comma-separated subset of {','.join(FRAMEWORKS)}")
     p.add_argument("--seeds", type=int, help="training seeds of the student / GID rows")
+    p.add_argument("--sweep-trials", type=int, help="trials of each framework's sweep (0: no tuned row)")
     p.add_argument(
         "--lanes", type=int, default=torch.cuda.device_count() or os.cpu_count() or 1,
         help="runs side by side, each on its share of the CPUs (default: one per GPU, else one per CPU)",
@@ -126,6 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         scale = replace(scale, frameworks=chosen)
     if args.seeds:
         scale = replace(scale, seeds=args.seeds)
+    if args.sweep_trials is not None:
+        scale = replace(scale, sweep_trials=args.sweep_trials)
     if args.lanes < 1:
         p.error("--lanes: give 1 or more")
     args.scale = scale
@@ -359,8 +362,9 @@ class Bench:
                     f"{framework}/gid_tuned/{seed}", lambda f=framework, seed=seed: self.tuned_config(f, seed),
                     (f"{framework}/sweep",),
                 ))
-        # Longest teacher first: the framework order puts the fastest learner first.
-        return teachers[::-1] + sweeps[::-1] + distilled + tuned[::-1] + students
+        # Longest teacher first (the framework order puts the fastest learner first), then the rows
+        # that test the defaults; the sweeps, which hold every lane, after them.
+        return teachers[::-1] + distilled + students + sweeps[::-1] + tuned[::-1]
 
     def run(self) -> None:
         """Start every ready job that fits in the free lanes, in the order of ``jobs()``; repeat."""
@@ -398,6 +402,11 @@ ROWS = (
     ("gid_tuned", "GID, tuned"),
     *((name, "GID, gradient " + "/".join(f"{r:g}" for r in ratios.values())) for name, ratios in CANDIDATES.items()),
 )
+
+
+def measured(runs: dict[str, dict]) -> list[str]:
+    """The frameworks with results: sittings may each run a subset (``--frameworks``)."""
+    return [framework for framework in FULL.frameworks if any(key.startswith(f"{framework}/") for key in runs)]
 
 
 def summarise(runs: dict[str, dict], framework: str, row: str) -> dict | None:
@@ -445,7 +454,7 @@ def render(runs: dict[str, dict], scale: Scale, argv: list[str], sittings: list[
         "| framework | row | seeds | AP | AP50 | AP75 | APs | train min / run | Δ AP vs student |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for framework in s.frameworks:
+    for framework in measured(runs):
         student = summarise(runs, framework, "student")
         for row, label in ROWS:
             stats = summarise(runs, framework, row)
@@ -469,7 +478,7 @@ def early_ranking(runs: dict[str, dict], scale: Scale) -> list[str]:
     lines = ["", f"Val AP after epoch k against final val AP (epoch {epochs}), student runs of each framework:", "",
              "| framework | runs | " + " | ".join(f"Spearman, k = {k}" for k in range(1, epochs)) + " |",
              "|---|---:|" + "---:|" * (epochs - 1)]
-    for framework in scale.frameworks:
+    for framework in measured(runs):
         curves = [r["val_ap_by_epoch"] for key, r in runs.items()
                   if key.startswith(f"{framework}/") and "/teacher/" not in key and len(r.get("val_ap_by_epoch", [])) == epochs]
         if len(curves) < 3:
@@ -480,14 +489,15 @@ def early_ranking(runs: dict[str, dict], scale: Scale) -> list[str]:
     return lines if len(lines) > 5 else []
 
 
-def plot(runs: dict[str, dict], scale: Scale, path: Path) -> None:
+def plot(runs: dict[str, dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(scale.frameworks), figsize=(4.5 * len(scale.frameworks), 3.6), squeeze=False)
-    for ax, framework in zip(axes[0], scale.frameworks):
+    frameworks = measured(runs)
+    fig, axes = plt.subplots(1, len(frameworks), figsize=(4.5 * len(frameworks), 3.6), squeeze=False)
+    for ax, framework in zip(axes[0], frameworks):
         labels, means, errors = [], [], []
         for row, label in ROWS:
             stats = summarise(runs, framework, row)
@@ -524,7 +534,7 @@ def main(argv: list[str] | None = None) -> None:
     bench.run()
     text = render(bench.results.runs, scale, argv, bench.results.sittings)
     (out / "effect.md").write_text(text)
-    plot(bench.results.runs, scale, out / "effect.png")
+    plot(bench.results.runs, out / "effect.png")
     print("\n" + text)
     print(f"table: {out / 'effect.md'}   plot: {out / 'effect.png'}")
 

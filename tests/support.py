@@ -15,7 +15,7 @@ from pathlib import Path
 import ray.train
 import yaml
 from torch import nn
-from torchvision.models.detection import RetinaNet
+from torchvision.models.detection import FasterRCNN, RetinaNet, fasterrcnn_mobilenet_v3_large_fpn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.retinanet import RetinaNetHead
@@ -158,6 +158,11 @@ def user_retinanet(num_classes: int, width: int = 16) -> RetinaNet:
 
 def user_retinanet_teacher(num_classes: int) -> RetinaNet:
     return user_retinanet(num_classes, width=32)
+
+
+def user_faster_rcnn(num_classes: int) -> FasterRCNN:
+    """torchvision's own MobileNetV3 Faster R-CNN, untrained, with its default box pooler."""
+    return fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, num_classes=num_classes)
 
 
 def not_a_detector(num_classes: int) -> nn.Module:

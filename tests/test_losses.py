@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -18,9 +19,10 @@ from gid.distill.losses import (
     response_loss,
     roi_response_loss,
 )
-from gid.distill.pooling import multiscale_roi_align, pool_instances, roi_align_by_matmul
+from gid.distill.pooling import pool_instances
 from gid.errors import GidError
 from gid.frameworks.view import DenseOutput
+from gid.models.roi_align import MatmulMultiScaleRoIAlign, roi_align_by_matmul
 
 FIRST_LEVEL = 3
 IMAGE = 512
@@ -182,7 +184,7 @@ def test_roi_align_by_matmul_without_boxes():
 
 
 @pytest.mark.parametrize("featmap_names", [["0", "1", "2", "3"], ["0", "1"]])
-def test_multiscale_roi_align_equals_the_faster_rcnn_pooler(featmap_names):
+def test_matmul_pooler_equals_the_faster_rcnn_pooler(featmap_names):
     # A ResNet FPN's four levels at strides 4-32, and a MobileNet FPN's two levels at the same stride 32,
     # both pooled by torchvision's default box pooler (named levels "0"-"3": a missing name is skipped).
     generator = torch.Generator().manual_seed(len(featmap_names))
@@ -196,8 +198,8 @@ def test_multiscale_roi_align_equals_the_faster_rcnn_pooler(featmap_names):
     boxes[0][0, 2:] = boxes[0][0, :2]  # an empty box: the legacy mode widens it to one pixel
     stacked = torch.randn(3, 4, sum(h * w for h, w in sides), generator=generator)
 
-    def box_pooler():
-        return MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
+    def box_pooler(kind=MultiScaleRoIAlign):
+        return kind(["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
 
     def as_features(flat):  # one tensor whose slices are the levels, so one gradient covers them all
         maps, start = {}, 0
@@ -206,10 +208,16 @@ def test_multiscale_roi_align_equals_the_faster_rcnn_pooler(featmap_names):
             start += h * w
         return {**maps, "pool": flat.new_zeros(3, 4, 2, 2)}
 
-    assert_same_pooling(
-        stacked, lambda flat: multiscale_roi_align(box_pooler(), as_features(flat), boxes, image_sizes),
-        lambda flat: box_pooler()(as_features(flat), boxes, image_sizes),
-    )
+    with mock.patch("gid.models.roi_align.roi_align_by_matmul", wraps=roi_align_by_matmul) as by_matmul:
+        assert_same_pooling(
+            stacked, lambda flat: box_pooler(MatmulMultiScaleRoIAlign)(as_features(flat), boxes, image_sizes),
+            lambda flat: box_pooler()(as_features(flat), boxes, image_sizes),
+        )
+        assert by_matmul.call_count == len(featmap_names)  # every level, where a backward follows
+        with torch.no_grad():  # evaluation: exactly torchvision's pooling, as in a TorchScript export
+            pooled = box_pooler(MatmulMultiScaleRoIAlign)(as_features(stacked), boxes, image_sizes)
+        assert by_matmul.call_count == len(featmap_names)
+    assert torch.equal(pooled, box_pooler()(as_features(stacked), boxes, image_sizes))
 
 
 @pytest.mark.parametrize("image", [64, 128])

@@ -27,6 +27,7 @@ from gid.engine.loop import build_trainable
 from gid.errors import GidError
 from gid.frameworks import FRAMEWORKS
 from gid.models import build_detector, load_model, save_model
+from gid.models.roi_align import MatmulMultiScaleRoIAlign
 
 NUM_CLASSES = 7  # the synthetic data's six classes and background, so `gid eval` can score imports
 BUILDERS = {
@@ -389,6 +390,14 @@ def test_torchscript_runs_without_gid(gid_model_files, tmp_path):
         assert len(ours["boxes"]) > 0
         for key in ("boxes", "scores", "labels"):
             torch.testing.assert_close(theirs[key], ours[key], rtol=0, atol=0)
+
+
+def test_a_faster_rcnn_trains_with_gids_pooler_and_exports_torchvisions(gid_model_files, tmp_path):
+    path = gid_model_files["faster_rcnn", "v1", "resnet18"]
+    assert type(load_model(path)[0].roi_heads.box_roi_pool) is MatmulMultiScaleRoIAlign
+    out = tmp_path / "model.ts"
+    assert main(["model", "export", str(path), "--format", "torchscript", "--out", str(out)]) == 0
+    assert torch.jit.load(out).roi_heads.box_roi_pool.original_name == "MultiScaleRoIAlign"
 
 
 TORCHVISION_NAMES = {

@@ -4,12 +4,15 @@ import re
 import pytest
 import torch
 from torch.utils.data import DataLoader, Subset
+from torchvision.models.detection import FasterRCNN
+from torchvision.ops import MultiScaleRoIAlign
 
 from gid.config import ModelConfig
 from gid.data import build_dataset, collate
 from gid.engine.evaluation import coco_metrics, predict
 from gid.errors import GidError
 from gid.models import anchor_sizes, build_detector, load_model, load_weights, save_model
+from gid.models.roi_align import MatmulMultiScaleRoIAlign, with_matmul_poolers
 
 FRAMEWORKS = ["retinanet", "fcos", "faster_rcnn"]
 
@@ -104,6 +107,17 @@ def test_a_user_builder_gives_the_users_own_detector():
     model = build_detector(config, 64, 7)
     assert isinstance(model, type(user_retinanet(7))) and set(model.backbone.body) == {"stem", "c3", "c4", "c5"}
     assert model.head.classification_head.num_classes == 7
+
+
+def test_a_user_built_faster_rcnn_pools_with_gids_pooler_unless_it_brings_its_own():
+    config = ModelConfig(framework="faster_rcnn", builder="support:user_faster_rcnn")
+    assert type(build_detector(config, 64, 7).roi_heads.box_roi_pool) is MatmulMultiScaleRoIAlign
+
+    class OwnPooler(MultiScaleRoIAlign):
+        pass
+
+    own = FasterRCNN(build_detector(config, 64, 7).backbone, 7, box_roi_pool=OwnPooler(["0"], 7, 2))
+    assert type(with_matmul_poolers(own).roi_heads.box_roi_pool) is OwnPooler
 
 
 @pytest.mark.parametrize(

@@ -1,18 +1,14 @@
-"""Pooling the general instances' features: ROIAlign at the FPN level each box belongs to.
+"""Pooling the general instances' features: ROIAlign at the FPN level each box belongs to (spec §3).
 
-torchvision's CPU ``roi_align`` runs forward and backward on one thread, one sample at a time;
-:func:`roi_align_by_matmul` computes the same values as matrix products, which run (and
-back-propagate) on every core. :func:`pool_instances` pools the feature and relation losses' GIs
-(spec §3), :func:`multiscale_roi_align` a Faster R-CNN's second stage at the GIs (the RoI response).
+Each level is pooled by ``gid.models.roi_align.fast_roi_align``, whose backward runs on every CPU core.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import MultiScaleRoIAlign, roi_align
-from torchvision.ops.poolers import LevelMapper, _setup_scales  # the pooler's own level set-up
+from torchvision.ops.poolers import LevelMapper
+
+from gid.models.roi_align import pool_by_level
 
 
 def pool_instances(
@@ -32,126 +28,4 @@ def pool_instances(
     last_level = first_level + len(maps) - 1
     levels = LevelMapper(first_level, last_level, canonical_size, canonical_level)(boxes)
     scales = [2.0 ** -(first_level + offset) for offset in range(len(maps))]
-    return _pool_by_level(maps, scales, levels, boxes, roi_size, aligned=True)
-
-
-def multiscale_roi_align(
-    pooler: MultiScaleRoIAlign, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]
-) -> Tensor:
-    """``pooler(features, boxes, image_sizes)`` (a Faster R-CNN's box RoI pooling), each level by :func:`_roi_align`.
-
-    The same levels, scales and legacy (unaligned) sampling as torchvision's pooler, whose CPU
-    backward runs on one thread; a pooler that does not sample 2 x 2 per bin pools itself.
-    """
-    if pooler.sampling_ratio != 2 or len(set(pooler.output_size)) != 1:
-        return pooler(features, boxes, image_sizes)
-    maps = [level for name, level in features.items() if name in pooler.featmap_names]  # the pooler's own filter
-    if pooler.scales is None or pooler.map_levels is None:  # set up as the pooler's first forward would
-        pooler.scales, pooler.map_levels = _setup_scales(maps, image_sizes, pooler.canonical_scale, pooler.canonical_level)
-    if len(maps) == 1:  # torchvision pools a single level without its level mapper
-        levels = torch.zeros(sum(map(len, boxes)), dtype=torch.int64, device=maps[0].device)
-    else:
-        levels = pooler.map_levels(boxes)
-    return _pool_by_level(maps, pooler.scales, levels, boxes, pooler.output_size[0], aligned=False)
-
-
-def _pool_by_level(
-    maps: list[Tensor], scales: list[float], levels: Tensor, boxes: list[Tensor], roi_size: int, aligned: bool
-) -> Tensor:
-    """Pool each box from ``maps[levels[box]]`` at that map's scale; rows in box order."""
-    image_index = torch.cat([torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)])
-    rois = torch.cat([image_index, torch.cat(boxes)], dim=1).detach()  # boxes are constants
-
-    pooled, order = [], []
-    for offset, (feature_map, scale) in enumerate(zip(maps, scales)):
-        index = torch.nonzero(levels == offset).squeeze(1)
-        pooled.append(_roi_align(feature_map, rois[index].to(feature_map.dtype), roi_size, scale, aligned))
-        order.append(index)
-    # Rows come out level by level; put them back in box order. They often already are (all boxes on
-    # one level): then the gather, and its backward, would only copy every pooled feature.
-    pooled, order = torch.cat(pooled), torch.cat(order)
-    if bool((order[1:] > order[:-1]).all()):
-        return pooled
-    return pooled[torch.argsort(order)]
-
-
-#: Largest map (H * W) on which roi_align_by_matmul is the faster one on CPU: its cost grows with
-#: the map's area, torchvision's does not. Forward + backward of 80 RoIs x 256 channels on one
-#: thread: 10-20 ms against 115 ms on a 16 x 16 map, about 0.12 s each on 48 x 48.
-_MATMUL_ROI_ALIGN_MAX_AREA = 48 * 48
-
-
-def _roi_align(feature_map: Tensor, rois: Tensor, roi_size: int, spatial_scale: float, aligned: bool = True) -> Tensor:
-    """ROIAlign with sampling ratio 2 (aligned: spec §3), by whichever implementation is faster here.
-
-    torchvision's CPU kernel runs forward and backward on one thread, one sample at a time, and its
-    backward dominates the cost of the feature and relation losses; on CUDA it is fast.
-    """
-    height, width = feature_map.shape[-2:]
-    if feature_map.device.type == "cpu" and height * width <= _MATMUL_ROI_ALIGN_MAX_AREA:
-        return roi_align_by_matmul(feature_map, rois, roi_size, spatial_scale, aligned)
-    return roi_align(feature_map, rois, roi_size, spatial_scale=spatial_scale, sampling_ratio=2, aligned=aligned)
-
-
-def roi_align_by_matmul(
-    feature_map: Tensor, rois: Tensor, roi_size: int, spatial_scale: float, aligned: bool = True
-) -> Tensor:
-    """``torchvision.ops.roi_align(..., sampling_ratio=2, aligned=aligned)`` as two matrix products.
-
-    ``rois [N, 5]`` are (image index, x1, y1, x2, y2) -> ``[N, C, roi_size, roi_size]``. Bilinear
-    sampling is separable: bin (i, j) averages its 2 x 2 samples of w_y(row) * w_x(column) * F, so a
-    RoI's pooled map is Wy @ F @ Wx^T, where row i of Wy [roi_size, H] holds the row weights of
-    bin row i's two samples, halved (and Wx likewise). The sample positions and roi_align's
-    boundary rules are reproduced exactly; only the order of the sums differs. Matrix products
-    run, and back-propagate, on all cores; the work grows with H * W.
-    """
-    num_images, channels, height, width = feature_map.shape
-    image_index = rois[:, 0].long()
-    # aligned: pixel centres at integers; otherwise roi_align's legacy rule, RoIs at least a pixel wide and high
-    x1, y1, x2, y2 = (rois[:, 1:] * spatial_scale - (0.5 if aligned else 0.0)).unbind(dim=1)
-    if not aligned:
-        x2, y2 = torch.maximum(x2, x1 + 1), torch.maximum(y2, y1 + 1)
-    weights_y = _bin_weights(y1, y2, roi_size, height).to(feature_map.dtype)  # [N, roi_size, H]
-    weights_x = _bin_weights(x1, x2, roi_size, width).to(feature_map.dtype)  # [N, roi_size, W]
-
-    # Rows first, one product per image for all its RoIs: their Wy are stacked into zero-padded slots.
-    slot, num_slots = _rank_within_image(image_index, num_images)
-    stacked = weights_y.new_zeros(num_images, num_slots, roi_size, height)
-    stacked[image_index, slot] = weights_y
-    rows_of_image = feature_map.transpose(1, 2).reshape(num_images, height, channels * width)
-    rows = stacked.view(num_images, num_slots * roi_size, height) @ rows_of_image
-    rows = rows.view(num_images, num_slots, roi_size * channels, width)[image_index, slot]
-    pooled = rows @ weights_x.transpose(1, 2)  # [N, roi_size * C, roi_size]
-    return pooled.view(-1, roi_size, channels, roi_size).transpose(1, 2)
-
-
-def _bin_weights(start: Tensor, end: Tensor, bins: int, length: int) -> Tensor:
-    """``[N, bins, length]``: along one axis, each bin's weight on each pixel, as roi_align samples.
-
-    Two samples per bin, at roi_align's positions computed as its CPU kernel does, so that its
-    boundary decisions come out the same: a sample beyond one pixel outside the map adds nothing,
-    one in [-1, 0] reads pixel 0, one past the last pixel centre reads the last pixel.
-    """
-    bin_size = ((end - start) / bins)[:, None, None]
-    bin_index = torch.arange(bins, dtype=start.dtype, device=start.device)[:, None]
-    first = start[:, None, None] + bin_index * bin_size
-    offsets = torch.tensor([0.5, 1.5], dtype=start.dtype, device=start.device)
-    samples = first + offsets * bin_size / 2  # [N, bins, 2]
-    inside = (samples >= -1) & (samples <= length)  # False for NaN too
-    samples = torch.where(inside, samples, 0).clamp(min=0, max=length - 1)
-    low = samples.floor()
-    high_weight = samples - low
-    low = low.long()
-    high = (low + 1).clamp(max=length - 1)
-    zero = samples.new_zeros(())
-    weights = samples.new_zeros(*samples.shape[:2], length)
-    weights.scatter_add_(2, low, torch.where(inside, (1 - high_weight) / 2, zero))
-    weights.scatter_add_(2, high, torch.where(inside, high_weight / 2, zero))
-    return weights
-
-
-def _rank_within_image(image_index: Tensor, num_images: int) -> tuple[Tensor, int]:
-    """Each RoI's rank among the RoIs of its image, and the largest count of RoIs in one image."""
-    one_hot = F.one_hot(image_index, num_images)
-    rank = (one_hot.cumsum(dim=0) - 1).gather(1, image_index[:, None]).squeeze(1)
-    return rank, int(one_hot.sum(dim=0).max())
+    return pool_by_level(maps, scales, levels, boxes, roi_size, aligned=True)

@@ -98,11 +98,8 @@ class FasterRCNNView(DetectorView):
     def roi_outputs(
         self, features: Features, boxes: list[Tensor], image_sizes: list[tuple[int, int]]
     ) -> tuple[Tensor, Tensor]:
-        from gid.distill.pooling import multiscale_roi_align  # gid.distill builds on these views
-
         roi_heads = self.model.roi_heads
-        pooled = multiscale_roi_align(roi_heads.box_roi_pool, features, boxes, image_sizes)
-        return roi_heads.box_predictor(roi_heads.box_head(pooled))
+        return roi_heads.box_predictor(roi_heads.box_head(roi_heads.box_roi_pool(features, boxes, image_sizes)))
 
 
 def _on_mobilenet(model: ModelConfig) -> bool:

@@ -17,6 +17,7 @@ from gid.config import MAX_TRAINABLE_LAYERS, ModelConfig
 from gid.errors import GidError, first_line
 from gid.frameworks import COCO_IMAGE_SIZE, FRAMEWORKS
 from gid.models.backbones import build_fpn_backbone
+from gid.models.roi_align import with_matmul_poolers
 
 
 def anchor_sizes(config: ModelConfig, image_size: int) -> list[float]:
@@ -78,13 +79,14 @@ def build_detector(config: ModelConfig, image_size: int, num_classes: int) -> nn
     backbone and FPN width of one of torchvision's builders of the framework and variant (e.g.
     ``retinanet_resnet50_fpn_v2``: ResNet-50, 256) the module tree is the builder's: their state
     dicts load into each other. With ``model.builder`` the detector is the user's, as their function builds it.
+    Either way its box RoI pooler (Faster R-CNN's) back-propagates on every CPU core (``gid.models.roi_align``).
     """
     if config.builder is not None:
-        return user_detector(config, num_classes)
+        return with_matmul_poolers(user_detector(config, num_classes))
     anchors = build_anchor_generator(config, image_size)
-    return FRAMEWORKS[config.framework].build(
+    return with_matmul_poolers(FRAMEWORKS[config.framework].build(
         config, build_backbone(config), anchors, num_classes, min_size=image_size, max_size=image_size
-    )
+    ))
 
 
 def class_layer_keys(framework: str, state: Mapping[str, Tensor]) -> list[str]:

@@ -20,6 +20,7 @@ from gid.frameworks import FRAMEWORKS, TORCHVISION_BUILDERS
 from gid.models.backbones import build_classifier, feature_stages
 from gid.models.checkpoint import atomic_save, load_model, load_torch_file, save_model
 from gid.models.detectors import build_anchor_generator, build_detector, num_classes_in, uses_frozen_batchnorm
+from gid.models.roi_align import with_torchvision_poolers
 from gid.models.state_dicts import differences, is_state_dict
 
 EXPORT_FORMATS = ("torchvision", "torchscript")
@@ -136,10 +137,14 @@ def export_model(model_file: Path, export_format: str, out: Path) -> str:
 
 
 def script(model: nn.Module) -> torch.jit.ScriptModule:
-    """The detector in eval mode as TorchScript: it runs without gid (or Python code of its own)."""
+    """The detector in eval mode as TorchScript: it runs without gid (or Python code of its own).
+
+    Its box pooler becomes torchvision's again (in place; the same values): the file then holds
+    torchvision's modules only.
+    """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
-        return torch.jit.script(model.eval())
+        return torch.jit.script(with_torchvision_poolers(model).eval())
 
 
 def save_torchscript(module: torch.jit.ScriptModule, file) -> None:
