@@ -29,10 +29,10 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import batched_nms, clip_boxes_to_image, nms, remove_small_boxes
 
 from gid.config import GismConfig
-from gid.distill import losses
 from gid.distill.gism import GeneralInstances, gi_scores, select_general_instances
 from gid.distill.pooling import pool_instances
 from gid.frameworks.view import AnchorLayout, DenseOutput
+from gid.models import roi_align
 
 BATCH = 8
 NUM_CLASSES = 4
@@ -180,8 +180,8 @@ def pooling_rows(repeats: int) -> list[tuple[str, str, float, float, float | Non
         for channels in (64, 128, 256):
             maps, boxes = pooling_case(image, channels, seed=image + channels)
             new = median_ms(lambda: pool_forward_backward(maps, boxes, image), repeats)
-            # torchvision's roi_align on every level, as on CUDA (the fallback of pooling._roi_align)
-            with mock.patch.object(losses, "_MATMUL_ROI_ALIGN_MAX_AREA", 0):
+            # torchvision's roi_align on every level, as on CUDA (the fallback of roi_align.fast_roi_align)
+            with mock.patch.object(roi_align, "_MATMUL_ROI_ALIGN_MAX_AREA", 0):
                 old = median_ms(lambda: pool_forward_backward(maps, boxes, image), repeats)
             rows.append((f"pooling fwd+bwd, {image} px, {channels} ch", "torchvision", old, new, None))
     return rows

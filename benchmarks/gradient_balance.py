@@ -2,7 +2,8 @@
 
 For GID run folders (``benchmarks/effect.py`` writes them under ``OUT/runs``) it rebuilds the run's
 Distiller twice: freshly initialised, as at the run's first step, and at the run's last epoch
-checkpoint. On a few training batches it takes the gradient of each loss term alone over the
+checkpoint, both at the weights the run trained with (with ``distill.balance.mode: gradient``, the
+ones it calibrated). On a few training batches it takes the gradient of each loss term alone over the
 student and adapter parameters and reports:
 
 * each term's gradient norm;
@@ -50,8 +51,11 @@ def last_checkpoint(run: Path) -> dict:
 
 
 def distiller(state: dict, config: Config, trained: bool) -> torch.nn.Module:
+    """The run's Distiller, fresh or trained, at the weights the run trained with (calibrated, if it did)."""
     torch.manual_seed(config.train.seed)
     trainable = build_trainable(config, state["num_classes"], torch.device("cpu"))
+    if "balance" in state:  # distill.balance.mode: gradient
+        trainable.term_scales.update(state["balance"]["scales"])
     if trained:
         student, adapter = student_and_adapter(trainable)
         student.load_state_dict(state["model"])

@@ -2,16 +2,17 @@
 
 Both strategies run as ordinary `gid sweep`s (``run_sweep``) over the default search space on the
 same GID base config; each experiment ends once its trials have trained ``--budget`` epochs in all
-(the sweep file's ``budget_epochs``). For every sweep seed it records the best validation AP of a
-trial that trained the full schedule, and the best-so-far curve over the epochs spent. A third
-strategy, ``tpe3+asha``, lets TPE's model take over after 3 random trials instead of Optuna's 10
-(``sampler.startup_trials``), which a small budget otherwise never reaches.
+(the sweep file's ``budget_epochs``). TPE + ASHA is the product's defaults: random start-up trials,
+a quarter of the sweep's ``trials`` (here as many as the budget can hold), and ASHA stopping trials
+only in the last third of their schedule. For every sweep seed it records the best validation AP of
+a trial that trained the full schedule, the best-so-far curve over the epochs spent, and when TPE's
+curve first reached random search's final best.
 
 The same sweeps give the trial overhead: seconds from a trial's start to its first training step,
 and the share of the sweep's slot time (wall time × concurrent trials) not spent in training steps.
 
     python benchmarks/search_efficiency.py --out runs/bench-search --teacher runs/bench-effect/runs/fcos_teacher_0/model.pt
-    python benchmarks/search_efficiency.py ... --strategies tpe3+asha   # one strategy; finished sweeps are kept
+    python benchmarks/search_efficiency.py ... --strategies random   # one strategy; finished sweeps are kept
 """
 
 from __future__ import annotations
@@ -28,10 +29,8 @@ import yaml
 from effect import FULL  # this folder is on sys.path when the script runs
 
 STRATEGIES = {
-    "tpe+asha": {"sampler": {"type": "tpe", "startup_trials": 10}, "scheduler": "asha"},  # as measured: Optuna's default
+    "tpe+asha": {"sampler": {"type": "tpe"}, "scheduler": "asha"},  # the product's defaults, start-up and grace `auto`
     "random": {"sampler": {"type": "random"}, "scheduler": "none"},
-    # TPE past its random start-up within a small budget: Optuna's default start-up is 10 trials
-    "tpe3+asha": {"sampler": {"type": "tpe", "startup_trials": 3}, "scheduler": "asha"},
 }
 # Where a trial's time from its start to its first training step goes: Tune and Ray Train starting the
 # worker (controller, placement group, worker process), the data sets, the models (teacher load included),
@@ -41,7 +40,7 @@ STARTUP_PARTS = ("to_worker", "data", "models", "rest")
 # their per-epoch evaluation and checkpoints, their start-up (trial start -> first step), and the rest
 # (Tune between trials, shutting runs down, a slot left idle at the end).
 SLOT_PARTS = ("training", "evaluation", "checkpoints", "start-up", "rest")
-COLOURS = {"tpe+asha": "#c44e52", "random": "#4c72b0", "tpe3+asha": "#55a868"}
+COLOURS = {"tpe+asha": "#c44e52", "random": "#4c72b0"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -90,16 +89,17 @@ def write_base(args: argparse.Namespace, data_root: Path) -> Path:
 
 
 def run_strategy(args: argparse.Namespace, base: Path, strategy: str, seed: int) -> dict:
-    from search.config import SweepConfig
+    from search.config import Scheduler, SweepConfig
     from search.report import trial_rows
     from search.sweep import run_sweep
 
     choice = STRATEGIES[strategy]
     name = f"{strategy.replace('+', '-')}-seed{seed}"
+    shortest = Scheduler().grace_period_for(args.epochs) if choice["scheduler"] == "asha" else args.epochs
     sweep = SweepConfig.model_validate({
         "name": name,
         "frameworks": {args.framework: {"config": str(base), "baseline": args.baseline}},
-        "trials": args.budget,  # an upper bound: the epoch budget ends the experiment first
+        "trials": args.budget // shortest,  # as many as the budget holds: the epoch budget ends the experiment
         "budget_epochs": args.budget,
         "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": args.concurrent},
         "scheduler": {"type": choice["scheduler"]},  # ASHA's grace period: the sweep's default
@@ -193,6 +193,7 @@ def render(runs: dict[str, dict], args: argparse.Namespace, argv: list[str]) -> 
         lines.append(
             f"| {strategy} | {statistics.mean(best):.1f}{spread} | {startup:.1f} | {100 * outside:.0f}% | {memory:.0f} |"
         )
+    lines += reaching_random(runs)
     measured = [r for r in runs.values() if "startup_parts_s" in r]  # results of earlier code lack the parts
     if measured:
         lines += ["", "| trial start → first step, median s | " + " | ".join(STARTUP_PARTS) + " |",
@@ -205,6 +206,22 @@ def render(runs: dict[str, dict], args: argparse.Namespace, argv: list[str]) -> 
         means = [statistics.mean(r["slot_shares"][part] for r in shared) for part in SLOT_PARTS]
         lines.append("| all strategies | " + " | ".join(f"{100 * m:.0f}%" for m in means) + " |")
     return "\n".join(lines) + "\n"
+
+
+def reaching_random(runs: dict[str, dict]) -> list[str]:
+    """Trial-epochs each TPE sweep spent until its best full trial reached random search's mean final best."""
+    random = [r["best_ap"] for key, r in runs.items() if key.startswith("random/")]
+    tpe = {key: r for key, r in sorted(runs.items()) if key.startswith("tpe+asha/")}
+    if not random or not tpe:
+        return []
+    target = statistics.mean(random)
+    lines = ["", f"Trial-epochs until TPE + ASHA's best full trial reached random search's mean final best "
+             f"({100 * target:.1f} val AP), of the budget:", "", "| TPE + ASHA seed | trial-epochs |", "|---:|---:|"]
+    for key, r in tpe.items():
+        reached = next((spent for spent, best in r["curve"] if best >= target), None)
+        when = f"{reached} of {r['epochs']}" if reached is not None else f"not reached in {r['epochs']}"
+        lines.append(f"| {key.split('/')[1]} | {when} |")
+    return lines
 
 
 def plot(runs: dict[str, dict], path: Path) -> None:

@@ -21,18 +21,18 @@ from torchvision.ops.poolers import _filter_input, _setup_scales  # the pooler's
 
 class MatmulMultiScaleRoIAlign(MultiScaleRoIAlign):
     """``MultiScaleRoIAlign`` with the same levels, scales and legacy (unaligned) sampling, each level
-    pooled by :func:`fast_roi_align` where a backward will follow.
+    pooled by :func:`fast_roi_align` where a backward on the CPU will follow.
 
     Without gradients (evaluation, a teacher) it is torchvision's pooler: a model then predicts
-    exactly what its TorchScript export does. So is a pooler that does not sample 2 x 2 per bin.
+    exactly what its TorchScript export does. So it is on a GPU, and where it does not sample 2 x 2 per bin.
     """
 
     def forward(
         self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]
     ) -> Tensor:
         maps = _filter_input(x, self.featmap_names)
-        backward = torch.is_grad_enabled() and any(level.requires_grad for level in maps)
-        if not backward or self.sampling_ratio != 2 or len(set(self.output_size)) != 1:
+        backward_on_cpu = torch.is_grad_enabled() and any(level.requires_grad and level.is_cpu for level in maps)
+        if not backward_on_cpu or self.sampling_ratio != 2 or len(set(self.output_size)) != 1:
             return super().forward(x, boxes, image_shapes)
         if self.scales is None or self.map_levels is None:  # set up as torchvision's first forward does
             self.scales, self.map_levels = _setup_scales(maps, image_shapes, self.canonical_scale, self.canonical_level)
