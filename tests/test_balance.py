@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from gid.cli import main
-from gid.config import BalanceConfig
+from gid.config import BalanceConfig, DistillConfig
 from gid.engine.loop import gradient_balance
 from gid.engine.trainer import build_trainer
 from gid.models import build_detector, save_model
@@ -132,3 +132,34 @@ def test_workers_share_the_calibrated_weights_and_a_resumed_run_keeps_them(ray_l
     weights = {k.removeprefix("balance_weight_"): v for k, v in first[0].items() if k.startswith("balance_weight_")}
     assert all(f"{name} {value:.3g}" in printed for name, value in weights.items())
     assert "cost 8 extra backward passes" in printed  # 2 steps x 4 gradients, once: no second calibration
+
+
+def test_a_term_without_gradient_is_measured_until_it_has_some_against_the_detector_on_the_same_steps():
+    """Known norms: the detector's is 3 per step, then 1; the feature term has none on its first two steps,
+    the relation has some only on every other step, the response never has any."""
+    weight = torch.nn.Parameter(torch.ones(3))
+    detector_norms = [3.0, 3.0, 1.0, 1.0, 1.0, 1.0]
+
+    def losses(step: int) -> dict[str, torch.Tensor]:
+        zero = weight.sum() * 0.0  # attached, no gradient: what a term gives on a step without GIs
+        return {
+            "loss_gt_cls": detector_norms[step] * weight[0],
+            "loss_feature": 4.0 * weight[1] if step >= 2 else zero,
+            "loss_relation": 2.0 * weight[2] if step % 2 == 0 else zero,
+            "loss_response_cls": zero, "loss_response_reg": zero,
+        }
+
+    config = BalanceConfig(mode="gradient", calibration_steps=2, ratios=RATIOS)
+    scales = {term: 1.0 for term in RATIOS}
+    balance = GradientBalance(config, DistillConfig(teacher="t.pt"), scales)
+    for step in range(5):
+        balance.measure(losses(step), [weight])
+        assert balance.measuring  # the response never had gradient, so it is still measured
+    # relation: gradient on steps 0, 2 (detector 3, 1) and 4; set after its second one, against those steps
+    assert scales["relation"] == pytest.approx(RATIOS["relation"] * (3.0 + 1.0) / (2.0 + 2.0))
+    # feature: its steps 2 and 3, not the detector's earlier, larger gradient
+    assert scales["feature"] == pytest.approx(RATIOS["feature"] * 1.0 / 4.0)
+    assert balance.extra_backward_passes == 5 + 3 + 4 + 5  # the detector every step, each term until set
+    assert balance.end_epoch() and not balance.measuring and balance.calibrations == 1
+    assert scales["response"] == 1.0 and balance.norms["response"] == 0.0  # no gradient all epoch: kept
+    assert "configured weight kept: response;" in describe(balance.metrics())

@@ -7,6 +7,11 @@ over the trainable parameters (student and adapter) of the detector's loss and o
 its configured weight, then scales each term so that its gradient is ``ratios.<term>`` times the
 detector's. One scale per term: the response's cls/reg (and Faster R-CNN's second-stage) proportions
 stay as configured. The calibration steps themselves train with the configured weights.
+
+A term has no gradient on a step without general instances (a high ``gism.min_score`` early in
+training, a relation over fewer than two GIs). Its norm is averaged over the steps on which it had
+gradient, against the detector's norm on those same steps, and it is measured until it had gradient on
+``calibration_steps`` steps or the epoch ends; one that never had any keeps its configured weight.
 """
 
 from __future__ import annotations
@@ -55,9 +60,11 @@ def _gradient_norm(loss: Tensor, params: list[nn.Parameter]) -> Tensor:
 class GradientBalance:
     """Calibrates a Distiller's ``term_scales`` in place from the gradients of the first training steps.
 
-    The loop calls :meth:`measure` with each step's losses while :attr:`measuring`; after
-    ``calibration_steps`` calls the scales are set, the same on every DDP worker (the measured norms are
-    averaged over workers), and kept for the rest of training unless ``recalibrate: epoch``.
+    The loop calls :meth:`measure` with each step's losses while :attr:`measuring`. After
+    ``calibration_steps`` calls each term that had gradient on that many steps gets its scale; the
+    others are measured on the following steps until they have, or until :meth:`end_epoch`. Every DDP
+    worker takes the same decisions with the same scales: they are made on sums all-reduced over workers.
+    The scales are kept for the rest of training unless ``recalibrate: epoch``.
     """
 
     def __init__(self, config: BalanceConfig, distill: DistillConfig, scales: dict[str, float]):
@@ -65,57 +72,76 @@ class GradientBalance:
         self.terms = enabled_terms(distill)
         self.measuring = True
         self.calibrations = 0  # how many times the weights were set (1 unless recalibrate: epoch)
-        self.norms: dict[str, float] = {}  # the last calibration's mean norms, terms per unit scale
         self.extra_backward_passes, self.seconds = 0, 0.0  # what calibration cost, in all
-        self._sums: dict[str, Tensor] = {}
+        self._restart()
+
+    def _restart(self) -> None:
+        self._pending = list(self.terms)  # terms still without a calibrated scale
         self._steps = 0
+        # per group, summed over this calibration's steps: [detector norm, group norm, steps with gradient];
+        # a term's sums count only the steps on which it had gradient, the detector's count every step
+        self._sums: dict[str, Tensor] = {}
+        self.norms: dict[str, float] = {}  # mean norms over those steps, terms per unit scale
 
     def start_epoch(self) -> None:
         if self.config.recalibrate == "epoch" and not self.measuring:
             self.measuring = True
+            self._restart()
 
     def end_epoch(self) -> bool:
-        """Calibrate on the steps measured so far if an epoch was shorter than ``calibration_steps``.
+        """Set the scales of the terms still measured at an epoch's end, on the steps they had.
 
-        Every DDP worker trains the same number of steps per epoch, so all of them calibrate here
-        together. Returns whether it calibrated.
+        An epoch shorter than ``calibration_steps`` calibrates here; a term that had no gradient in the
+        whole epoch keeps its configured weight. Every DDP worker trains the same number of steps per
+        epoch, so all of them get here together. Returns whether it calibrated.
         """
         if not (self.measuring and self._steps):
             return False
-        self._calibrate()
+        self._calibrate(final=True)
         return True
 
     def measure(self, losses: dict[str, Tensor], params: list[nn.Parameter]) -> None:
-        """Add one step's gradient norms (one extra backward pass per group); calibrate after the last."""
+        """Add one step's gradient norms (one extra backward pass per group measured); calibrate when due."""
         started = time.perf_counter()
-        groups = {DETECTOR: [v for k, v in losses.items() if k.startswith("loss_gt_")]}
-        groups |= {term: [losses[k] for k in TERM_LOSSES[term] if k in losses] for term in self.terms}
-        for name, parts in groups.items():
-            if not parts:
-                continue
-            norm = _gradient_norm(sum(parts), params)
-            per_unit = norm if name == DETECTOR else norm / self.scales[name]  # as if at the configured weight
-            self._sums[name] = self._sums.get(name, 0) + per_unit
-            self.extra_backward_passes += 1
+        detector = _gradient_norm(sum(v for k, v in losses.items() if k.startswith("loss_gt_")), params)
+        self._add(DETECTOR, detector, detector)
+        self.extra_backward_passes += 1
+        for term in self._pending:
+            parts = [losses[k] for k in TERM_LOSSES[term] if k in losses]
+            if parts:
+                norm = _gradient_norm(sum(parts), params) / self.scales[term]  # as if at the configured weight
+                self.extra_backward_passes += 1
+            self._add(term, detector, norm if parts else detector.new_zeros(()))
         self._steps += 1
-        if self._steps == self.config.calibration_steps:
-            self._calibrate()
+        if self._steps >= self.config.calibration_steps:
+            self._calibrate(final=False)
         self.seconds += time.perf_counter() - started
 
-    def _calibrate(self) -> None:
-        names = [DETECTOR, *self.terms]
-        zero = self._sums[DETECTOR].new_zeros(())
-        means = torch.stack([self._sums.get(name, zero) for name in names]) / self._steps
-        if dist.is_available() and dist.is_initialized():  # every worker trains with the same weights
-            dist.all_reduce(means)
-            means /= dist.get_world_size()
-        self.norms = dict(zip(names, means.tolist()))
-        for term in self.terms:
-            if self.norms[term] > 0:  # a term without gradient (no GI in any step) keeps its weight
-                self.scales[term] = getattr(self.config.ratios, term) * self.norms[DETECTOR] / self.norms[term]
-        self._sums, self._steps = {}, 0
-        self.measuring = False
-        self.calibrations += 1
+    def _add(self, name: str, detector: Tensor, norm: Tensor) -> None:
+        had_gradient = (norm > 0).to(norm.dtype)
+        step = torch.stack([detector * had_gradient, norm, had_gradient])
+        self._sums[name] = self._sums[name] + step if name in self._sums else step
+
+    def _calibrate(self, final: bool) -> None:
+        names = [DETECTOR, *self._pending]
+        sums = torch.stack([self._sums[name] for name in names])
+        if dist.is_available() and dist.is_initialized():  # every worker decides on the same sums
+            dist.all_reduce(sums)
+            sums /= dist.get_world_size()
+        for name, (detector, norm, steps) in zip(names, sums.tolist()):
+            if name == DETECTOR:
+                self.norms[DETECTOR] = norm / max(steps, 1)
+            elif steps >= self.config.calibration_steps or (final and steps > 0):
+                # the term against the detector on the same steps
+                self.scales[name] = getattr(self.config.ratios, name) * detector / norm
+                self.norms[name] = norm / steps
+                self._pending.remove(name)
+            elif final:  # no gradient in the whole epoch: the configured weight stays
+                self.norms[name] = 0.0
+                self._pending.remove(name)
+        if not self._pending:
+            self.measuring = False
+            self.calibrations += 1
 
     def metrics(self) -> dict[str, float]:
         """What the run reports (and MLflow keeps): the weights trained with, the norms, the cost."""
@@ -150,7 +176,9 @@ def describe(metrics: dict[str, Any]) -> str | None:
         return None
     weights = ", ".join(f"{k.removeprefix('balance_weight_')} {v:.3g}" for k, v in metrics.items() if k.startswith("balance_weight_"))
     norms = ", ".join(f"{k.removeprefix('balance_norm_')} {v:.3g}" for k, v in metrics.items() if k.startswith("balance_norm_"))
+    kept = [k.removeprefix("balance_norm_") for k, v in metrics.items() if k.startswith("balance_norm_") and v == 0]
     return (
         f"calibrated GID weights: {weights} (gradient norms at the configured weights: {norms}; "
-        f"cost {int(metrics['balance_extra_backward_passes'])} extra backward passes, {metrics['balance_seconds']:.1f} s)"
+        + (f"no gradient while measured, so configured weight kept: {', '.join(kept)}; " if kept else "")
+        + f"cost {int(metrics['balance_extra_backward_passes'])} extra backward passes, {metrics['balance_seconds']:.1f} s)"
     )
