@@ -162,4 +162,4 @@ def test_a_term_without_gradient_is_measured_until_it_has_some_against_the_detec
     assert balance.extra_backward_passes == 5 + 3 + 4 + 5  # the detector every step, each term until set
     assert balance.end_epoch() and not balance.measuring and balance.calibrations == 1
     assert scales["response"] == 1.0 and balance.norms["response"] == 0.0  # no gradient all epoch: kept
-    assert "configured weight kept: response;" in describe(balance.metrics())
+    assert "weight unchanged: response;" in describe(balance.metrics())

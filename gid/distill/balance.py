@@ -92,7 +92,7 @@ class GradientBalance:
         """Set the scales of the terms still measured at an epoch's end, on the steps they had.
 
         An epoch shorter than ``calibration_steps`` calibrates here; a term that had no gradient in the
-        whole epoch keeps its configured weight. Every DDP worker trains the same number of steps per
+        whole epoch keeps its weight. Every DDP worker trains the same number of steps per
         epoch, so all of them get here together. Returns whether it calibrated.
         """
         if not (self.measuring and self._steps):
@@ -136,7 +136,7 @@ class GradientBalance:
                 self.scales[name] = getattr(self.config.ratios, name) * detector / norm
                 self.norms[name] = norm / steps
                 self._pending.remove(name)
-            elif final:  # no gradient in the whole epoch: the configured weight stays
+            elif final:  # no gradient in the whole epoch: its weight stays (the configured one, at first)
                 self.norms[name] = 0.0
                 self._pending.remove(name)
         if not self._pending:
@@ -179,6 +179,6 @@ def describe(metrics: dict[str, Any]) -> str | None:
     kept = [k.removeprefix("balance_norm_") for k, v in metrics.items() if k.startswith("balance_norm_") and v == 0]
     return (
         f"calibrated GID weights: {weights} (gradient norms at the configured weights: {norms}; "
-        + (f"no gradient while measured, so configured weight kept: {', '.join(kept)}; " if kept else "")
+        + (f"no gradient while measured, so weight unchanged: {', '.join(kept)}; " if kept else "")
         + f"cost {int(metrics['balance_extra_backward_passes'])} extra backward passes, {metrics['balance_seconds']:.1f} s)"
     )
