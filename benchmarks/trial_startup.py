@@ -12,6 +12,9 @@ returns at once. Each start is split into
 
     python benchmarks/trial_startup.py                # plain runs, as `gid train` starts them
     python benchmarks/trial_startup.py --in-tune      # each run inside a Tune trial, as a sweep starts them
+    python benchmarks/trial_startup.py --tune-only    # a Tune trial that imports gid itself, no Train run: Tune's share
+
+With ``--tune-only`` "to function" runs from ``Tuner.fit()`` to the trial function's first line.
 
 Ray must not be running anything else (one Ray instance on this machine at a time).
 """
@@ -68,10 +71,19 @@ def in_tune_trial(config: dict) -> None:
     tune.report({f"part/{k}": v for k, v in times.items()})
 
 
+def tune_only_trial(config: dict) -> None:
+    entered = time.time()
+    import gid.engine.loop  # noqa: F401
+
+    tune.report({"entered": entered, "imported": time.time()})
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--in-tune", action="store_true", help="start each run inside a Tune trial, as sweeps do")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--in-tune", action="store_true", help="start each run inside a Tune trial, as sweeps do")
+    mode.add_argument("--tune-only", action="store_true", help="a Tune trial without a Train run, for comparison")
     args = p.parse_args(argv)
     sys.path.insert(0, str(REPO))
     from gid.engine.trainer import ensure_ray
@@ -89,6 +101,16 @@ def main(argv: list[str] | None = None) -> None:
             (result,) = tuner.fit()
             times = {k.removeprefix("part/"): v for k, v in result.metrics.items() if k.startswith("part/")}
             times["tune total"] = time.time() - started
+        elif args.tune_only:
+            tuner = tune.Tuner(
+                tune.with_resources(tune_only_trial, {"CPU": 1}),
+                run_config=tune.RunConfig(name=f"startup{repeat}", storage_path=storage, verbose=0),
+            )
+            started = time.time()
+            (result,) = tuner.fit()
+            m = result.metrics
+            times = {"to function": m["entered"] - started, "imports": m["imported"] - m["entered"],
+                     "tune total": time.time() - started}
         else:
             times = run_once(storage, f"startup{repeat}", report_to_tune=False)
         rows.append(times)
