@@ -78,6 +78,17 @@ def tune_only_trial(config: dict) -> None:
     tune.report({"entered": entered, "imported": time.time()})
 
 
+def one_trial(function, resources: dict, name: str, storage: str) -> tuple[dict, float]:
+    """Run ``function`` as the only trial of a Tune experiment: its last metrics, and when ``fit()`` was called."""
+    tuner = tune.Tuner(
+        tune.with_resources(function, resources), param_space={"storage": storage},
+        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0),
+    )
+    started = time.time()
+    (result,) = tuner.fit()
+    return result.metrics, started
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=5)
@@ -93,22 +104,11 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for repeat in range(args.repeats):
         if args.in_tune:
-            tuner = tune.Tuner(
-                tune.with_resources(in_tune_trial, {"CPU": 0.01}), param_space={"storage": storage},
-                run_config=tune.RunConfig(name=f"startup{repeat}", storage_path=storage, verbose=0),
-            )
-            started = time.time()
-            (result,) = tuner.fit()
-            times = {k.removeprefix("part/"): v for k, v in result.metrics.items() if k.startswith("part/")}
+            metrics, started = one_trial(in_tune_trial, {"CPU": 0.01}, f"startup{repeat}", storage)
+            times = {k.removeprefix("part/"): v for k, v in metrics.items() if k.startswith("part/")}
             times["tune total"] = time.time() - started
         elif args.tune_only:
-            tuner = tune.Tuner(
-                tune.with_resources(tune_only_trial, {"CPU": 1}),
-                run_config=tune.RunConfig(name=f"startup{repeat}", storage_path=storage, verbose=0),
-            )
-            started = time.time()
-            (result,) = tuner.fit()
-            m = result.metrics
+            m, started = one_trial(tune_only_trial, {"CPU": 1}, f"startup{repeat}", storage)
             times = {"to function": m["entered"] - started, "imports": m["imported"] - m["entered"],
                      "tune total": time.time() - started}
         else:
