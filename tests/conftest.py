@@ -14,7 +14,7 @@ torch.set_num_threads(1)
 
 
 # Tests on a real Ray instance or MLflow server (seconds to minutes each); `pytest -m "not integration"`
-# runs the rest in about two minutes, CI runs everything.
+# runs the rest in a few minutes (README: the measured time), CI runs everything.
 INTEGRATION_FIXTURES = {"ray_local", "mlflow_server", "two_nodes", "mlflow_on_head"}
 
 
@@ -64,7 +64,6 @@ def make_tiny_config(synth_root: Path, tmp_path: Path, framework: str, **section
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
     return validate(data)
-
 
 
 @pytest.fixture(scope="session")
