@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -81,11 +83,13 @@ class Browser:
     """Headless Chromium driven over its DevTools protocol (aiohttp, which Ray brings, speaks its websocket)."""
 
     def __init__(self, executable: str, port: int) -> None:
-        self.profile = tempfile.TemporaryDirectory()  # a fresh profile: no state from an earlier run
+        # a fresh profile: no state from an earlier run; a file a dying helper wrote last does not fail the shots
+        self.profile = tempfile.TemporaryDirectory(ignore_cleanup_errors=True)
         self.process = subprocess.Popen(
             [executable, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={self.profile.name}",
              f"--remote-debugging-port={port}", "--remote-allow-origins=*", f"--window-size={SIZE[0]},{SIZE[1]}", "about:blank"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: close() ends its helper processes too
         )
         self.port, self._id = port, 0
 
@@ -131,7 +135,10 @@ class Browser:
     def close(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=30)
-        self.profile.cleanup()  # Chromium has exited: nothing writes to the profile any more
+        # Its helper processes can outlive the main one for a moment, still writing to the profile.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.profile.cleanup()
 
 
 def pages(client: MlflowClient, experiment: str, sweep: str | None) -> tuple[str, str, dict[str, str]]:

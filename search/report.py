@@ -15,7 +15,6 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from optuna.visualization import matplotlib as optuna_plots
-from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
 from gid.distill.teacher import teacher_check, teacher_val_ap
 from gid.engine.loop import PICTURES_DIR
@@ -24,7 +23,7 @@ from search.config import SweepConfig
 from search.finalize import final_markdown
 from search.space import describe_values
 from search.tracking import error_reason
-from search.trial import FAILED, FINISHED, PRUNED, trial_status
+from search.trial import FAILED, FINISHED, PRUNED, checkpoint_path, trial_status
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ class TrialRow:
     value: float | None  # the objective at the trial's last epoch
     params: dict
     error: str = ""
-    checkpoint: str | None = None  # the trial's last Train checkpoint (a distillation's holds its GI pictures)
+    checkpoint: str | None = None  # the trial's last checkpoint (a distillation's holds its GI pictures)
 
 
 def trial_rows(outcome: FrameworkOutcome, metric: str) -> list[TrialRow]:
@@ -55,7 +54,7 @@ def trial_rows(outcome: FrameworkOutcome, metric: str) -> list[TrialRow]:
         rows.append(
             TrialRow(
                 outcome.framework, metrics.get("trial_id", Path(result.path).name), status, epochs,
-                metrics.get(metric), dict(result.config or {}), error, metrics.get(CHECKPOINT_PATH_KEY),
+                metrics.get(metric), dict(result.config or {}), error, checkpoint_path(metrics, result.checkpoint),
             )
         )
     return rows

@@ -45,7 +45,7 @@ from search.tracking import (
     runs_link,
     sync_results,
 )
-from search.trial import BASELINE, FINAL, run_trial, trial_config
+from search.trial import BASELINE, FINAL, run_trial, trains_in_trial, trial_config, trial_dirname
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def sweep_base(sweep: SweepConfig, written: Config) -> Config:
 class SweepPaths:
     """Where a sweep keeps things: ``root`` may be a bucket URI on clusters, ``local`` is on this machine."""
 
-    root: str  # <storage_path>/<name>: Tune experiments and the trials' Train runs
+    root: str  # <storage_path>/<name>: Tune experiments (with the checkpoints of one-worker trials), Train runs
     local: Path  # the report and the default Optuna database
 
     @classmethod
@@ -224,16 +224,35 @@ def train_baseline(base: Config, trials: TrialLogger) -> Path:
     return model_file
 
 
-# A trial function only drives its TorchTrainer, whose workers ask for the real resources. Tune
-# refuses an empty request, so it asks for a token of memory: a token share of a CPU would leave the
-# workers of the last concurrent trial short of a whole CPU, and they would wait for another trial's.
+# A trial function that only drives its TorchTrainer leaves the real resources to the Train workers.
+# Tune refuses an empty request, so it asks for a token of memory: a token share of a CPU would leave
+# the workers of the last concurrent trial short of a whole CPU, and they would wait for another trial's.
 TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 2**20}
+
+
+def trial_resources(base: Config) -> dict[str, float]:
+    """What a trial asks Tune for: its one worker's resources when it trains in its own process."""
+    if not trains_in_trial(base):
+        return TRIAL_DRIVER_RESOURCES
+    scaling = base.scaling
+    return {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
 
 
 def trial_trainable(base: Config, trials_path: str):
     return tune.with_resources(
-        tune.with_parameters(run_trial, base=base.to_dict(), trials_path=trials_path), TRIAL_DRIVER_RESOURCES
+        tune.with_parameters(run_trial, base=base.to_dict(), trials_path=trials_path), trial_resources(base)
     )
+
+
+def trial_run_config(base: Config) -> dict[str, Any]:
+    """RunConfig options for the trials' checkpoints and failures: Tune's for trials that train in their own
+    process, Ray Train's (``run.*`` in each Train run) for the others."""
+    if not trains_in_trial(base):
+        return {"failure_config": tune.FailureConfig(max_failures=0)}
+    return {
+        "failure_config": tune.FailureConfig(max_failures=base.run.max_failures),
+        "checkpoint_config": tune.CheckpointConfig(num_to_keep=base.run.checkpoints_to_keep),
+    }
 
 
 def restored_tuner(experiment_path: str, trainable, resume: bool) -> tune.Tuner | None:
@@ -281,8 +300,9 @@ def run_framework(
                 search_alg=build_searcher(sweep, space, framework, storage),
                 scheduler=build_scheduler(sweep, base.train.epochs),
                 num_samples=sweep.trials,
-                # Tune cannot see the Train workers' resources: bound concurrency here.
+                # Tune cannot see what the Train runs of multi-worker trials ask for: bound concurrency here.
                 max_concurrent_trials=sweep.resources.max_concurrent_trials,
+                trial_dirname_creator=trial_dirname,
             ),
             run_config=tune.RunConfig(
                 name=name,
@@ -294,8 +314,8 @@ def run_framework(
                     ),
                     TrialEpochLines(framework, base.train.epochs),
                 ],
-                failure_config=tune.FailureConfig(max_failures=0),
                 stop=budget,
+                **trial_run_config(base),
                 **tune_output(sweep),
             ),
         )
@@ -339,6 +359,7 @@ def run_finalize(
         param_space={FINAL: tune.grid_search(final_points(chosen, seeds))},
         tune_config=tune.TuneConfig(
             metric=objective.metric, mode=objective.mode, max_concurrent_trials=sweep.resources.max_concurrent_trials,
+            trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(
             name=name,
@@ -350,7 +371,7 @@ def run_finalize(
                 ),
                 TrialEpochLines(f"{outcome.framework} {FINAL}", base.train.epochs),
             ],
-            failure_config=tune.FailureConfig(max_failures=0),
+            **trial_run_config(base),
             **tune_output(sweep),
         ),
     )

@@ -23,7 +23,6 @@ import yaml
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
-from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from ray.tune import Callback, ResultGrid
 from ray.tune.experiment import Trial
 
@@ -32,7 +31,7 @@ from gid.engine.loop import PICTURES_DIR
 from gid.errors import GidError, first_line
 from search.names import quoted
 from search.space import relevant, with_values
-from search.trial import BASELINE, FINAL, FINISHED, LOST, trial_config, trial_params, trial_status
+from search.trial import BASELINE, FINAL, FINISHED, LOST, checkpoint_path, trial_config, trial_params, trial_status
 
 logger = logging.getLogger(__name__)
 
@@ -232,14 +231,15 @@ class TrialLogger:
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         self._last_step[trial_id] = epoch
 
-    def finish(self, trial_id: str, trial: dict[str, Any], last_result: dict[str, Any], error: str | None) -> None:
+    def finish(
+        self, trial_id: str, trial: dict[str, Any], last_result: dict[str, Any], checkpoint: str | None, error: str | None
+    ) -> None:
         """Tag the trial's status (finished, pruned or failed, with its reason) and close its run."""
         run_id = self.run_for(trial_id, trial)
         status = trial_status(error is not None, int(last_result.get("epoch", 0)), self.epochs)
         tags = [RunTag(STATUS_TAG, status)] + ([RunTag(ERROR_TAG, error[:5000])] if error is not None else [])
         self.client.log_batch(run_id, tags=tags)
         # The last checkpoint of a distillation holds its GI pictures (local or mounted storage).
-        checkpoint = last_result.get(CHECKPOINT_PATH_KEY)
         if checkpoint and (Path(checkpoint) / PICTURES_DIR).is_dir():
             self.client.log_artifacts(run_id, str(Path(checkpoint) / PICTURES_DIR), PICTURES_DIR)
         self.client.set_terminated(run_id, status="FAILED" if error is not None else "FINISHED")
@@ -313,11 +313,14 @@ class MlflowTrialCallback(Callback):
         self._writes.put(("log_result", (trial.trial_id, dict(trial.config), dict(result))))
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        self._writes.put(("finish", (trial.trial_id, dict(trial.config), dict(trial.last_result or {}), None)))
+        self._finish(trial, None)
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self._finish(trial, trial_error(trial))
+
+    def _finish(self, trial: Trial, error: str | None) -> None:
         last = dict(trial.last_result or {})
-        self._writes.put(("finish", (trial.trial_id, dict(trial.config), last, trial_error(trial))))
+        self._writes.put(("finish", (trial.trial_id, dict(trial.config), last, checkpoint_path(last, trial.checkpoint), error)))
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         self._writes.put(None)
@@ -334,7 +337,7 @@ def sync_results(trials: TrialLogger, results: ResultGrid) -> None:
         for row in rows:
             trials.log_result(trial_id, result.config or {}, row)
         error = None if result.error is None else error_reason(str(result.error))
-        trials.finish(trial_id, result.config or {}, last, error)
+        trials.finish(trial_id, result.config or {}, last, checkpoint_path(last, result.checkpoint), error)
     trials.close_lost()
 
 

@@ -390,7 +390,7 @@ def test_a_sweep_runs_on_a_two_node_cluster_with_trials_spanning_both_nodes(two_
     # Results and checkpoints are in the shared storage path.
     experiment_dir = shared / "two-nodes" / "two-nodes-retinanet"
     assert list(experiment_dir.glob("experiment_state-*.json")) and (experiment_dir / "tuner.pkl").is_file()
-    assert len(list(experiment_dir.glob("run_trial_*/result.json"))) == 2
+    assert sorted(path.parent.name for path in experiment_dir.glob("*/result.json")) == sorted(r.data.tags[TRIAL_TAG] for r in trials)
     for run in trials:
         train_run = shared / "two-nodes" / "trials" / "retinanet" / run.data.tags[TRIAL_TAG]
         checkpoints = [path for path in train_run.glob("checkpoint_*") if path.is_dir()]

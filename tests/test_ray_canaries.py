@@ -16,7 +16,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 
 def test_tune_refuses_a_zero_cpu_trial_so_trials_ask_for_a_token_of_memory():
-    # search/sweep.py: TRIAL_DRIVER_RESOURCES (the trial function's Train workers hold the CPUs).
+    # search/sweep.py: TRIAL_DRIVER_RESOURCES (a multi-worker trial's Train workers hold the CPUs).
     with pytest.raises(ValueError, match="empty head"):
         tune.with_resources(lambda config: None, {"CPU": 0})
 

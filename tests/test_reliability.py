@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 from ray.util.state import list_actors
 
@@ -17,6 +18,7 @@ from gid.engine.trainer import build_trainer
 from gid.errors import GidError
 from gid.models.checkpoint import atomic_save
 from search.config import load_sweep
+from search.leftovers import TUNE_TRIAL
 from search.sweep import run_sweep
 from search.tracking import STATUS_TAG, connect, parent_run, redact
 from support import EpochLog, free_port, start_mlflow_server, write_base_configs, write_sweep
@@ -42,6 +44,43 @@ def test_a_killed_worker_restarts_from_its_last_checkpoint(ray_local, tiny_confi
     assert result.metrics["epoch"] == 3 and epochs[-1] == 3
     assert epochs.count(1) == 1  # the restart resumed after epoch 1 instead of starting over
     assert sorted(set(epochs)) == [1, 2, 3]
+
+
+def test_a_killed_one_worker_trial_restarts_from_its_last_checkpoint(ray_local, synth_root, tmp_path):
+    # A one-worker trial trains in its Tune trial's process: Tune restores it, Ray Train is not involved.
+    write_base_configs(synth_root, tmp_path, ["retinanet"], epochs=3)
+    base = tmp_path / "retinanet_gid.yaml"
+    base.write_text(yaml.safe_dump({**yaml.safe_load(base.read_text()), "run": {"max_failures": 1}}))
+    path = write_sweep(
+        tmp_path, "restart", f"sqlite:///{tmp_path / 'mlflow.db'}", frameworks=["retinanet"], trials=1,
+        scheduler={"type": "none"}, resources={"max_concurrent_trials": 1},
+    )
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    def trial_runs() -> list:
+        experiment = client.get_experiment_by_name("gid-test")
+        return client.search_runs([experiment.experiment_id], "tags.`gid.role` = 'trial'") if experiment else []
+
+    def kill_the_trial_once_its_first_epoch_is_logged():
+        # logged: Tune has the epoch's result and checkpoint, so the restart can resume after it
+        deadline = time.time() + 240
+        while not any("epoch" in run.data.metrics for run in trial_runs()):
+            assert time.time() < deadline
+            time.sleep(0.5)
+        (trial,) = list_actors(filters=[("class_name", "=", TUNE_TRIAL), ("state", "=", "ALIVE")])
+        os.kill(trial.pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_the_trial_once_its_first_epoch_is_logged)
+    killer.start()
+    (framework,) = run_sweep(load_sweep(path)).frameworks
+    killer.join()
+    (result,) = framework.results
+    assert result.error is None and result.metrics["epoch"] == 3
+    assert result.metrics["iterations_since_restore"] < 3  # restored, then trained what was left
+    (run,) = trial_runs()
+    assert run.data.tags[STATUS_TAG] == "finished"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch")] == [1, 2, 3]  # none trained twice
 
 
 def sweep_file(synth_root: Path, root: Path, tracking_uri: str, **extra) -> Path:

@@ -23,6 +23,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 
 from gid.config import load_config
 from gid.distill.teacher import cached_val_ap
+from gid.engine.loop import CHECKPOINT_FILE
 from gid.engine.trainer import run_training
 from gid.errors import GidError
 from gid.models import read_checkpoint
@@ -30,8 +31,8 @@ from search.config import load_sweep
 from search.export import export_best
 from search.leftovers import Leftovers
 from search.report import best_row, reference_aps, trial_rows, trials_figure
-from search.sweep import TRIAL_DRIVER_RESOURCES, build_scheduler, build_searcher, run_sweep
-from search.trial import FINAL, run_trial
+from search.sweep import TRIAL_DRIVER_RESOURCES, build_scheduler, build_searcher, run_sweep, trial_trainable
+from search.trial import FINAL
 from search.tracking import (
     CANDIDATE_TAG,
     ERROR_TAG,
@@ -251,13 +252,13 @@ def test_two_sweeps_of_one_name_never_touch_each_others_runs(finished_sweep, wor
         export_best(tmp_path / "best", tracking_uri=mlflow_server, experiment="gid-test", sweep="bob's \"run\"")
 
 
-def test_a_trial_stopped_early_frees_its_workers_for_the_next(ray_local, workspace):
-    # Each trial's worker asks for 3 of the 4 CPUs: had the first trial's placement group leaked
-    # after Tune stopped it mid-training, the second trial could never start.
-    base = load_config(workspace / "retinanet_gid.yaml", ["train.epochs=3", "scaling.cpus_per_worker=3"])
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base.to_dict(), trials_path=str(workspace / "stopped")), TRIAL_DRIVER_RESOURCES
+def test_a_trial_stopped_early_frees_its_train_workers_for_the_next(ray_local, workspace):
+    # Each trial's two Train workers ask for 3 of the 4 CPUs: had the first trial's placement group
+    # leaked after Tune stopped it mid-training, the second trial could never start.
+    base = load_config(
+        workspace / "retinanet_gid.yaml", ["train.epochs=3", "scaling.num_workers=2", "scaling.cpus_per_worker=1.5"]
     )
+    trainable = trial_trainable(base, str(workspace / "stopped"))
     tuner = tune.Tuner(
         trainable,
         param_space={"distill.gism.top_k": tune.grid_search([5, 10])},
@@ -419,6 +420,11 @@ def test_finalize_retrains_the_best_over_seeds_and_export_takes_its_winner(ray_l
     assert len(runs_of(client, "final", FINAL)) == 4
 
 
+def checkpoint_files(folder: Path) -> list[tuple[str, int]]:
+    """A trial's checkpoints, each with its model file's time: the same if nothing trained again."""
+    return sorted((p.name, (p / CHECKPOINT_FILE).stat().st_mtime_ns) for p in folder.glob("checkpoint_*"))
+
+
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_local, workspace, mlflow_server, tmp_path):
     path = write_sweep(
         workspace, "resume", mlflow_server, frameworks=["retinanet"], trials=2,
@@ -445,7 +451,10 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_local, wor
     assert "| run_trial_" in seen and re.search(r"^retinanet \w+  epoch 2/2  loss \d", seen, re.MULTILINE), seen
     assert "pid=" not in seen and "WARNING" not in seen, seen
     finished_before = {r.data.tags[TRIAL_TAG] for r in child_runs(client, "resume") if r.data.tags.get(STATUS_TAG) == "finished"}
-    checkpoints = {t: sorted(p.name for p in (workspace / "sweeps/resume/trials/retinanet" / t).glob("checkpoint_*")) for t in finished_before}
+    # One-worker trials keep their checkpoints in their Tune trial's folder; Tune numbers them from 0.
+    trial_folder = workspace / "sweeps/resume/resume-retinanet"
+    checkpoints = {t: checkpoint_files(trial_folder / t) for t in finished_before}
+    assert all(len(files) == EPOCHS for files in checkpoints.values()), checkpoints
 
     # A trial that started just before the kill, after Tune last saved its state: its run stays open.
     experiment_id = client.get_experiment_by_name("gid-test").experiment_id
@@ -468,7 +477,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_local, wor
     assert len(runs) == 2 and len({r.data.tags[TRIAL_TAG] for r in runs}) == 2  # no duplicate runs
     assert all(r.data.tags[STATUS_TAG] == "finished" for r in runs)
     for trial_id in finished_before:  # finished trials were not trained again
-        assert sorted(p.name for p in (workspace / "sweeps/resume/trials/retinanet" / trial_id).glob("checkpoint_*")) == checkpoints[trial_id]
+        assert checkpoint_files(trial_folder / trial_id) == checkpoints[trial_id]
     for run in runs:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "epoch")]
         assert steps == sorted(set(steps)) == list(range(1, EPOCHS + 1))

@@ -1,8 +1,9 @@
-"""The Ray Train per-worker loop: one function trains a detector or a GID student.
+"""The training loop: one function trains a detector or a GID student.
 
-Every worker runs :func:`train_loop_per_worker`. Ray Train provides the process group, the
-device, DDP (``prepare_model``), the distributed sampler (``prepare_data_loader``), checkpoint
-persistence and resumption (``ray.train.report`` / ``ray.train.get_checkpoint``).
+Every Ray Train worker runs :func:`train_loop_per_worker`; a single-worker sweep trial runs
+:func:`train_loop` in its Tune trial's process (``gid.engine.session``). The session provides
+the device, DDP and the distributed sampler on Train workers, checkpoint persistence and
+resumption, and where each epoch is reported.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import ray
-import ray.train
-import ray.train.torch
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -29,6 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from gid.config import Config, TrainConfig
 from gid.data import build_dataset, collate
 from gid.engine.evaluation import coco_metrics, format_metrics, predict
+from gid.engine.session import Session, TrainWorker
 from gid.errors import GidError
 from gid.logs import configure_worker as configure_worker_logging
 from gid.models import build_detector, load_backbone_weights, load_weights, read_checkpoint, save_model
@@ -116,12 +116,17 @@ def lr_lambda(train: TrainConfig, total_iters: int):
     return factor
 
 
-def _loader(dataset, batch_size: int, workers: int, shuffle: bool) -> DataLoader:
-    loader = DataLoader(
+def _loader(dataset, batch_size: int, workers: int, shuffle: bool, device: torch.device) -> DataLoader:
+    return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate,
-        persistent_workers=workers > 0,
+        persistent_workers=workers > 0, pin_memory=device.type == "cuda",  # pinned: copies that overlap compute
     )
-    return ray.train.torch.prepare_data_loader(loader)
+
+
+def _to_device(images: list[torch.Tensor], targets: list[dict], device: torch.device) -> tuple[list, list]:
+    images = [image.to(device, non_blocking=True) for image in images]
+    targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+    return images, targets
 
 
 def _all_gather(value: object) -> list:
@@ -188,23 +193,27 @@ def apply_gradients(
         scheduler.step()
 
 
-@out_of_memory_as_user_error()
 def train_loop_per_worker(config_dict: dict) -> None:
+    """A Ray Train worker's training function."""
+    train_loop(config_dict, TrainWorker())
+
+
+@out_of_memory_as_user_error()
+def train_loop(config_dict: dict, session: Session) -> None:
     worker_started_at = time.time()  # with the data and model set-up times: where a run's start-up goes
     configure_worker_logging()
     config = Config.model_validate(config_dict)
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
+    rank, device = session.rank, session.device
     torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
     torch.manual_seed(config.train.seed + rank)
-    device = ray.train.torch.get_device()
 
     setup = time.perf_counter()
     train_set = build_dataset(config.data, config.data.train_split, train=True)
     val_set = build_dataset(config.data, config.data.val_split, train=False)
     num_classes = config.model.num_classes or train_set.num_classes
-    train_loader = _loader(train_set, config.data.batch_size, config.data.loader_workers, shuffle=True)
-    val_loader = _loader(val_set, config.data.batch_size, config.data.loader_workers, shuffle=False)
+    batch_size, loader_workers = config.data.batch_size, config.data.loader_workers
+    train_loader = session.prepare_loader(_loader(train_set, batch_size, loader_workers, shuffle=True, device=device))
+    val_loader = session.prepare_loader(_loader(val_set, batch_size, loader_workers, shuffle=False, device=device))
 
     setup_data_s, setup = time.perf_counter() - setup, time.perf_counter()
     trainable = build_trainable(config, num_classes, device)
@@ -232,7 +241,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.resume_from()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = read_checkpoint(Path(directory) / CHECKPOINT_FILE)
@@ -247,7 +256,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
         start_epoch = state["epoch"]
         if rank == 0:
             logger.info("resumed from epoch %d checkpoint", start_epoch)
-    model = ray.train.torch.prepare_model(trainable)
+    model = session.prepare_model(trainable)
     # Where the workers run (a trial's workers may span nodes): reported, and tagged in MLflow.
     worker_nodes = ",".join(_all_gather(ray.get_runtime_context().get_node_id()))
 
@@ -262,8 +271,9 @@ def train_loop_per_worker(config_dict: dict) -> None:
         started = time.perf_counter()
         for it, (images, targets) in enumerate(train_loader):
             first_step_at = first_step_at or time.time()
+            images, targets = _to_device(images, targets, device)
             with torch.autocast(device.type, enabled=use_amp):
-                outputs = model(list(images), list(targets))
+                outputs = model(images, targets)
             if config.distill is None:  # name a bare detector's losses as the Distiller does
                 outputs = {f"loss_gt_{k.removeprefix('loss_')}": v for k, v in outputs.items()}
             loss = sum(v for k, v in outputs.items() if k.startswith("loss_"))
@@ -305,7 +315,6 @@ def train_loop_per_worker(config_dict: dict) -> None:
                 logger.info("epoch %d/%d val %s", epoch + 1, config.train.epochs, format_metrics(val))
 
         with tempfile.TemporaryDirectory() as directory:
-            checkpoint = None
             saving = time.perf_counter()
             if rank == 0:
                 training_state = {
@@ -323,6 +332,6 @@ def train_loop_per_worker(config_dict: dict) -> None:
                     from gid.distill.pictures import save_gi_pictures
 
                     save_gi_pictures(trainable, val_set, Path(directory) / PICTURES_DIR)
-                checkpoint = ray.train.Checkpoint.from_directory(directory)
             # the file holds the metrics as they were before it was written
-            ray.train.report({**metrics, "checkpoint_time_s": time.perf_counter() - saving}, checkpoint=checkpoint)
+            metrics["checkpoint_time_s"] = time.perf_counter() - saving
+            session.report(metrics, directory if rank == 0 else None)

@@ -97,17 +97,27 @@ def export_model(checkpoint_dir: Path, out: Path) -> None:
     save_model(state["model"], config, state["num_classes"], out, epoch=state["epoch"], metrics=state["metrics"])
 
 
+USER_ERRORS = (GidError, FloatingPointError)  # what a training loop raises for bad input or a loss gone NaN
+
+
+def _one_line(exc: BaseException) -> GidError:
+    return GidError(str(exc).strip().splitlines()[-1])
+
+
 @contextmanager
 def raise_user_error() -> Iterator[None]:
-    """Turn a worker's user error (bad data, a loss gone NaN) into one line instead of Ray's traceback."""
+    """Turn a training loop's user error into one line instead of a traceback, whether the loop ran in
+    this process or on Ray Train's workers."""
     try:
         yield
     except ray.train.WorkerGroupError as exc:
         for failure in exc.worker_failures.values():
             cause = getattr(failure, "cause", None) or failure  # Ray keeps the worker's exception as .cause
-            if isinstance(cause, (GidError, FloatingPointError)):
-                raise GidError(str(cause).strip().splitlines()[-1]) from None
+            if isinstance(cause, USER_ERRORS):
+                raise _one_line(cause) from None
         raise
+    except USER_ERRORS as exc:
+        raise _one_line(exc) from None
 
 
 def finish_run(result: ray.train.Result, history: list[dict]) -> TrainingOutcome:
