@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from ray import tune
+from ray.tune.experiment import Trial
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 
 from gid.config import Config, set_value
@@ -61,7 +62,7 @@ def checkpoint_path(result: dict[str, Any], checkpoint: tune.Checkpoint | None) 
     return checkpoint.path if checkpoint is not None else result.get(CHECKPOINT_PATH_KEY)
 
 
-def trial_dirname(trial) -> str:
+def trial_dirname(trial: Trial) -> str:
     """The trial's folder in its experiment, where Tune keeps the checkpoints of a trial that trains in it."""
     return trial.trial_id
 

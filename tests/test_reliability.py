@@ -55,7 +55,6 @@ def test_a_killed_one_worker_trial_restarts_from_its_last_checkpoint(ray_local, 
         tmp_path, "restart", f"sqlite:///{tmp_path / 'mlflow.db'}", frameworks=["retinanet"], trials=1,
         scheduler={"type": "none"}, resources={"max_concurrent_trials": 1},
     )
-
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
 
     def trial_runs() -> list:
