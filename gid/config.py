@@ -186,7 +186,7 @@ class ResponseLossConfig(StrictModel):
 
 
 class BalanceRatios(StrictModel):
-    """Per GID term: its gradient norm as a multiple of the detector's own loss's, after calibration."""
+    """Per GID term: its gradient norm as a multiple of the detector's own loss's (gradient, dynamic)."""
 
     feature: float = Field(1.0, gt=0)
     relation: float = Field(1.0, gt=0)
@@ -194,13 +194,19 @@ class BalanceRatios(StrictModel):
 
 
 class BalanceConfig(StrictModel):
-    """How the GID terms are weighted: as configured, or calibrated on their gradients (beyond the paper)."""
+    """How the GID terms are weighted: as configured, or from their gradients (beyond the paper).
+
+    gradient: calibrated once, over the first ``calibration_steps`` steps; dynamic: measured every
+    ``every_steps`` steps all run long and smoothed with ``momentum`` (gid.distill.balance).
+    """
 
     # gradient: chosen on a development data set (docs/benchmarks.md); fixed: the configured weights, as the spec says
-    mode: Literal["fixed", "gradient"] = "gradient"
+    mode: Literal["fixed", "gradient", "dynamic"] = "gradient"
     calibration_steps: int = Field(10, ge=1)  # gradient: training steps the norms are averaged over
+    every_steps: int = Field(50, ge=1)  # dynamic: training steps from one measurement to the next
+    momentum: float = Field(0.5, ge=0, lt=1)  # dynamic: weight of the earlier measurements in the smoothed ratios
     ratios: BalanceRatios = BalanceRatios()
-    recalibrate: Literal["never", "epoch"] = "never"  # epoch: calibrate again at the start of every epoch
+    recalibrate: Literal["never", "epoch"] = "never"  # gradient: epoch calibrates again at every epoch's start
 
 
 class DistillConfig(StrictModel):

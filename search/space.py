@@ -78,7 +78,7 @@ WEIGHT_SPACE: dict[str, dict[str, Any]] = {
     "distill.response.cls_weight": {"type": "float", "low": 0.01, "high": 1.0, "log": True},
     "distill.response.reg_weight": {"type": "float", "low": 0.1, "high": 5.0, "log": True},
 }
-# distill.balance.mode gradient: each term's gradient as a multiple of the detector's. Up to 10, so the
+# distill.balance.mode gradient or dynamic: each term's gradient as a multiple of the detector's. Up to 10, so the
 # space holds the spec's own weights (on FCOS they give relation 6.2x and response 4.5x the detector's,
 # docs/benchmarks.md) and the demo sweep's best, at 3.0 the old range's edge, has room beyond it.
 RATIO_SPACE: dict[str, dict[str, Any]] = {
@@ -100,7 +100,7 @@ LOSS_SETS = [
 
 def default_space(balance_mode: str) -> dict[str, dict[str, Any]]:
     """The search space a sweep uses when its file gives none, for a base config's ``distill.balance.mode``."""
-    weights = RATIO_SPACE if balance_mode == "gradient" else WEIGHT_SPACE
+    weights = WEIGHT_SPACE if balance_mode == "fixed" else RATIO_SPACE
     return {**weights, **GISM_SPACE, LOSSES: {"type": "choice", "values": LOSS_SETS}}
 
 

@@ -187,6 +187,8 @@ CASES = [
     ("missing config file", lambda c: ["train", str(c.tmp / "nope.yaml")], "config file not found"),
     ("override without =", lambda c: c.train({}, "--set", "train.lr"), "must look like key.path=value"),
     ("override into a value", lambda c: c.train({}, "--set", "train.epochs.x=1"), "'epochs' is a value, not a section"),
+    ("balance measured every 0 steps", lambda c: c.distill({"distill": {"balance": {"mode": "dynamic", "every_steps": 0}}}), "distill.balance.every_steps: Input should be greater than or equal to 1 (got 0)"),
+    ("balance momentum above 1", lambda c: c.distill({"distill": {"balance": {"momentum": 1.5}}}), "distill.balance.momentum: Input should be less than 1 (got 1.5)"),
     ("distill without teacher", lambda c: ["distill", str(c.config())], "needs a distill section"),
     ("train with a teacher", lambda c: ["train", str(c.config(distill=True))], "run it with `gid distill`"),
     ("too few classes", lambda c: c.train({"model": {"num_classes": 3}}), "model.num_classes is 3 but the data has 6 classes"),

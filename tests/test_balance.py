@@ -1,8 +1,10 @@
-"""Gradient-calibrated GID weights (distill.balance) on real tiny detectors."""
+"""GID weights set from gradients (distill.balance: gradient and dynamic) on real tiny detectors."""
 
 from __future__ import annotations
 
 import json
+import math
+import statistics
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from gid.config import BalanceConfig, DistillConfig
 from gid.engine.loop import gradient_balance
 from gid.engine.trainer import build_trainer
 from gid.models import build_detector, save_model
-from gid.distill.balance import DETECTOR, GradientBalance, _gradient_norm, describe, effective_weights
+from gid.distill.balance import DETECTOR, DynamicBalance, GradientBalance, _gradient_norm, describe, effective_weights
 from support import BalanceLog
 from test_distiller import batch, distiller  # noqa: F401 - the module-scoped batch fixture
 
@@ -107,10 +109,11 @@ def test_a_resumed_run_keeps_its_calibrated_weights_and_does_not_calibrate_again
     assert every_epoch.measuring  # recalibrate: epoch measures again at each epoch's start
 
 
-def test_workers_share_the_calibrated_weights_and_a_resumed_run_keeps_them(ray_local, tiny_config, tmp_path, capsys):
+@pytest.mark.parametrize("mode", ["gradient", "dynamic"])
+def test_workers_share_the_weights_and_a_resumed_run_keeps_them(mode, ray_local, tiny_config, tmp_path, capsys):
     teacher_config = tiny_config("retinanet", model={"backbone": "resnet34"})
     save_model(build_detector(teacher_config.model, 64, 7), teacher_config, 7, tmp_path / "teacher.pt")
-    balance = {"mode": "gradient", "calibration_steps": 2, "ratios": RATIOS}
+    balance = {"mode": mode, "calibration_steps": 2, "every_steps": 2, "ratios": RATIOS}
     config = tiny_config(
         "retinanet", scaling={"num_workers": 2, "use_gpu": False},
         distill={"teacher": str(tmp_path / "teacher.pt"), "balance": balance}, run={"name": "balanced"},
@@ -118,20 +121,25 @@ def test_workers_share_the_calibrated_weights_and_a_resumed_run_keeps_them(ray_l
     log = tmp_path / "balance.jsonl"
     build_trainer(config, callbacks=[BalanceLog(log)]).fit()
     (first,) = [json.loads(line) for line in log.read_text().splitlines()]
-    calibrated = [{k: v for k, v in rank.items() if k.startswith(("balance_weight_", "balance_norm_"))} for rank in first]
+    weights_and_norms = ("balance_weight_", "balance_norm_", "balance_ratio_")
+    calibrated = [{k: v for k, v in rank.items() if k.startswith(weights_and_norms)} for rank in first]
     assert calibrated[0] == calibrated[1] and len(calibrated[0]) == 8  # the same weights on both workers
-    assert first[0]["balance_calibrations"] == 1
-    assert first[0]["balance_weight_relation"] != 40.0  # calibrated, not the configured weight
+    assert first[0]["balance_weight_relation"] != 40.0  # set from the gradients, not the configured weight
+    weights = {k.removeprefix("balance_weight_"): v for k, v in first[0].items() if k.startswith("balance_weight_")}
 
-    # `gid distill` of the same run, one epoch longer: resumed, the weights kept, nothing recalibrated
+    # `gid distill` of the same run, one epoch longer: resumed with the balance's state
     path = tmp_path / "balanced.yaml"
     path.write_text(yaml.safe_dump(config.to_dict()))
     capsys.readouterr()
     assert main(["distill", str(path), "--set", "train.epochs=2"]) == 0
-    (printed,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("calibrated GID weights: ")]
-    weights = {k.removeprefix("balance_weight_"): v for k, v in first[0].items() if k.startswith("balance_weight_")}
-    assert all(f"{name} {value:.3g}" in printed for name, value in weights.items())
-    assert "cost 8 extra backward passes" in printed  # 2 steps x 4 gradients, once: no second calibration
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"{'calibrated' if mode == 'gradient' else 'dynamic'} GID weights: ")]
+    if mode == "gradient":  # the weights kept, nothing recalibrated
+        assert first[0]["balance_calibrations"] == 1
+        assert all(f"{name} {value:.3g}" in printed[-1] for name, value in weights.items())
+        assert "cost 8 extra backward passes" in printed[-1]  # 2 steps x 4 gradients, once: no second calibration
+    else:  # measured on through the second epoch: the step count went on where the first epoch left it
+        measured = int(first[0]["balance_measurements"])
+        assert measured >= 1 and f"{2 * measured} measurements" in printed[-1]
 
 
 def test_a_term_without_gradient_is_measured_until_it_has_some_against_the_detector_on_the_same_steps():
@@ -163,3 +171,102 @@ def test_a_term_without_gradient_is_measured_until_it_has_some_against_the_detec
     assert balance.end_epoch() and not balance.measuring and balance.calibrations == 1
     assert scales["response"] == 1.0 and balance.norms["response"] == 0.0  # no gradient all epoch: kept
     assert "weight unchanged: response;" in describe(balance.metrics())
+
+
+def known_norm_losses(weight: torch.nn.Parameter, scales: dict[str, float], detector: float, step: int) -> dict[str, torch.Tensor]:
+    """Losses of known gradient norms: the detector's ``detector``; per unit of their scale the feature's 4 and
+    the relation's 2 (none on odd steps: no GIs); the response never has any."""
+    zero = weight.sum() * 0.0
+    return {
+        "loss_gt_cls": detector * weight[0],
+        "loss_feature": scales["feature"] * 4.0 * weight[1],
+        "loss_relation": scales["relation"] * 2.0 * weight[2] if step % 2 == 0 else zero,
+        "loss_response_cls": zero, "loss_response_reg": zero,
+    }
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5])
+def test_dynamic_balance_follows_the_detectors_gradient_with_its_moving_average(momentum):
+    weight = torch.nn.Parameter(torch.ones(3))
+    detector_norms = [3.0, 3.0, 1.0, 1.0, 0.5, 0.5, 0.2]
+    scales = {term: 1.0 for term in RATIOS}
+    config = BalanceConfig(mode="dynamic", every_steps=2, momentum=momentum, ratios=RATIOS)
+    balance = DynamicBalance(config, DistillConfig(teacher="t.pt"), scales)
+    expected = {"feature": [], "relation": []}
+    for step, detector in enumerate(detector_norms):
+        before = dict(scales)
+        balance.observe(known_norm_losses(weight, scales, detector, step), [weight])
+        if step % 2:  # not a measured step: nothing moves
+            assert scales == before
+            continue
+        for term, unit_norm in (("feature", 4.0), ("relation", 2.0)):
+            expected[term].append(unit_norm / detector)
+            # Adam's bias-corrected moving average of the log of the term's gradient per unit scale / the detector's
+            weights = [(1 - momentum) * momentum ** age for age in range(len(expected[term]))][::-1]
+            log_mean = sum(w * math.log(r) for w, r in zip(weights, expected[term])) / (1 - momentum ** len(expected[term]))
+            estimate = math.exp(log_mean)
+            assert scales[term] == pytest.approx(RATIOS[term] / estimate), (step, term)
+        assert scales["response"] == 1.0  # never had gradient: keeps its weight
+    if momentum == 0:  # each term exactly at its ratio of the detector's latest gradient
+        assert scales["feature"] == pytest.approx(RATIOS["feature"] * 0.2 / 4.0)
+    assert balance.measurements == 4 and balance.extra_backward_passes == 4 * 4  # the detector and three terms
+    line = describe(balance.metrics())
+    assert line.startswith("dynamic GID weights: feature ") and "4 measurements" in line
+    assert "response" not in line.split("this epoch: ")[1].split(";")[0]  # no gradient, no measured ratio
+
+
+def test_dynamic_balance_holds_each_terms_ratio_while_a_real_detector_trains(batch):
+    """A real tiny RetinaNet trained from scratch: its detector's gradient falls, and each GID term's gradient,
+    at the weight it trained with, stays within 2x of its ratio of the detector's (as a geometric mean:
+    step to step, the norms of an untrained detector swing by factors)."""
+    model = distiller("retinanet").train()
+    params = trainable_params(model)
+    optimizer = torch.optim.SGD(params, lr=0.005, momentum=0.9)
+    config = BalanceConfig(mode="dynamic", every_steps=1, momentum=0.5, ratios=RATIOS)
+    balance = DynamicBalance(config, model.config, model.term_scales)
+    detector = []
+    for _ in range(12):
+        losses = losses_of(model, batch)
+        balance.observe(losses, params)
+        detector.append(balance.detector_norm)
+        optimizer.zero_grad()
+        sum(v for k, v in losses.items() if k.startswith("loss_")).backward()
+        optimizer.step()
+    assert statistics.geometric_mean(detector[:6]) > 1.5 * statistics.geometric_mean(detector[6:])  # it fell
+    for term, target in RATIOS.items():
+        later = statistics.geometric_mean(balance._epoch_ratios[term][6:])
+        assert target / 2 < later < target * 2, (term, later)
+    # the first measurement, on the untrained detector, was far off: the weights moved to get there
+    assert not all(target / 2 < balance._epoch_ratios[term][0] < target * 2 for term, target in RATIOS.items())
+
+
+def test_dynamic_balance_measures_as_the_one_shot_calibration_does(batch):
+    model = distiller("faster_rcnn").train()
+    params = trainable_params(model)
+    once = GradientBalance(BalanceConfig(mode="gradient", calibration_steps=1, ratios=RATIOS), model.config, model.term_scales)
+    once.observe(losses_of(model, batch), params)
+    calibrated = dict(model.term_scales)
+    model.term_scales.update({term: 1.0 for term in RATIOS})
+    dynamic = DynamicBalance(BalanceConfig(mode="dynamic", momentum=0.9, ratios=RATIOS), model.config, model.term_scales)
+    dynamic.observe(losses_of(model, batch), params)
+    assert model.term_scales == pytest.approx(calibrated, rel=1e-6)
+
+
+def test_a_resumed_dynamic_balance_continues_with_the_same_weights():
+    weight = torch.nn.Parameter(torch.ones(3))
+    config = BalanceConfig(mode="dynamic", every_steps=3, momentum=0.7, ratios=RATIOS)
+
+    def run(balance: DynamicBalance, steps: range) -> None:
+        for step in steps:
+            balance.observe(known_norm_losses(weight, balance.scales, 3.0 / (1 + step), step), [weight])
+
+    whole = DynamicBalance(config, DistillConfig(teacher="t.pt"), {term: 1.0 for term in RATIOS})
+    run(whole, range(8))
+    saved = whole.state_dict()
+    run(whole, range(8, 20))
+
+    resumed = DynamicBalance(config, DistillConfig(teacher="t.pt"), {term: 1.0 for term in RATIOS})
+    resumed.load_state_dict(saved)
+    run(resumed, range(8, 20))
+    assert resumed.scales == whole.scales and resumed.log_relative == whole.log_relative
+    assert resumed.measurements == whole.measurements == 7  # steps 0, 3, ..., 18

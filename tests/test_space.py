@@ -30,6 +30,7 @@ def test_the_default_space_searches_weights_or_ratios_and_never_switches_every_l
     assert "distill.feature.weight" in fixed and not any(k.startswith("distill.balance") for k in fixed)
     assert {"distill.balance.ratios.feature", "distill.balance.ratios.relation", "distill.balance.ratios.response"} <= set(gradient)
     assert not any(k.endswith(".weight") for k in gradient) and all(gradient[k]["log"] for k in gradient if "ratios" in k)
+    assert default_space("dynamic") == gradient  # the same ratios, held all run instead of calibrated once
     assert len(LOSS_SETS) == 7 and all(LOSS_SETS) and fixed[LOSSES]["values"] == LOSS_SETS == gradient[LOSSES]["values"]
     assert as_config_values({LOSSES: "feature,response", "distill.gism.top_k": 5}) == {
         "distill.gism.top_k": 5, "distill.feature.enabled": True, "distill.relation.enabled": False,

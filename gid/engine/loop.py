@@ -92,12 +92,12 @@ def student_and_adapter(trainable: nn.Module) -> tuple[nn.Module, nn.Module | No
 
 
 def gradient_balance(config: Config, trainable: nn.Module):
-    """The calibration of a Distiller's weights (``distill.balance.mode: gradient``), or None."""
-    if config.distill is None or config.distill.balance.mode != "gradient":
+    """What sets a Distiller's weights from gradients (``distill.balance.mode`` gradient or dynamic), or None."""
+    if config.distill is None:
         return None
-    from gid.distill.balance import GradientBalance
+    from gid.distill.balance import build_balance
 
-    return GradientBalance(config.distill.balance, config.distill, trainable.term_scales)
+    return build_balance(config.distill, trainable.term_scales)
 
 
 def lr_lambda(train: TrainConfig, total_iters: int):
@@ -282,10 +282,8 @@ def train_loop(config_dict: dict, session: Session) -> None:
                     f"training loss became {loss.item()} at epoch {epoch + 1}, iteration {it + 1} "
                     f"({', '.join(f'{k}={float(v):.4g}' for k, v in outputs.items())}); lower train.lr or the loss weights"
                 )
-            if balance is not None and balance.measuring:
-                balance.measure(outputs, params)
-                if not balance.measuring and rank == 0:
-                    logger.info(balance.summary())
+            if balance is not None and balance.observe(outputs, params) and rank == 0:
+                logger.info(balance.summary())
             apply_gradients(loss, optimizer, scaler, scheduler, params, config.train.clip_grad_norm)
             running.add({"loss": loss.detach(), **{k: v.detach() for k, v in outputs.items()}})
             if rank == 0 and (it + 1) % config.train.log_every == 0:
