@@ -19,9 +19,9 @@ are kept in ``OUT/results.json``, so an interrupted benchmark picks up where it 
     python benchmarks/effect.py --quick --out runs/bench-effect-q  # a smaller table, FCOS only (2 CPUs: 11 min before the spec-weights row; its teacher is too weak to teach)
     python benchmarks/effect.py --dev --out runs/bench-effect-dev  # the development table the defaults are chosen on
 
-``--dev`` runs on a data set of another seed and size, with a faster teacher, and compares the spec's
-weights with gradient-balance candidates (``CANDIDATES``); the product's default ``distill.balance`` is
-chosen from that table, never from the benchmark's. It also prints how well val AP after epoch k
+``--dev`` runs on a data set of another seed and size (``--data-seed`` for more than one), with a
+faster teacher, and compares balance candidates (``CANDIDATES``); the product's default
+``distill.balance`` is chosen from those tables, never from the benchmark's. It also prints how well val AP after epoch k
 ranks the runs by their final val AP: the evidence for the sweep's ASHA grace period.
 """
 
@@ -73,7 +73,8 @@ class Scale:
     frameworks: tuple[str, ...] = ("fcos", "retinanet", "faster_rcnn")  # fastest learner first
     single_losses: bool = True
     data_seed: int = 0
-    candidates: bool = False  # the gradient-balance candidates instead of the default, tuned and single-loss rows
+    candidates: bool = False  # the balance candidates instead of the default, tuned and single-loss rows
+    spec_weights: bool = True  # the spec's fixed weights as a row
 
 
 FULL = Scale(
@@ -90,13 +91,20 @@ QUICK = replace(
 DEV = replace(
     FULL, data_seed=1, train_images=512, val_images=64, test_images=128,
     teacher_backbone="resnet18", teacher_fpn=128, teacher_epochs=12,
-    seeds=2, sweep_trials=0, single_losses=False, candidates=True,
+    seeds=2, sweep_trials=0, single_losses=False, candidates=True, spec_weights=False,
 )
-#: ``distill.balance`` of the development table's candidate rows, beside the spec's fixed weights.
+#: The development table's candidate rows beside the student alone: row name -> (label, ``distill.balance``).
+#: Every dynamic setting is spelled out, so that a row keeps its meaning when the product's defaults move.
+DYNAMIC = {"mode": "dynamic", "every_steps": 50, "momentum": 0.5}
 CANDIDATES = {
-    "gradient_1_1_1": {"feature": 1.0, "relation": 1.0, "response": 1.0},
-    "gradient_025_025_1": {"feature": 0.25, "relation": 0.25, "response": 1.0},
-    "gradient_025_025_025": {"feature": 0.25, "relation": 0.25, "response": 0.25},
+    "gradient_1_1_1": ("GID, gradient 1/1/1", {"mode": "gradient", "ratios": {"feature": 1.0, "relation": 1.0, "response": 1.0}}),
+    "dynamic_1_1_1": ("GID, dynamic 1/1/1", {**DYNAMIC, "ratios": {"feature": 1.0, "relation": 1.0, "response": 1.0}}),
+    "dynamic_1_1_3": ("GID, dynamic 1/1/3", {**DYNAMIC, "ratios": {"feature": 1.0, "relation": 1.0, "response": 3.0}}),
+}
+#: Rows of earlier development tables, kept readable in their results files.
+EARLIER_CANDIDATES = {
+    "gradient_025_025_1": "GID, gradient 0.25/0.25/1",
+    "gradient_025_025_025": "GID, gradient 0.25/0.25/0.25",
 }
 # On a GPU the same command trains on more, larger images for longer.
 GPU = replace(
@@ -113,6 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dev", action="store_true", help="the development table: another data set, balance candidates")
     p.add_argument("--frameworks", help=f"comma-separated subset of {','.join(FRAMEWORKS)}")
     p.add_argument("--seeds", type=int, help="training seeds of the student / GID rows")
+    p.add_argument("--data-seed", type=int, help="the synthetic data set's seed (development tables: one per data set)")
     p.add_argument("--sweep-trials", type=int, help="trials of each framework's sweep (0: no tuned row)")
     p.add_argument(
         "--lanes", type=int, default=torch.cuda.device_count() or os.cpu_count() or 1,
@@ -129,6 +138,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         scale = replace(scale, seeds=args.seeds)
     if args.sweep_trials is not None:
         scale = replace(scale, sweep_trials=args.sweep_trials)
+    if args.data_seed is not None:
+        scale = replace(scale, data_seed=args.data_seed)
     if args.lanes < 1:
         p.error("--lanes: give 1 or more")
     args.scale = scale
@@ -194,6 +205,8 @@ def train_and_test(key: str, data: dict, data_root: Path) -> dict:
     return {"test": test_metrics(outcome.model_path, data_root), "seconds": seconds,
             "val_ap": outcome.metrics.get("val_ap"), "memory_peak_mb": outcome.metrics.get("memory_peak_mb"),
             "val_ap_by_epoch": [m.get("val_ap") for m in outcome.history],
+            "train_s": sum(m["epoch_time_s"] for m in outcome.history),  # training steps alone, no evaluation
+            "balance_by_epoch": [{k: v for k, v in m.items() if k.startswith("balance_")} for m in outcome.history],
             "startup_s": {  # from run_training's call to the worker, its data, its models, its first step
                 "to_worker": first.get("worker_started_at", started_at) - started_at,
                 "data": first.get("setup_data_s"), "models": first.get("setup_model_s"),
@@ -286,7 +299,7 @@ class Bench:
         return self.gid_config(framework, seed, balance={"mode": "fixed"})
 
     def candidate_config(self, framework: str, seed: int, candidate: str) -> dict:
-        return self.gid_config(framework, seed, balance={"mode": "gradient", "ratios": CANDIDATES[candidate]})
+        return self.gid_config(framework, seed, balance=CANDIDATES[candidate][1])
 
     def sweep(self, framework: str) -> Job:
         """A TPE + ASHA sweep on the validation split, the spec's defaults as its first trial."""
@@ -335,10 +348,11 @@ class Bench:
                 students.append(self.training(
                     f"{framework}/student/{seed}", lambda f=framework, seed=seed: self.student_config(f, seed)
                 ))
-                distilled.append(self.training(
-                    f"{framework}/gid_spec_weights/{seed}",
-                    lambda f=framework, seed=seed: self.spec_weights_config(f, seed), (teacher,),
-                ))
+                if s.spec_weights:
+                    distilled.append(self.training(
+                        f"{framework}/gid_spec_weights/{seed}",
+                        lambda f=framework, seed=seed: self.spec_weights_config(f, seed), (teacher,),
+                    ))
                 if s.candidates:
                     distilled += [self.training(
                         f"{framework}/{candidate}/{seed}",
@@ -400,7 +414,8 @@ ROWS = (
     ("relation_only", "relation loss only"),
     ("response_only", "response loss only"),
     ("gid_tuned", "GID, tuned"),
-    *((name, "GID, gradient " + "/".join(f"{r:g}" for r in ratios.values())) for name, ratios in CANDIDATES.items()),
+    *((name, label) for name, (label, _) in CANDIDATES.items()),
+    *EARLIER_CANDIDATES.items(),
 )
 
 

@@ -9,6 +9,10 @@ For each framework, on one real batch of the synthetic data, it times
 * **teacher inference** (reference only): the full ``teacher.eval()(images)``, post-processing included;
 * **GID step**: ``Distiller(images, targets)`` + backward + SGD step (student and adapter);
 
+* **balance measurement**: one measurement of ``distill.balance.mode: dynamic`` (the detector's and
+  each GID term's gradient norms, one backward pass each) on a GID forward's losses; divided by
+  ``--every-steps`` and the GID step it is the dynamic balance's cost per step;
+
 and prints ``ratio = GID step / (student step + teacher fwd)``: 1.0 would mean that selecting the
 general instances and computing the three losses cost nothing. The four measurements run
 round-robin, one of each per iteration, so a change in machine load hits all of them alike;
@@ -42,14 +46,16 @@ from unittest import mock
 import torch
 
 import gid.distill.distiller as distiller_module
-from gid.config import DataConfig, DistillConfig, ModelConfig
+from gid.config import BalanceConfig, DataConfig, DistillConfig, ModelConfig
 from gid.data import build_dataset, collate, make_synthetic
 from gid.distill import Distiller
+from gid.distill.balance import DynamicBalance
 from gid.frameworks import view_for
 from gid.models import build_detector
 
 FRAMEWORKS = ("retinanet", "fcos", "faster_rcnn")
 TARGET_RATIO = 1.15
+TARGET_BALANCE_COST = 0.05  # of a GID step, per step, at the default every_steps
 REPO = Path(__file__).resolve().parent.parent
 
 #: Breakdown rows: (label, timer names summed into it), in the order the GID step runs them.
@@ -91,6 +97,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="float16 autocast + gradient scaling in every step, as the training loop does on GPUs (cuda only)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--every-steps", type=int, default=BalanceConfig().every_steps,
+        help="distill.balance.every_steps the dynamic balance's cost per step is given for (default: the product's)",
+    )
     p.add_argument("--out", type=Path, help="append the Markdown results to this file")
     p.add_argument(
         "--profile", type=int, default=0, metavar="N",
@@ -258,7 +268,17 @@ def bench_framework(framework: str, args: argparse.Namespace, batch, device: tor
         with autocast():
             teacher(images)
 
+    # its own scales: the measurements must not change the weights the GID step trains with
+    balance = DynamicBalance(BalanceConfig(mode="dynamic"), distiller.config, dict(distiller.term_scales))
+    measurements: list[float] = []
     gis_per_image = []
+
+    def balance_measurement() -> None:
+        with autocast():
+            losses = distiller(images, targets)
+        start = clock.now()
+        balance.measure(losses, gid_params)
+        measurements.append(clock.now() - start)
 
     def gid_step() -> None:
         gid_opt.zero_grad(set_to_none=True)
@@ -274,6 +294,7 @@ def bench_framework(framework: str, args: argparse.Namespace, batch, device: tor
         "teacher": teacher_forward,
         "inference": teacher_inference,
         "gid": gid_step,
+        "balance": balance_measurement,  # its forward is not timed: only the measurement
     }
     times: dict[str, list[float]] = {name: [] for name in steps}
     clock = Clock(device)
@@ -296,7 +317,8 @@ def bench_framework(framework: str, args: argparse.Namespace, batch, device: tor
     student_clock.close_iteration(False)
     gid_clock.close_iteration(False)
 
-    med = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    med = {name: statistics.median(values) * 1e3 for name, values in times.items() if name != "balance"}
+    measurement = statistics.median(measurements[args.warmup:]) * 1e3
     breakdown = [(label, gid_clock.median(*names) * 1e3) for label, names in BREAKDOWN]
     gid_total = times["gid"]
     parts = [n for _, names in BREAKDOWN for n in names]
@@ -312,6 +334,8 @@ def bench_framework(framework: str, args: argparse.Namespace, batch, device: tor
         "gid": med["gid"],
         "ratio": med["gid"] / (med["student"] + med["teacher"]),
         "gid_images_per_s": args.batch_size / statistics.median(times["gid"]),
+        "measurement": measurement,
+        "balance_cost": measurement / args.every_steps / med["gid"],
         # Preemption on a shared machine only ever adds time: the minima are the low-noise view.
         "ratio_min": min(times["gid"]) / (min(times["student"]) + min(times["teacher"])),
         "student_parts": {k: student_clock.median(k) * 1e3 for k in ("forward", "backward", "step")},
@@ -399,6 +423,20 @@ def render(results: list[dict], args: argparse.Namespace, device: torch.device) 
         f"{TARGET_RATIO}.",
         "",
     ]
+    lines += [
+        f"Dynamic balance (`distill.balance.mode: dynamic`): one measurement, and its cost per step at "
+        f"`every_steps: {args.every_steps}` as a share of the GID step (target ≤ {100 * TARGET_BALANCE_COST:.0f} %).",
+        "",
+        "| framework | measurement ms | in GID steps | cost per step |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in results:
+        flag = "" if r["balance_cost"] <= TARGET_BALANCE_COST else " ⚠"
+        lines.append(
+            f"| {r['framework']} | {r['measurement']:.1f} | {r['measurement'] / r['gid']:.2f} "
+            f"| **{100 * r['balance_cost']:.1f} %**{flag} |"
+        )
+    lines.append("")
     for r in results:
         sp = r["student_parts"]
         gid_backward = dict(r["breakdown"])["backward"]
