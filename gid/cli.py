@@ -57,6 +57,7 @@ def _train(args: argparse.Namespace, distill: bool) -> None:
         raise GidError(f"{args.config}: `gid distill` needs a distill section with distill.teacher set")
     if not distill and config.distill is not None:
         raise GidError(f"{args.config}: has a distill section; run it with `gid distill`")
+    baseline = _baseline_metrics(args.baseline) if distill and args.baseline is not None else None
     # Ray and torch take seconds to import: only after the config is known to be good.
     from gid.distill.balance import describe as describe_balance
     from gid.engine.evaluation import format_metrics
@@ -72,8 +73,22 @@ def _train(args: argparse.Namespace, distill: bool) -> None:
             print(warning)
     if distill and (calibrated := describe_balance(outcome.metrics)):
         print(calibrated)
+    if baseline is not None:
+        from gid.distill.cost import gid_cost
+
+        print(f"against the student alone ({args.baseline}): {gid_cost(outcome.metrics, baseline)}")
     print(f"model file: {outcome.model_path}")
     _print_log_paths()
+
+
+def _baseline_metrics(path: Path) -> dict:
+    """The metrics of the student-alone model file ``gid distill --baseline`` compares with, checked before training."""
+    from gid.models import read_checkpoint
+
+    metrics = read_checkpoint(path).get("metrics", {})
+    if "val_ap" not in metrics:
+        raise GidError(f"--baseline {path}: the model file records no val AP; pass one written by `gid train`")
+    return metrics
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -181,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     distill = commands.add_parser("distill", help="train a student with GID under a teacher model file")
     _add_config_args(distill)
+    distill.add_argument(
+        "--baseline", type=Path, default=None, metavar="MODEL_FILE",
+        help="the same student trained alone (`gid train`, same data): print GID's AP gain and training-time cost against it",
+    )
     _add_verbose_arg(distill)
     distill.set_defaults(func=cmd_distill)
 

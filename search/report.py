@@ -18,7 +18,8 @@ from optuna.visualization import matplotlib as optuna_plots
 
 from gid.distill.teacher import teacher_check, teacher_val_ap
 from gid.engine.loop import PICTURES_DIR
-from gid.models import stored_val_ap
+from gid.distill.cost import time_ratio
+from gid.models import stored_metrics, stored_val_ap
 from search.config import SweepConfig
 from search.finalize import final_markdown
 from search.space import describe_values
@@ -41,6 +42,7 @@ class TrialRow:
     params: dict
     error: str = ""
     checkpoint: str | None = None  # the trial's last checkpoint (a distillation's holds its GI pictures)
+    train_time_s: float | None = None  # in training steps, over the trial's epochs
 
 
 def trial_rows(outcome: FrameworkOutcome, metric: str) -> list[TrialRow]:
@@ -55,6 +57,7 @@ def trial_rows(outcome: FrameworkOutcome, metric: str) -> list[TrialRow]:
             TrialRow(
                 outcome.framework, metrics.get("trial_id", Path(result.path).name), status, epochs,
                 metrics.get(metric), dict(result.config or {}), error, checkpoint_path(metrics, result.checkpoint),
+                metrics.get("train_time_s"),
             )
         )
     return rows
@@ -79,9 +82,9 @@ def summary_markdown(sweep: SweepConfig, outcomes: list[FrameworkOutcome], rows:
         "",
         f"Objective: {metric} ({mode}), AP in %.",
         "",
-        "| framework | teacher | student alone | GID defaults | best GID | gain | trials finished / pruned / failed "
-        "| best trial | best values |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| framework | teacher | student alone | GID defaults | best GID | gain | training time vs student alone "
+        "| trials finished / pruned / failed | best trial | best values |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     warnings = []
     for outcome in outcomes:
@@ -96,7 +99,8 @@ def summary_markdown(sweep: SweepConfig, outcomes: list[FrameworkOutcome], rows:
         gain = gain_over_student(outcome, mine, mode)
         lines.append(
             f"| {outcome.framework} | {_percent(teacher_ap)} | {_percent(baseline_ap)} | {_trial_value(defaults)} "
-            f"| {_percent(best.value if best else None)} | {'–' if gain is None else f'{100 * gain:+.1f}'} | {counts} "
+            f"| {_percent(best.value if best else None)} | {'–' if gain is None else f'{100 * gain:+.1f}'} "
+            f"| {_times(best, outcome)} | {counts} "
             f"| {best.trial_id if best else '–'} | {values} |"
         )
     if warnings:
@@ -108,6 +112,12 @@ def summary_markdown(sweep: SweepConfig, outcomes: list[FrameworkOutcome], rows:
     if failed:
         lines += ["", "Failed trials:", ""] + [f"- {r.framework} {r.trial_id}: {r.error}" for r in failed]
     return "\n".join(lines) + "\n"
+
+
+def _times(best: TrialRow | None, outcome: FrameworkOutcome) -> str:
+    """The best trial's training time as a multiple of the student alone's: what its gain cost."""
+    ratio = time_ratio({"train_time_s": best.train_time_s}, stored_metrics(outcome.baseline)) if best else None
+    return "–" if ratio is None else f"{ratio:.1f}×"
 
 
 def _trial_value(row: TrialRow | None) -> str:

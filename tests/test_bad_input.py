@@ -189,6 +189,8 @@ CASES = [
     ("override into a value", lambda c: c.train({}, "--set", "train.epochs.x=1"), "'epochs' is a value, not a section"),
     ("balance measured every 0 steps", lambda c: c.distill({"distill": {"balance": {"mode": "dynamic", "every_steps": 0}}}), "distill.balance.every_steps: Input should be greater than or equal to 1 (got 0)"),
     ("balance momentum above 1", lambda c: c.distill({"distill": {"balance": {"momentum": 1.5}}}), "distill.balance.momentum: Input should be less than 1 (got 1.5)"),
+    ("distill baseline missing", lambda c: c.distill({}, "--baseline", str(c.files["missing"])), "checkpoint not found"),
+    ("distill baseline without AP", lambda c: c.distill({}, "--baseline", str(c.files["teacher"])), "the model file records no val AP; pass one written by `gid train`"),
     ("distill without teacher", lambda c: ["distill", str(c.config())], "needs a distill section"),
     ("train with a teacher", lambda c: ["train", str(c.config(distill=True))], "run it with `gid distill`"),
     ("too few classes", lambda c: c.train({"model": {"num_classes": 3}}), "model.num_classes is 3 but the data has 6 classes"),

@@ -120,7 +120,8 @@ def test_sweep_runs_every_trial_and_tracks_them_in_mlflow(finished_sweep, mlflow
         best = best_row(rows, "max")
         cells = [100 * teacher_ap, 100 * ap, 100 * defaults.value, 100 * best.value]
         gain = f"{100 * (best.value - ap):+.1f}"
-        row = f"| {framework.framework} | " + " | ".join(f"{c:.1f}" for c in cells) + f" | {gain} |"
+        cost = f"{best.train_time_s / read_checkpoint(framework.baseline)['metrics']['train_time_s']:.1f}×"
+        row = f"| {framework.framework} | " + " | ".join(f"{c:.1f}" for c in cells) + f" | {gain} | {cost} |"
         assert row in outcome.summary if defaults.status == "finished" else f"| {defaults.status} |" in outcome.summary
 
     runs = child_runs(client, MAIN)

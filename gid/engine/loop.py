@@ -240,7 +240,7 @@ def train_loop(config_dict: dict, session: Session) -> None:
     use_amp = config.train.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
-    start_epoch = 0
+    start_epoch, train_time_s = 0, 0.0  # train_time_s: in training steps, over every sitting of the run
     checkpoint = session.resume_from()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -254,6 +254,7 @@ def train_loop(config_dict: dict, session: Session) -> None:
         if balance is not None and "balance" in state:
             balance.load_state_dict(state["balance"])
         start_epoch = state["epoch"]
+        train_time_s = state.get("metrics", {}).get("train_time_s", 0.0)
         if rank == 0:
             logger.info("resumed from epoch %d checkpoint", start_epoch)
     model = session.prepare_model(trainable)
@@ -294,8 +295,10 @@ def train_loop(config_dict: dict, session: Session) -> None:
                 )
         if balance is not None and balance.end_epoch() and rank == 0:
             logger.info(balance.summary())
+        epoch_time_s = time.perf_counter() - started
+        train_time_s += epoch_time_s
         metrics = {
-            "epoch": epoch + 1, **running.means(), "epoch_time_s": time.perf_counter() - started,
+            "epoch": epoch + 1, **running.means(), "epoch_time_s": epoch_time_s, "train_time_s": train_time_s,
             "first_step_at": first_step_at, "worker_started_at": worker_started_at, "setup_data_s": setup_data_s,
             "setup_model_s": setup_model_s, "memory_peak_mb": memory_peak_mb(device), "worker_nodes": worker_nodes,
             **(balance.metrics() if balance is not None else {}),

@@ -130,14 +130,20 @@ def _blocked_object(exc: pickle.UnpicklingError) -> str:
     return next((line.rstrip(".") for line in lines if "GLOBAL" in line), lines[0] if lines else "unpickling refused")
 
 
-def stored_val_ap(path: Path | None) -> float | None:
-    """The validation AP a model file records (files `gid train` and `gid distill` write do; imported ones don't)."""
+def stored_metrics(path: Path | None) -> dict[str, Any]:
+    """The last epoch's metrics a model file records (files `gid train` and `gid distill` write do; imported ones
+    don't): empty when there are none or the file cannot be read."""
     if path is None:
-        return None
+        return {}
     try:
-        return read_checkpoint(path).get("metrics", {}).get("val_ap")
+        return read_checkpoint(path).get("metrics", {})
     except GidError:
-        return None
+        return {}
+
+
+def stored_val_ap(path: Path | None) -> float | None:
+    """The validation AP a model file records, if it records one."""
+    return stored_metrics(path).get("val_ap")
 
 
 def load_model(path: Path) -> tuple[nn.Module, Config, int]:
