@@ -9,7 +9,11 @@ own paths (``run_training`` on Ray Train, ``run_sweep`` + ``export_best`` for th
 * **GID default**: the student distilled at the product's defaults (a config that names only its teacher);
 * **feature / relation / response only**: one GID loss switched on, at the product's defaults (one seed);
 * **GID tuned**: a sweep on the validation split whose finalize stage re-trains its best configurations
-  over seeds; the winner it exports, re-trained here on the table's seeds.
+  over seeds; the winner it exports, re-trained here on the table's seeds;
+* ``--value``: **GID, dynamic balance** (while it is not the default); **student alone, GID's training
+  time** (as many epochs as the same seed's GID default run took in training time, on the same schedule
+  shape); and **converged** rows, the student alone and GID at the defaults on a ``converge_epochs``
+  schedule (their val AP per epoch plotted beside the teacher's in ``convergence.png``).
 
 Every model is COCO-evaluated on the test split, which neither training nor the sweep sees. Rows
 student / GID spec weights / GID default / GID tuned repeat over ``--seeds`` training seeds (mean ± std). Finished runs
@@ -18,6 +22,7 @@ are kept in ``OUT/results.json``, so an interrupted benchmark picks up where it 
     python benchmarks/effect.py --out runs/bench-effect            # the full table (2 CPUs: 136 min when its sweeps had 4 trials and no finalize stage)
     python benchmarks/effect.py --quick --out runs/bench-effect-q  # a smaller table, FCOS only (2 CPUs: 11 min before the spec-weights row; its teacher is too weak to teach)
     python benchmarks/effect.py --dev --out runs/bench-effect-dev  # the development table the defaults are chosen on
+    python benchmarks/effect.py --value --out runs/bench-value     # the defaults at equal compute and at convergence
 
 ``--dev`` runs on a data set of another seed and size (``--data-seed`` for more than one), with a
 faster teacher, and compares balance candidates (``CANDIDATES``); the product's default
@@ -42,6 +47,8 @@ import ray
 import torch
 import yaml
 from step_overhead import cpu_name  # this folder is on sys.path when the script runs
+
+from gid.config import BalanceConfig
 
 REPO = Path(__file__).resolve().parent.parent
 FRAMEWORKS = ("retinanet", "fcos", "faster_rcnn")
@@ -75,6 +82,10 @@ class Scale:
     data_seed: int = 0
     candidates: bool = False  # the balance candidates instead of the default, tuned and single-loss rows
     spec_weights: bool = True  # the spec's fixed weights as a row
+    gid_dynamic: bool = False  # GID with distill.balance.mode dynamic as a row (while it is not the default)
+    equal_compute: bool = False  # the student alone for as many epochs as gid_default's training time buys
+    converge_epochs: int = 0  # > 0: the student alone and gid_default on this long a schedule (convergence rows)
+    converge_seeds: int = 2
 
 
 FULL = Scale(
@@ -106,6 +117,11 @@ EARLIER_CANDIDATES = {
     "gradient_025_025_1": "GID, gradient 0.25/0.25/1",
     "gradient_025_025_025": "GID, gradient 0.25/0.25/0.25",
 }
+# Does GID's gain hold? The defaults against the student alone at the same compute and at convergence.
+VALUE = replace(
+    FULL, sweep_trials=0, single_losses=False, spec_weights=False, equal_compute=True, converge_epochs=12,
+    gid_dynamic=BalanceConfig().mode != "dynamic",  # once dynamic is the default, gid_default is it
+)
 # On a GPU the same command trains on more, larger images for longer.
 GPU = replace(
     FULL, train_images=8192, val_images=512, test_images=1024, image_size=256, max_objects=8, min_object_size=12,
@@ -119,6 +135,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="FCOS only, 2 seeds, no single-loss rows, a 2-trial sweep")
     p.add_argument("--gpu", action="store_true", help="the GPU scale: 8k images of 256 px, longer schedules")
     p.add_argument("--dev", action="store_true", help="the development table: another data set, balance candidates")
+    p.add_argument(
+        "--value", action="store_true",
+        help="the defaults against the student alone at equal compute and at convergence (no sweeps, no single losses)",
+    )
     p.add_argument("--frameworks", help=f"comma-separated subset of {','.join(FRAMEWORKS)}")
     p.add_argument("--seeds", type=int, help="training seeds of the student / GID rows")
     p.add_argument("--data-seed", type=int, help="the synthetic data set's seed (development tables: one per data set)")
@@ -128,7 +148,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="runs side by side, each on its share of the CPUs (default: one per GPU, else one per CPU)",
     )
     args = p.parse_args(argv)
-    scale = GPU if args.gpu else DEV if args.dev else QUICK if args.quick else FULL
+    scale = GPU if args.gpu else DEV if args.dev else VALUE if args.value else QUICK if args.quick else FULL
     if args.frameworks:
         chosen = tuple(f.strip() for f in args.frameworks.split(","))
         if not set(chosen) <= set(FRAMEWORKS):
@@ -205,6 +225,7 @@ def train_and_test(key: str, data: dict, data_root: Path) -> dict:
     return {"test": test_metrics(outcome.model_path, data_root), "seconds": seconds,
             "val_ap": outcome.metrics.get("val_ap"), "memory_peak_mb": outcome.metrics.get("memory_peak_mb"),
             "val_ap_by_epoch": [m.get("val_ap") for m in outcome.history],
+            "epochs": config.train.epochs,
             "train_s": sum(m["epoch_time_s"] for m in outcome.history),  # training steps alone, no evaluation
             "balance_by_epoch": [{k: v for k, v in m.items() if k.startswith("balance_")} for m in outcome.history],
             "startup_s": {  # from run_training's call to the worker, its data, its models, its first step
@@ -301,6 +322,20 @@ class Bench:
     def candidate_config(self, framework: str, seed: int, candidate: str) -> dict:
         return self.gid_config(framework, seed, balance=CANDIDATES[candidate][1])
 
+    def equal_compute_config(self, framework: str, seed: int) -> dict:
+        """The student alone on as many epochs as the same seed's gid_default run trained for in time (the
+        student's own time per epoch from its run), on the same schedule shape: what GID's cost buys plainly."""
+        runs = self.results.runs
+        per_epoch = runs[f"{framework}/student/{seed}"]["train_s"] / self.scale.student_epochs
+        epochs = max(self.scale.student_epochs, round(runs[f"{framework}/gid_default/{seed}"]["train_s"] / per_epoch))
+        config = self.student_config(framework, seed)
+        config["train"]["epochs"] = epochs
+        return config
+
+    def converged_config(self, config: dict) -> dict:
+        config["train"]["epochs"] = self.scale.converge_epochs
+        return config
+
     def sweep(self, framework: str) -> Job:
         """A TPE + ASHA sweep on the validation split, the spec's defaults as its first trial."""
         s = self.scale
@@ -363,6 +398,26 @@ class Bench:
                         f"{framework}/gid_default/{seed}", lambda f=framework, seed=seed: self.gid_config(f, seed),
                         (teacher,),
                     ))
+                if s.gid_dynamic:
+                    distilled.append(self.training(
+                        f"{framework}/gid_dynamic/{seed}",
+                        lambda f=framework, seed=seed: self.gid_config(f, seed, balance={"mode": "dynamic"}), (teacher,),
+                    ))
+                if s.equal_compute:
+                    students.append(self.training(
+                        f"{framework}/student_equal_compute/{seed}",
+                        lambda f=framework, seed=seed: self.equal_compute_config(f, seed),
+                        (f"{framework}/student/{seed}", f"{framework}/gid_default/{seed}"),
+                    ))
+            for seed in range(s.converge_seeds if s.converge_epochs else 0):
+                students.append(self.training(
+                    f"{framework}/converged_student/{seed}",
+                    lambda f=framework, seed=seed: self.converged_config(self.student_config(f, seed)),
+                ))
+                distilled.append(self.training(
+                    f"{framework}/converged_gid_default/{seed}",
+                    lambda f=framework, seed=seed: self.converged_config(self.gid_config(f, seed)), (teacher,),
+                ))
             if s.sweep_trials:
                 sweeps.append(self.sweep(framework))
             if s.single_losses:
@@ -414,9 +469,17 @@ ROWS = (
     ("relation_only", "relation loss only"),
     ("response_only", "response loss only"),
     ("gid_tuned", "GID, tuned"),
+    ("gid_dynamic", "GID, dynamic balance"),
+    ("student_equal_compute", "student alone, GID's training time"),
+    ("converged_student", "student alone, converged"),
+    ("converged_gid_default", "GID, product defaults, converged schedule"),
     *((name, label) for name, (label, _) in CANDIDATES.items()),
     *EARLIER_CANDIDATES.items(),
 )
+
+
+#: The student row each row's Δ AP is taken against, where it is not the 3-epoch ``student``.
+COMPARED_WITH = {"converged_student": "converged_student", "converged_gid_default": "converged_student"}
 
 
 def measured(runs: dict[str, dict]) -> list[str]:
@@ -434,6 +497,7 @@ def summarise(runs: dict[str, dict], framework: str, row: str) -> dict | None:
         stats[metric] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None)
     stats["seeds"] = len(found)
     stats["minutes"] = statistics.mean(r["seconds"] for r in found) / 60
+    stats["epochs"] = "/".join(sorted({str(r["epochs"]) for r in found if "epochs" in r}, key=int)) or "–"
     return stats
 
 
@@ -466,18 +530,22 @@ def render(runs: dict[str, dict], scale: Scale, argv: list[str], sittings: list[
         *([f"- tuned: TPE + ASHA sweep of {s.sweep_trials} trials on the val split, its top {s.finalize_top} finalized "
            f"over {s.finalize_seeds} seeds, the winner exported and re-trained"] if s.sweep_trials else []),
         "",
-        "| framework | row | seeds | AP | AP50 | AP75 | APs | train min / run | Δ AP vs student |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| framework | row | seeds | epochs | AP | AP50 | AP75 | APs | train min / run | Δ AP vs student |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for framework in measured(runs):
-        student = summarise(runs, framework, "student")
         for row, label in ROWS:
             stats = summarise(runs, framework, row)
             if stats is None:
                 continue
-            delta = f"{stats['ap'][0] - student['ap'][0]:+.1f}" if student and row != "student" else ""
+            reference = COMPARED_WITH.get(row, "student")  # a converged GID run against the converged student
+            student = summarise(runs, framework, reference)
+            delta = f"{stats['ap'][0] - student['ap'][0]:+.1f}" if student and row != reference else ""
             cells = " | ".join(fmt(*stats[m]) for m in METRICS)
-            lines.append(f"| {framework} | {label} | {stats['seeds']} | {cells} | {stats['minutes']:.1f} | {delta} |")
+            lines.append(
+                f"| {framework} | {label} | {stats['seeds']} | {stats['epochs']} | {cells} | {stats['minutes']:.1f} "
+                f"| {delta} |"
+            )
     return "\n".join(lines + early_ranking(runs, scale)) + "\n"
 
 
@@ -528,6 +596,39 @@ def plot(runs: dict[str, dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+CURVES = (("teacher", "teacher"), ("converged_student", "student alone"), ("converged_gid_default", "GID, product defaults"))
+
+
+def plot_curves(runs: dict[str, dict], path: Path) -> bool:
+    """Val AP per epoch of the teacher and the convergence rows (mean over seeds, each seed faint); False if none."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frameworks = [f for f in measured(runs) if any(k.startswith(f"{f}/converged_") for k in runs)]
+    if not frameworks:
+        return False
+    fig, axes = plt.subplots(1, len(frameworks), figsize=(4.5 * len(frameworks), 3.4), squeeze=False)
+    for ax, framework in zip(axes[0], frameworks):
+        for (row, label), color in zip(CURVES, ("#555555", "#4c72b0", "#dd8452")):
+            curves = [r["val_ap_by_epoch"] for k, r in runs.items() if k.startswith(f"{framework}/{row}/")]
+            curves = [[100 * ap for ap in c] for c in curves if c and None not in c]
+            for curve in curves:
+                ax.plot(range(1, len(curve) + 1), curve, color=color, alpha=0.3, linewidth=0.8)
+            if curves:
+                length = min(map(len, curves))
+                mean = [statistics.mean(c[i] for c in curves) for i in range(length)]
+                ax.plot(range(1, length + 1), mean, color=color, label=label)
+        ax.set_title(framework)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("val AP")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -550,8 +651,9 @@ def main(argv: list[str] | None = None) -> None:
     text = render(bench.results.runs, scale, argv, bench.results.sittings)
     (out / "effect.md").write_text(text)
     plot(bench.results.runs, out / "effect.png")
+    curves = plot_curves(bench.results.runs, out / "convergence.png")
     print("\n" + text)
-    print(f"table: {out / 'effect.md'}   plot: {out / 'effect.png'}")
+    print(f"table: {out / 'effect.md'}   plot: {out / 'effect.png'}" + (f"   curves: {out / 'convergence.png'}" if curves else ""))
 
 
 if __name__ == "__main__":

@@ -1,15 +1,18 @@
 """Gradient balance: how much of a GID step's gradient each loss term brings, and what clipping leaves.
 
 For GID run folders (``benchmarks/effect.py`` writes them under ``OUT/runs``) it rebuilds the run's
-Distiller twice: freshly initialised, as at the run's first step, and at the run's last epoch
-checkpoint, both at the weights the run trained with (with ``distill.balance.mode: gradient``, the
-ones it calibrated). On a few training batches it takes the gradient of each loss term alone over the
-student and adapter parameters and reports:
+Distiller freshly initialised, as at the run's first step, and at each epoch checkpoint the run kept
+(``run.checkpoints_to_keep``: the last two by default, so the middle and the end of a 3-epoch run),
+each at the weights the run trained with there: with ``distill.balance.mode: gradient`` the ones it
+calibrated; with ``dynamic`` the ones its balance held at that checkpoint, and at the start the ones
+a first measurement sets. On a few training batches it takes the gradient of each loss term alone
+over the student and adapter parameters and reports:
 
 * each term's gradient norm;
 * the norm of the detector's own terms together (``loss_gt_*``) and of the GID terms together;
 * the factor ``train.clip_grad_norm`` scales the whole step by, which shrinks the detector's gradient too;
-* the cosine between the detector's gradient and GID's.
+* the cosine between the detector's gradient and GID's;
+* each GID term's gradient (its losses' summed) over the detector's: its ``distill.balance.ratios`` target.
 
 Loss values say little about balance: a term's weight, its normalisation and the features it
 reaches set its gradient, and the gradient is what training follows.
@@ -29,6 +32,7 @@ from torch.utils.data import DataLoader
 
 from gid.config import Config, validate
 from gid.data import build_dataset, collate
+from gid.distill.balance import TERM_LOSSES, build_balance
 from gid.engine.loop import build_trainable, student_and_adapter
 from gid.models import read_checkpoint
 
@@ -43,18 +47,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def last_checkpoint(run: Path) -> dict:
+def checkpoints(run: Path) -> list[dict]:
+    """The run's kept epoch checkpoints, oldest first."""
     found = sorted(run.glob("checkpoint_*/checkpoint.pt"))
     if not found:
         raise SystemExit(f"{run}: no checkpoint_*/checkpoint.pt; pass a run folder of `gid distill`")
-    return read_checkpoint(found[-1])
+    return [read_checkpoint(path) for path in found]
 
 
 def distiller(state: dict, config: Config, trained: bool) -> torch.nn.Module:
-    """The run's Distiller, fresh or trained, at the weights the run trained with (calibrated, if it did)."""
+    """The run's Distiller, fresh or trained, at the weights the run trained with at ``state`` (if it set them)."""
     torch.manual_seed(config.train.seed)
     trainable = build_trainable(config, state["num_classes"], torch.device("cpu"))
-    if "balance" in state:  # distill.balance.mode: gradient
+    if "balance" in state:  # distill.balance.mode gradient or dynamic
         trainable.term_scales.update(state["balance"]["scales"])
     if trained:
         student, adapter = student_and_adapter(trainable)
@@ -62,6 +67,12 @@ def distiller(state: dict, config: Config, trained: bool) -> torch.nn.Module:
         if adapter is not None:
             adapter.load_state_dict(state["adapter"])
     return trainable.train()
+
+
+def first_measured(model: torch.nn.Module, config: Config, images, targets) -> None:
+    """Set a fresh dynamic run's weights as its first measurement does (its first step's batch is another)."""
+    balance = build_balance(config.distill, model.term_scales)
+    balance.measure(model(images, targets), [p for p in model.parameters() if p.requires_grad])
 
 
 def batches(config: Config, count: int):
@@ -83,6 +94,7 @@ def balance(model: torch.nn.Module, images, targets, clip: float | None) -> dict
     terms = {k: v for k, v in model(images, targets).items() if k.startswith("loss_")}
     detector = torch.zeros(sum(p.numel() for p in params))
     gid = torch.zeros_like(detector)
+    by_term = {term: torch.zeros_like(detector) for term, losses in TERM_LOSSES.items() if set(losses) & set(terms)}
     row = {}
     for name, value in terms.items():
         grad = flat_gradient(value, params)
@@ -91,6 +103,8 @@ def balance(model: torch.nn.Module, images, targets, clip: float | None) -> dict
             detector += grad
         else:
             gid += grad
+            by_term[next(term for term, losses in TERM_LOSSES.items() if name in losses)] += grad
+    row.update({f"{term} / detector": float(grad.norm() / detector.norm()) for term, grad in by_term.items()})
     total = float((detector + gid).norm())
     row["detector"], row["gid"] = float(detector.norm()), float(gid.norm())
     row["clip_factor"] = min(1.0, clip / total) if clip else 1.0
@@ -99,35 +113,41 @@ def balance(model: torch.nn.Module, images, targets, clip: float | None) -> dict
 
 
 def measure(run: Path, count: int) -> list[tuple[str, dict[str, float]]]:
-    state = last_checkpoint(run)
-    config = validate(state["config"], source=f"{run} (checkpoint config)")
+    kept = checkpoints(run)
+    config = validate(kept[-1]["config"], source=f"{run} (checkpoint config)")
     if config.distill is None:
         raise SystemExit(f"{run}: a run without distillation; pass a `gid distill` run")
+    dynamic = config.distill.balance.mode == "dynamic"
     rows = []
-    for trained in (False, True):
+    for when, state, trained in [("start", kept[-1], False), *((f"epoch {s['epoch']}", s, True) for s in kept)]:
         model = distiller(state, config, trained)
-        per_batch = [
-            balance(model, images, targets, config.train.clip_grad_norm) for images, targets in batches(config, count)
-        ]
+        data = list(batches(config, count))
+        if dynamic and not trained:
+            model.term_scales.update({term: 1.0 for term in model.term_scales})
+            first_measured(model, config, *data[0])
+        per_batch = [balance(model, images, targets, config.train.clip_grad_norm) for images, targets in data]
         mean = {key: statistics.mean(b[key] for b in per_batch) for key in per_batch[0]}
-        rows.append((f"epoch {state['epoch']}" if trained else "start", mean))
+        rows.append((when, mean))
     return rows
 
 
 def render(results: dict[str, list[tuple[str, dict[str, float]]]], argv: list[str]) -> str:
-    terms = sorted({k for rows in results.values() for _, r in rows for k in r} - {"detector", "gid", "clip_factor", "cosine"})
+    ratios = sorted({k for rows in results.values() for _, r in rows for k in r if k.endswith(" / detector")})
+    terms = sorted({k for rows in results.values() for _, r in rows for k in r} - {"detector", "gid", "clip_factor", "cosine", *ratios})
     lines = [
         f"command: `python benchmarks/gradient_balance.py {' '.join(argv)}`",
         "",
-        "| run | weights | " + " | ".join(terms) + " | detector | GID | GID / detector | clip factor | cosine |",
-        "|---|---|" + "---:|" * (len(terms) + 5),
+        "| run | weights | " + " | ".join(terms) + " | detector | GID | GID / detector | clip factor | cosine | "
+        + " | ".join(ratios) + " |",
+        "|---|---|" + "---:|" * (len(terms) + 5 + len(ratios)),
     ]
     for run, rows in results.items():
         for when, r in rows:
             cells = " | ".join(f"{r[t]:.2f}" if t in r else "" for t in terms)
             lines.append(
                 f"| {run} | {when} | {cells} | {r['detector']:.2f} | {r['gid']:.2f} | {r['gid'] / r['detector']:.1f} "
-                f"| {r['clip_factor']:.2f} | {r['cosine']:+.2f} |"
+                f"| {r['clip_factor']:.2f} | {r['cosine']:+.2f} | "
+                + " | ".join(f"{r[k]:.2f}" if k in r else "" for k in ratios) + " |"
             )
     return "\n".join(lines) + "\n"
 
