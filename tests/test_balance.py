@@ -234,10 +234,10 @@ def test_dynamic_balance_holds_each_terms_ratio_while_a_real_detector_trains(bat
         optimizer.step()
     assert statistics.geometric_mean(detector[:6]) > 1.5 * statistics.geometric_mean(detector[6:])  # it fell
     for term, target in RATIOS.items():
-        later = statistics.geometric_mean(balance._epoch_ratios[term][6:])
+        later = statistics.geometric_mean(balance.epoch_ratios[term][6:])
         assert target / 2 < later < target * 2, (term, later)
     # the first measurement, on the untrained detector, was far off: the weights moved to get there
-    assert not all(target / 2 < balance._epoch_ratios[term][0] < target * 2 for term, target in RATIOS.items())
+    assert not all(target / 2 < balance.epoch_ratios[term][0] < target * 2 for term, target in RATIOS.items())
 
 
 def test_dynamic_balance_measures_as_the_one_shot_calibration_does(batch):

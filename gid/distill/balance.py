@@ -210,8 +210,8 @@ class DynamicBalance:
     pass each, with the step's graph), and smooths each term's norm per unit of its scale relative to
     the detector's: an exponential moving average (``momentum``) of its logarithm, bias-corrected as in
     Adam so that the first measurement counts alone. The term's scale becomes its ratio over that
-    estimate, from the next step on. A term without gradient on a measured step (no GIs) keeps its estimate and its weight.
-    Workers average the norms before deciding, so every DDP worker trains with the same weights.
+    estimate, from the next step on. A term without gradient on a measured step (no GIs) keeps its
+    estimate and its weight. Workers average the norms before deciding, so every DDP worker trains with the same weights.
     """
 
     def __init__(self, config: BalanceConfig, distill: DistillConfig, scales: dict[str, float]):
@@ -222,14 +222,14 @@ class DynamicBalance:
         self.log_relative: dict[str, float] = {}  # per term: the moving average, before bias correction
         self.updates: dict[str, int] = {}  # per term: the measurements it had gradient on
         self.detector_norm = 0.0  # at the last measurement
-        self._epoch_ratios: dict[str, list[float]] = {}  # per term: this epoch's measured gradient / detector's
+        self.epoch_ratios: dict[str, list[float]] = {}  # per term: this epoch's measured gradient / detector's
 
     def start_epoch(self) -> None:
-        self._epoch_ratios = {}
+        self.epoch_ratios = {}
 
     def end_epoch(self) -> bool:
         """Whether this epoch measured, so its weights and ratios are worth a line."""
-        return bool(self._epoch_ratios)
+        return bool(self.epoch_ratios)
 
     def observe(self, losses: dict[str, Tensor], params: list[nn.Parameter]) -> bool:
         """The loop's call on every training step: measures and updates the weights when due."""
@@ -252,7 +252,7 @@ class DynamicBalance:
             if not had_gradient or not detector_sum:
                 continue
             relative = norm_sum / detector_sum  # per unit scale, against the detector on the same workers
-            self._epoch_ratios.setdefault(term, []).append(relative * self.scales[term])  # at the weight trained with
+            self.epoch_ratios.setdefault(term, []).append(relative * self.scales[term])  # at the weight trained with
             # averaged as logarithms: step-to-step noise in a norm ratio is a factor, not an offset
             self.log_relative[term] = momentum * self.log_relative.get(term, 0.0) + (1 - momentum) * math.log(relative)
             self.updates[term] = self.updates.get(term, 0) + 1
@@ -262,11 +262,12 @@ class DynamicBalance:
         self.seconds += time.perf_counter() - started
 
     def metrics(self) -> dict[str, float]:
-        """The weights after this epoch, the gradient ratios it measured (at the weights trained with), the cost."""
+        """The weights after this epoch, the gradient ratios it measured (geometric mean, at the weights trained
+        with), the cost."""
         if not self.measurements:
             return {}
         weights = {f"balance_weight_{k}": v for k, v in effective_weights(self.distill, self.scales).items()}
-        ratios = {f"balance_ratio_{k}": statistics.fmean(v) for k, v in self._epoch_ratios.items()}
+        ratios = {f"balance_ratio_{k}": statistics.geometric_mean(v) for k, v in self.epoch_ratios.items()}
         cost = {
             "balance_norm_detector": self.detector_norm, "balance_measurements": self.measurements,
             "balance_extra_backward_passes": self.extra_backward_passes, "balance_seconds": self.seconds,
