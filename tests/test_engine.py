@@ -37,9 +37,12 @@ def test_two_workers_train_checkpoint_and_resume(ray_local, tiny_config, tmp_pat
     resumed = tiny_config("retinanet",
         train={"epochs": 3}, scaling={"num_workers": 2, "use_gpu": False},
     )
+    trained_for = result.metrics["train_time_s"]
     result = build_trainer(resumed, callbacks=[EpochLog(log)]).fit()
     assert log.read_text().split() == ["3"]
     assert result.metrics["epoch"] == 3
+    # the run's training time goes on from the checkpoint's, not from zero
+    assert result.metrics["train_time_s"] == trained_for + result.metrics["epoch_time_s"]
 
 
 def test_run_training_exports_a_model_file_and_returns_every_epochs_metrics(ray_local, tiny_config, tmp_path):
@@ -53,6 +56,9 @@ def test_run_training_exports_a_model_file_and_returns_every_epochs_metrics(ray_
     assert [m["epoch"] for m in outcome.history] == [1, 2]
     assert ["eval_time_s" in m for m in outcome.history] == [False, True]
     assert all(m["epoch_time_s"] > 0 and m["checkpoint_time_s"] > 0 for m in outcome.history)
+    assert [m["train_time_s"] for m in outcome.history] == [
+        outcome.history[0]["epoch_time_s"], outcome.history[0]["epoch_time_s"] + outcome.history[1]["epoch_time_s"]
+    ]
 
 
 def test_the_lr_schedule_waits_while_amp_skips_overflowed_steps():
@@ -71,10 +77,13 @@ def test_the_lr_schedule_waits_while_amp_skips_overflowed_steps():
 
 
 def test_a_users_own_detectors_train_and_distil_through_gid(ray_local, tiny_config, tmp_path, capsys):
-    def run(command: str, config) -> Path:
+    def write(config) -> Path:
         path = tmp_path / f"{config.run.name}.yaml"
         path.write_text(yaml.safe_dump(config.to_dict()))
-        assert main([command, str(path)]) == 0
+        return path
+
+    def run(command: str, config) -> Path:
+        assert main([command, str(write(config))]) == 0
         return Path(config.run.storage_path) / config.run.name / MODEL_FILE
 
     teacher = run("train", tiny_config("retinanet", model={"builder": "support:user_retinanet_teacher"}, run={"name": "own_teacher"}))
@@ -82,10 +91,18 @@ def test_a_users_own_detectors_train_and_distil_through_gid(ray_local, tiny_conf
         "retinanet", model={"builder": "support:user_retinanet"}, run={"name": "own_student"},
         distill={"teacher": str(teacher)},
     )
+    alone = run("train", tiny_config("retinanet", model={"builder": "support:user_retinanet"}, run={"name": "own_alone"}))
     capsys.readouterr()
-    student = run("distill", student_config)
+    assert main(["distill", str(write(student_config)), "--baseline", str(alone)]) == 0
+    student = Path(student_config.run.storage_path) / student_config.run.name / MODEL_FILE
+    printed = capsys.readouterr().out.splitlines()
     teacher_ap = read_checkpoint(teacher)["metrics"]["val_ap"]
-    assert f"teacher: AP {100 * teacher_ap:.1f}" in capsys.readouterr().out.splitlines()
+    assert f"teacher: AP {100 * teacher_ap:.1f}" in printed
+    # what GID cost against the student trained alone, from the two model files
+    gid, plain = read_checkpoint(student)["metrics"], read_checkpoint(alone)["metrics"]
+    (cost,) = [line for line in printed if line.startswith(f"against the student alone ({alone}): ")]
+    assert f"{100 * (gid['val_ap'] - plain['val_ap']):+.1f} AP" in cost
+    assert f"for {gid['train_time_s'] / plain['train_time_s']:.1f}× the training time" in cost
     assert read_checkpoint(student)["metrics"]["teacher_val_ap"] == teacher_ap  # in every report, so in MLflow
     model, stored, _ = load_model(student)
     assert stored.model.builder == "support:user_retinanet" and set(model.backbone.body) == {"stem", "c3", "c4", "c5"}
