@@ -9,7 +9,7 @@ passes through :class:`Config`, so a sweep trial's config is the same kind of fi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -61,7 +61,7 @@ class ModelConfig(StrictModel):
     # The backbone outputs the FPN reads (gid.frameworks.base.FpnLevels): resnet, one per stride;
     # mobilenet (Faster R-CNN on a MobileNet), torchvision's fasterrcnn_mobilenet_v3_large_fpn levels.
     # auto: those of torchvision's builder of the framework on the backbone, else resnet.
-    fpn_levels: Literal["auto"] | FpnLevels = "auto"
+    fpn_levels: Literal[("auto", *get_args(FpnLevels))] = "auto"
     # Anchor (RetinaNet, Faster R-CNN RPN) or location (FCOS) size per FPN level, smallest level
     # first (Faster R-CNN on the mobilenet levels: all of them on every level). "auto" scales the
     # framework's COCO defaults by image_size / 800.
@@ -73,7 +73,7 @@ class ModelConfig(StrictModel):
     # Backbone stages trained, counted from the last; auto: 3 with backbone_weights, else all.
     trainable_backbone_layers: int | Literal["auto"] = "auto"
     # "package.module:function" returning the user's own torchvision RetinaNet, FCOS or FasterRCNN when called
-    # with num_classes=N; then backbone, fpn_channels, variant and anchor_sizes are the function's business.
+    # with num_classes=N; then backbone, fpn_channels, fpn_levels, variant and anchor_sizes are the function's business.
     builder: str | None = None
 
     @model_validator(mode="before")
