@@ -105,8 +105,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     from gid.data import build_dataset, collate
     from gid.engine.evaluation import coco_metrics, format_metrics, predict
+    from gid.engine.latency import cpu_latency, format_cost, parameter_count
     from gid.models import load_model
 
+    if args.latency_runs < 1:
+        raise GidError(f"--latency-runs {args.latency_runs}: time at least 1 run")
     model, config, _ = load_model(args.checkpoint)
     overrides = {"root": args.root, "format": args.format}
     data = config.data.model_copy(update={k: v for k, v in overrides.items() if v is not None})
@@ -114,7 +117,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     dataset.check_image_files()
     loader = DataLoader(dataset, batch_size=data.batch_size, collate_fn=collate)
     records = predict(model, loader, dataset.label_to_category_id, torch.device("cpu"))
-    print(f"{args.checkpoint} on {data.root} [{args.split}]: {format_metrics(coco_metrics(dataset.coco, records))}")
+    latency = cpu_latency(model, data.image_size, args.latency_runs)
+    cost = format_cost(parameter_count(model), latency, data.image_size, args.latency_runs)
+    print(f"{args.checkpoint} on {data.root} [{args.split}]: {format_metrics(coco_metrics(dataset.coco, records))}; {cost}")
 
 
 def cmd_model_import(args: argparse.Namespace) -> None:
@@ -208,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", dest="root", type=Path, default=None, help="data set root (default: the one it trained on)")
     evaluate.add_argument("--format", choices=("coco", "voc"), default=None)
     evaluate.add_argument("--split", default="val", help="split to evaluate (default val)")
+    evaluate.add_argument(  # the median of 20 runs is robust to the odd slow one on a shared machine
+        "--latency-runs", type=int, default=20, metavar="N",
+        help="timed CPU runs of one image, after warm-up, whose median is the reported latency (default 20)",
+    )
     evaluate.set_defaults(func=cmd_eval)
 
     model = commands.add_parser("model", help="torchvision detectors in and out of gid model files")

@@ -9,20 +9,24 @@ passes through :class:`Config`, so a sweep trial's config is the same kind of fi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gid.errors import GidError
 from gid.frameworks import COCO_IMAGE_SIZE, FRAMEWORKS
+from gid.frameworks.base import FpnLevels
 
 Framework = Literal[tuple(FRAMEWORKS)]  # model.framework: one of gid.frameworks' modules
-Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large"]
+Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2", "mobilenet_v3_large"]
 Variant = Literal[tuple(sorted({variant for framework in FRAMEWORKS.values() for variant in framework.variants}))]
 
-# torchvision's limits for trainable_backbone_layers: ResNet conv1 + 4 stages, MobileNetV3's 6 stages.
-MAX_TRAINABLE_LAYERS = {"resnet18": 5, "resnet34": 5, "resnet50": 5, "resnet101": 5, "mobilenet_v3_large": 6}
+# torchvision's limits for trainable_backbone_layers: ResNet conv1 + 4 stages; a MobileNet's stages as
+# _mobilenet_extractor counts them (the first block, each strided block, the last block): 6 in both.
+MAX_TRAINABLE_LAYERS = {
+    "resnet18": 5, "resnet34": 5, "resnet50": 5, "resnet101": 5, "mobilenet_v2": 6, "mobilenet_v3_large": 6,
+}
 
 
 class StrictModel(BaseModel):
@@ -54,8 +58,12 @@ class ModelConfig(StrictModel):
     # torchvision's architecture variant (the framework module's); None takes the framework's default.
     variant: Variant | None = None
     num_classes: int | None = Field(None, ge=2)  # incl. background; None = from the data set
+    # The backbone outputs the FPN reads (gid.frameworks.base.FpnLevels): resnet, one per stride;
+    # mobilenet (Faster R-CNN on a MobileNet), torchvision's fasterrcnn_mobilenet_v3_large_fpn levels.
+    # auto: those of torchvision's builder of the framework on the backbone, else resnet.
+    fpn_levels: Literal[("auto", *get_args(FpnLevels))] = "auto"
     # Anchor (RetinaNet, Faster R-CNN RPN) or location (FCOS) size per FPN level, smallest level
-    # first (Faster R-CNN on MobileNetV3: all of them on every level). "auto" scales the
+    # first (Faster R-CNN on the mobilenet levels: all of them on every level). "auto" scales the
     # framework's COCO defaults by image_size / 800.
     anchor_sizes: Literal["auto"] | list[float] = "auto"
     weights: Path | None = None  # a local model file to initialise from (never downloaded)
@@ -65,7 +73,7 @@ class ModelConfig(StrictModel):
     # Backbone stages trained, counted from the last; auto: 3 with backbone_weights, else all.
     trainable_backbone_layers: int | Literal["auto"] = "auto"
     # "package.module:function" returning the user's own torchvision RetinaNet, FCOS or FasterRCNN when called
-    # with num_classes=N; then backbone, fpn_channels, variant and anchor_sizes are the function's business.
+    # with num_classes=N; then backbone, fpn_channels, fpn_levels, variant and anchor_sizes are the function's business.
     builder: str | None = None
 
     @model_validator(mode="before")
@@ -86,6 +94,12 @@ class ModelConfig(StrictModel):
             raise ValueError(f"anchor_sizes must be 'auto' or a list of {sizes} sizes, one per FPN level")
         if self.variant not in framework.variants:
             raise ValueError(f"variant {self.variant} is not one of {self.framework}'s: {', '.join(framework.variants)}")
+        if self.fpn_levels not in ("auto", *framework.fpn_levels):
+            raise ValueError(
+                f"fpn_levels {self.fpn_levels} is not one of {self.framework}'s: auto, {', '.join(framework.fpn_levels)}"
+            )
+        if self.fpn_levels == "mobilenet" and not self.backbone.startswith("mobilenet"):
+            raise ValueError(f"fpn_levels mobilenet reads a MobileNet's last stage, which {self.backbone} has not; use resnet")
         if self.builder is not None:
             module, _, function = self.builder.partition(":")
             if not module or not function.isidentifier():

@@ -40,9 +40,10 @@ BUILDERS = {
     "fasterrcnn_mobilenet_v3_large_320_fpn": ("faster_rcnn", "v1", "mobilenet_v3_large"),
 }
 ARCHITECTURES = [("retinanet", "v1"), ("retinanet", "v2"), ("fcos", "v1"), ("faster_rcnn", "v1"), ("faster_rcnn", "v2")]
-#: gid's students, which no torchvision builder makes: FPN-64 on a ResNet-18, and Faster R-CNN on a MobileNetV3 too
+#: gid's students, which no torchvision builder makes: FPN-64 on a ResNet-18, and Faster R-CNN on MobileNets too
 STUDENTS = [(framework, variant, "resnet18") for framework, variant in ARCHITECTURES] + [
-    ("faster_rcnn", "v1", "mobilenet_v3_large"), ("faster_rcnn", "v2", "mobilenet_v3_large")]
+    ("faster_rcnn", "v1", "mobilenet_v3_large"), ("faster_rcnn", "v2", "mobilenet_v3_large"),
+    ("faster_rcnn", "v1", "mobilenet_v2")]
 
 
 def torchvision_state_dict(builder: str, num_classes: int = NUM_CLASSES, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -157,10 +158,11 @@ def test_resnet_trainable_layers_are_torchvisions(layers):
 
 
 @pytest.mark.parametrize("layers", range(7))
-def test_mobilenet_trainable_layers_are_torchvisions(layers):
-    config = ModelConfig(backbone="mobilenet_v3_large", frozen_batchnorm=True, trainable_backbone_layers=layers)
+@pytest.mark.parametrize("backbone", ["mobilenet_v2", "mobilenet_v3_large"])
+def test_mobilenet_trainable_layers_are_torchvisions(backbone, layers):
+    config = ModelConfig(backbone=backbone, frozen_batchnorm=True, trainable_backbone_layers=layers)
     ours = build_detector(config, 64, 3)
-    theirs = mobilenet_backbone(backbone_name="mobilenet_v3_large", weights=None, fpn=True, trainable_layers=layers)
+    theirs = mobilenet_backbone(backbone_name=backbone, weights=None, fpn=True, trainable_layers=layers)
     assert _trained(ours.backbone.body) == _trained(theirs.body)
 
 
@@ -243,6 +245,7 @@ def test_import_eval_export_gives_back_the_torchvision_file(builder_file, synth_
     model, config, num_classes = load_model(model_file)
     assert (config.model.framework, config.model.variant, config.model.backbone, config.model.fpn_channels) == (
         framework, variant, backbone, 256)
+    assert config.model.fpn_levels == ("mobilenet" if backbone.startswith("mobilenet") else "resnet")
     assert num_classes == NUM_CLASSES and config.data.image_size == 64 and config.model.frozen_batchnorm is False
 
     assert main(["eval", str(model_file), "--data", str(synth_root)]) == 0
@@ -402,7 +405,7 @@ def test_a_faster_rcnn_trains_with_gids_pooler_and_exports_torchvisions(gid_mode
 
 
 TORCHVISION_NAMES = {
-    **{name: getattr(models, name) for name in ("resnet18", "mobilenet_v3_large")},
+    **{name: getattr(models, name) for name in ("resnet18", "mobilenet_v2", "mobilenet_v3_large")},
     **{name: getattr(detection, name) for name in ("RetinaNet", "FCOS", "FasterRCNN")},
     "AnchorGenerator": detection.anchor_utils.AnchorGenerator,
     "BackboneWithFPN": detection.backbone_utils.BackboneWithFPN,
@@ -434,11 +437,11 @@ def test_a_students_export_names_the_torchvision_call_that_loads_it(gid_model_fi
         rebuilt.eval()(IMAGES)  # it runs too: its anchors fit its heads
 
 
-@pytest.mark.parametrize("backbone", ["mobilenet_v3_large"])
+@pytest.mark.parametrize("backbone", ["mobilenet_v2", "mobilenet_v3_large"])
 def test_the_printed_call_covers_mobilenet_and_frozen_batchnorm(tmp_path, capsys, backbone):
     config = validate({"data": {"image_size": 64}, "model": {"backbone": backbone, "frozen_batchnorm": True}})
     save_model(build_detector(config.model, 64, 3), config, 3, tmp_path / "m.pt")
     assert main(["model", "export", str(tmp_path / "m.pt"), "--format", "torchvision", "--out", str(tmp_path / "m.pth")]) == 0
     call = capsys.readouterr().out.split("architecture; ")[1].split(" loads it with strict=True")[0].split(" (to train it")[0]
-    assert "mobilenet_v3_large(norm_layer=FrozenBatchNorm2d).features" in call
+    assert f"{backbone}(norm_layer=FrozenBatchNorm2d).features" in call
     eval(call, dict(TORCHVISION_NAMES)).load_state_dict(torch.load(tmp_path / "m.pth", weights_only=True), strict=True)

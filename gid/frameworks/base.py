@@ -26,6 +26,11 @@ COCO_IMAGE_SIZE = 800
 #: The levels above the last stage: P6/P7 from P5 or from C5, or a max-pooled P6.
 ExtraLevels = Literal["p6p7_from_p5", "p6p7_from_c5", "max_pool"]
 
+#: Which backbone outputs an FPN reads (``model.fpn_levels``), named after torchvision's two extractors:
+#: ``resnet`` one per stride, as ``_resnet_fpn_extractor`` (any backbone); ``mobilenet`` the last stage's
+#: first and last block, as ``_mobilenet_extractor`` (MobileNets only).
+FpnLevels = Literal["resnet", "mobilenet"]
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -67,6 +72,7 @@ class TorchvisionBuilder:
     backbone: str = "resnet50"
     image_size: int = COCO_IMAGE_SIZE  # the input its COCO weights were trained for: `gid model import`'s default
     fpn_channels: int = 256  # torchvision's FPN width
+    fpn_levels: FpnLevels = "resnet"
 
 
 class Framework(abc.ABC):
@@ -81,10 +87,28 @@ class Framework(abc.ABC):
     coco_anchor_sizes: tuple[float, ...]  # per FPN level at COCO_IMAGE_SIZE (model.anchor_sizes: auto)
     class_layers: tuple[str, ...]  # layers shaped by the class count: fine-tuning to other classes starts them afresh
     class_logits: str  # the weight whose first dimension counts the classes
+    fpn_levels: tuple[FpnLevels, ...] = ("resnet",)  # the model.fpn_levels it builds
+
+    def levels(self, model: ModelConfig) -> FpnLevels:
+        """``model.fpn_levels``; ``auto``: those of torchvision's builder of the framework on the backbone, if
+        there is one, else the ResNets' (so that any ResNet teacher distils into it)."""
+        if model.fpn_levels != "auto":
+            return model.fpn_levels
+        on_backbone = [builder.fpn_levels for builder in self.builders.values() if builder.backbone == model.backbone]
+        return on_backbone[0] if on_backbone else "resnet"
 
     @abc.abstractmethod
-    def fpn_layout(self, model: ModelConfig) -> FpnLayout:
+    def layout(self, levels: FpnLevels, variant: str) -> FpnLayout:
+        """The FPN of ``model.fpn_levels`` ``levels`` (one of ``fpn_levels``) in the variant."""
         raise NotImplementedError
+
+    def fpn_layout(self, model: ModelConfig) -> FpnLayout:
+        return self.layout(self.levels(model), model.variant)
+
+    def levels_with_strides(self, strides: tuple[int, ...]) -> FpnLevels | None:
+        """The ``model.fpn_levels`` whose FPN levels have these strides (a teacher's), if one has."""
+        # strides do not depend on the variant
+        return next((lv for lv in self.fpn_levels if self.layout(lv, self.default_variant).strides == strides), None)
 
     def anchor_sizes(self, model: ModelConfig, scale: float) -> list[float]:
         """``model.anchor_sizes: auto``: COCO's sizes times ``scale`` (input size / COCO's).

@@ -1,8 +1,9 @@
 """Faster R-CNN: two-stage; an RPN on every FPN level, then a box head on RoIs pooled from P2-P5.
 
-On a MobileNetV3 it is ``fasterrcnn_mobilenet_v3_large_fpn``'s architecture: the FPN reads the
-start and the end of the last stage (both stride 32) and max-pools a third level, and every
-level has all five anchor sizes.
+With ``model.fpn_levels: mobilenet`` (``auto`` on a MobileNetV3) it is
+``fasterrcnn_mobilenet_v3_large_fpn``'s architecture: the FPN reads the start and the end of the
+last stage (both stride 32) and max-pools a third level, and every level has all five anchor
+sizes. With ``resnet`` any backbone has the ResNet builders' levels, P2-P5 and the pooled P6.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import fastrcnn_loss
 from torchvision.models.detection.rpn import RPNHead, concat_box_prediction_layers
 
-from gid.frameworks.base import FpnLayout, Framework, Stage, TorchvisionBuilder, stages
+from gid.frameworks.base import FpnLayout, FpnLevels, Framework, Stage, TorchvisionBuilder, stages
 from gid.frameworks.view import AnchorLayout, DenseOutput, DetectorView, Features, gt_loss_names, iou_foreground
 
 if TYPE_CHECKING:
@@ -102,10 +103,6 @@ class FasterRCNNView(DetectorView):
         return roi_heads.box_predictor(roi_heads.box_head(roi_heads.box_roi_pool(features, boxes, image_sizes)))
 
 
-def _on_mobilenet(model: ModelConfig) -> bool:
-    return model.backbone.startswith("mobilenet")
-
-
 class FasterRCNNFramework(Framework):
     name = "faster_rcnn"
     detector = FasterRCNN
@@ -117,31 +114,34 @@ class FasterRCNNFramework(Framework):
     builders = {
         "fasterrcnn_resnet50_fpn": TorchvisionBuilder("v1"),
         "fasterrcnn_resnet50_fpn_v2": TorchvisionBuilder("v2"),
-        "fasterrcnn_mobilenet_v3_large_fpn": TorchvisionBuilder("v1", backbone="mobilenet_v3_large"),
+        "fasterrcnn_mobilenet_v3_large_fpn": TorchvisionBuilder("v1", "mobilenet_v3_large", fpn_levels="mobilenet"),
         # the same module tree, its COCO weights trained on images of 320 px
-        "fasterrcnn_mobilenet_v3_large_320_fpn": TorchvisionBuilder("v1", backbone="mobilenet_v3_large", image_size=320),
+        "fasterrcnn_mobilenet_v3_large_320_fpn": TorchvisionBuilder(
+            "v1", "mobilenet_v3_large", image_size=320, fpn_levels="mobilenet"
+        ),
     }
     coco_anchor_sizes = (32, 64, 128, 256, 512)
     class_layers = ("roi_heads.box_predictor.cls_score", "roi_heads.box_predictor.bbox_pred")
     class_logits = "roi_heads.box_predictor.cls_score.weight"
+    fpn_levels = ("resnet", "mobilenet")
 
-    def fpn_layout(self, model: ModelConfig) -> FpnLayout:
-        norm = nn.BatchNorm2d if model.variant == "v2" else None
-        if _on_mobilenet(model):  # torchvision's _mobilenet_extractor: the last stage's first and last blocks
+    def layout(self, levels: FpnLevels, variant: str) -> FpnLayout:
+        norm = nn.BatchNorm2d if variant == "v2" else None
+        if levels == "mobilenet":  # torchvision's _mobilenet_extractor: the last stage's first and last blocks
             return FpnLayout((Stage(32, first=True), Stage(32)), "max_pool", norm)
         return FpnLayout(stages(4, 8, 16, 32), "max_pool", norm)
 
     def anchor_sizes(self, model: ModelConfig, scale: float) -> list[float]:
-        """On a MobileNetV3 all sizes are on every level, so each is kept at least the (one) stride of the
-        stages instead: torchvision's smallest, 32, is that stride, and COCO scale keeps its sizes."""
-        if not _on_mobilenet(model):
+        """On the MobileNet levels all sizes are on every level, so each is kept at least the (one) stride of
+        the stages instead: torchvision's smallest, 32, is that stride, and COCO scale keeps its sizes."""
+        if self.levels(model) != "mobilenet":
             return super().anchor_sizes(model, scale)
         finest = self.fpn_layout(model).strides[0]
         return [max(size * scale, float(finest)) for size in self.coco_anchor_sizes]
 
     def anchor_generator(self, model: ModelConfig, sizes: list[float]) -> AnchorGenerator:
         levels = len(self.fpn_layout(model).strides)
-        per_level = (tuple(sizes),) * levels if _on_mobilenet(model) else tuple((s,) for s in sizes)
+        per_level = (tuple(sizes),) * levels if self.levels(model) == "mobilenet" else tuple((s,) for s in sizes)
         return AnchorGenerator(per_level, (_RATIOS,) * levels)
 
     def build(
@@ -171,7 +171,7 @@ class FasterRCNNFramework(Framework):
 
     def rebuild_call(self, model: ModelConfig, backbone: str, num_classes: int) -> str:
         arguments = ""
-        if _on_mobilenet(model):  # FasterRCNN's default anchors are one size on each of five levels
+        if self.levels(model) == "mobilenet":  # FasterRCNN's default anchors are one size on each of five levels
             levels = len(self.fpn_layout(model).strides)
             generator = f"AnchorGenerator(({self.coco_anchor_sizes},) * {levels}, ({_RATIOS},) * {levels})"
             arguments += f", rpn_anchor_generator={generator}"

@@ -16,7 +16,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.detection.image_list import ImageList
 
-from gid.frameworks.base import FpnLayout, Framework, TorchvisionBuilder, stages
+from gid.frameworks.base import FpnLayout, FpnLevels, Framework, TorchvisionBuilder, stages
 from gid.frameworks.view import AnchorLayout, DenseOutput, Features, OneStageView, gt_loss_names
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ class FCOSFramework(Framework):
     class_layers = ("head.classification_head.cls_logits",)
     class_logits = "head.classification_head.cls_logits.weight"
 
-    def fpn_layout(self, model: ModelConfig) -> FpnLayout:
+    def layout(self, levels: FpnLevels, variant: str) -> FpnLayout:
         return FpnLayout(stages(8, 16, 32), "p6p7_from_p5")
 
     def anchor_sizes(self, model: ModelConfig, scale: float) -> list[float]:

@@ -12,7 +12,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNetHead
 
-from gid.frameworks.base import FpnLayout, Framework, TorchvisionBuilder, stages
+from gid.frameworks.base import FpnLayout, FpnLevels, Framework, TorchvisionBuilder, stages
 from gid.frameworks.view import AnchorLayout, DenseOutput, Features, OneStageView, gt_loss_names, iou_foreground
 
 if TYPE_CHECKING:
@@ -58,8 +58,8 @@ class RetinaNetFramework(Framework):
     class_layers = ("head.classification_head.cls_logits",)
     class_logits = "head.classification_head.cls_logits.weight"
 
-    def fpn_layout(self, model: ModelConfig) -> FpnLayout:
-        return FpnLayout(stages(8, 16, 32), "p6p7_from_c5" if model.variant == "v2" else "p6p7_from_p5")
+    def layout(self, levels: FpnLevels, variant: str) -> FpnLayout:
+        return FpnLayout(stages(8, 16, 32), "p6p7_from_c5" if variant == "v2" else "p6p7_from_p5")
 
     def anchor_generator(self, model: ModelConfig, sizes: list[float]) -> AnchorGenerator:
         per_level = tuple((s, s * 2 ** (1 / 3), s * 2 ** (2 / 3)) for s in sizes)  # three octave scales

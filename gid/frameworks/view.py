@@ -221,7 +221,10 @@ class OneStageView(DetectorView):
 
 
 def check_compatible(teacher: DetectorView, student: DetectorView) -> None:
-    """Raise a one-line GidError listing everything that differs between the two signatures."""
+    """Raise a one-line GidError listing everything that differs between the two signatures, and the
+    ``model.fpn_levels`` that gives the student the teacher's levels where that is the fix."""
+    from gid.frameworks import FRAMEWORKS  # the registry imports this module
+
     t, s = teacher.signature(), student.signature()
     keys = list(t) + [k for k in s if k not in t]
     differences = [
@@ -229,8 +232,13 @@ def check_compatible(teacher: DetectorView, student: DetectorView) -> None:
         for key in keys
         if t.get(key, "absent") != s.get(key, "absent")
     ]
-    if differences:
-        raise GidError("teacher and student are incompatible: " + "; ".join(differences))
+    if not differences:
+        return
+    fix = ""
+    if t["framework"] == s["framework"] and t["strides"] != s["strides"]:
+        levels = FRAMEWORKS[s["framework"]].levels_with_strides(t["strides"])
+        fix = f"; to read the teacher's levels, set the student's model.fpn_levels: {levels}" if levels else ""
+    raise GidError("teacher and student are incompatible: " + "; ".join(differences) + fix)
 
 
 def iou_foreground(matcher: Matcher, boxes: Tensor, anchors: Tensor) -> Tensor:

@@ -33,7 +33,7 @@ def build_classifier(name: str, frozen_batchnorm: bool) -> nn.Module:
 
     Frozen BatchNorm is torchvision's convention for pretrained backbones: detection batches are
     too small for batch statistics. Otherwise each classifier keeps its own BatchNorm (MobileNetV3's
-    has eps 0.001, as gid has always built it).
+    has eps 0.001, as gid has always built it; MobileNetV2's torchvision's default).
     """
     builder = getattr(models, name)
     return builder(weights=None, norm_layer=FrozenBatchNorm2d) if frozen_batchnorm else builder(weights=None)
@@ -63,7 +63,7 @@ def _resnet_stages(classifier: nn.Module) -> dict[int, list[tuple[str, int]]]:
 
 @torch.no_grad()
 def _blocks_per_stride(body: nn.Sequential) -> dict[int, list[tuple[str, int]]]:
-    """Output stride -> [(name, channels)] of the blocks of a sequential body producing it, in order (MobileNetV3)."""
+    """Output stride -> [(name, channels)] of the blocks of a sequential body producing it, in order (a MobileNet)."""
     was_training = body.training
     body.eval()  # a probe must not touch BatchNorm running statistics
     x = torch.zeros(1, 3, 64, 64)

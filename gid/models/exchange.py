@@ -39,7 +39,7 @@ def check_builder(builder: str) -> tuple[dict[str, str | int], int]:
         raise GidError(f"--builder {builder} is not a torchvision builder gid makes; use one of {names}")
     framework, settings = TORCHVISION_BUILDERS[builder]
     model = {"framework": framework.name, "variant": settings.variant, "backbone": settings.backbone,
-             "fpn_channels": settings.fpn_channels}
+             "fpn_channels": settings.fpn_channels, "fpn_levels": settings.fpn_levels}
     return model, settings.image_size
 
 
@@ -105,9 +105,10 @@ def builder_for(model: ModelConfig) -> str | None:
     """The torchvision builder whose state dict loads into this architecture, if there is one."""
     if model.builder is not None:
         return None
-    architecture = (model.variant, model.backbone, model.fpn_channels)
-    for name, settings in FRAMEWORKS[model.framework].builders.items():
-        if (settings.variant, settings.backbone, settings.fpn_channels) == architecture:
+    framework = FRAMEWORKS[model.framework]
+    architecture = (model.variant, model.backbone, model.fpn_channels, framework.levels(model))
+    for name, settings in framework.builders.items():
+        if (settings.variant, settings.backbone, settings.fpn_channels, settings.fpn_levels) == architecture:
             return name
     return None
 
