@@ -403,6 +403,16 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """A Markdown table, the first column left-aligned and the rest right-aligned."""
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def flag(met: bool) -> str:
+    return "" if met else " ⚠"
+
+
 def render(results: list[dict], args: argparse.Namespace, device: torch.device) -> str:
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_name()}, {os.cpu_count()} cores"
     lines = [
@@ -417,36 +427,34 @@ def render(results: list[dict], args: argparse.Namespace, device: torch.device) 
         f"{'AMP (float16 autocast + gradient scaling)' if args.amp else 'float32'}; "
         f"median of {args.iters} iterations after {args.warmup} warm-up",
         "",
-        "| framework | student step ms | teacher fwd ms | GID step ms | ratio GID / (student + teacher) "
-        "| ratio of the minima | teacher inference ms (ref.) | GIs / image | GID images/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in results:
-        flag = "" if r["ratio"] <= TARGET_RATIO else " ⚠"
-        lines.append(
-            f"| {r['framework']} | {r['student']:.1f} | {r['teacher']:.1f} | {r['gid']:.1f} "
-            f"| **{r['ratio']:.3f}**{flag} | {r['ratio_min']:.3f} | {r['inference']:.1f} | {r['gis_per_image']:.1f} "
-            f"| {r['gid_images_per_s']:.1f} |"
-        )
+    lines += table(
+        ("framework", "student step ms", "teacher fwd ms", "GID step ms", "ratio GID / (student + teacher)",
+         "ratio of the minima", "teacher inference ms (ref.)", "GIs / image", "GID images/s"),
+        [
+            (r["framework"], f"{r['student']:.1f}", f"{r['teacher']:.1f}", f"{r['gid']:.1f}",
+             f"**{r['ratio']:.3f}**" + flag(r["ratio"] <= TARGET_RATIO), f"{r['ratio_min']:.3f}",
+             f"{r['inference']:.1f}", f"{r['gis_per_image']:.1f}", f"{r['gid_images_per_s']:.1f}")
+            for r in results
+        ],
+    )
     lines += [
         "",
         f"Times are medians (the ratio of the minima uses each column's fastest iteration). Target: ratio ≤ "
         f"{TARGET_RATIO}.",
         "",
-    ]
-    lines += [
         f"Dynamic balance (`distill.balance.mode: dynamic`): one measurement, and its cost per step at "
         f"`every_steps: {args.every_steps}` as a share of the GID step (target ≤ {100 * TARGET_BALANCE_COST:.0f} %).",
         "",
-        "| framework | measurement ms | in GID steps | cost per step |",
-        "|---|---:|---:|---:|",
     ]
-    for r in results:
-        flag = "" if r["balance_cost"] <= TARGET_BALANCE_COST else " ⚠"
-        lines.append(
-            f"| {r['framework']} | {r['measurement']:.1f} | {r['measurement'] / r['gid']:.2f} "
-            f"| **{100 * r['balance_cost']:.1f} %**{flag} |"
-        )
+    lines += table(
+        ("framework", "measurement ms", "in GID steps", "cost per step"),
+        [
+            (r["framework"], f"{r['measurement']:.1f}", f"{r['measurement'] / r['gid']:.2f}",
+             f"**{100 * r['balance_cost']:.1f} %**" + flag(r["balance_cost"] <= TARGET_BALANCE_COST))
+            for r in results
+        ],
+    )
     lines.append("")
     for r in results:
         sp = r["student_parts"]
