@@ -254,7 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--mlflow-experiment", default="gid-sweeps", help="MLflow experiment (default gid-sweeps)")
     export.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the local store)")
     export.add_argument("--top", type=int, default=1, help="configs per framework (default 1)")
-    export.add_argument("--metric", default="val_ap", help="ranking metric, maximised (default val_ap)")
+    export.add_argument(
+        "--metric", default="val_ap",
+        help="ranking metric (default val_ap), in the direction the sweep's objective.mode gives it, else maximised",
+    )
     export.set_defaults(func=cmd_export)
 
     demo = commands.add_parser("demo", help="synthetic data, teachers, a small sweep, exported best configs")

@@ -68,18 +68,37 @@ class Best:
     seeds: int = 1
 
 
+def objective_mode(client, experiment_id: str, sweep_ids: set[str], metric: str) -> str:
+    """The direction the sweeps rank ``metric`` in: their sweep file's ``objective.mode`` (or ``second_mode``)
+    where ``metric`` is their objective, else ``max`` (AP and its kin); one line if the sweeps disagree."""
+    modes = set()
+    for id_ in sweep_ids:
+        parent = client.search_runs([experiment_id], filter_string=tag_filter({ROLE_TAG: "sweep", SWEEP_ID_TAG: id_}))
+        params = parent[0].data.params if parent else {}
+        for key in ("", "second_"):
+            if params.get(f"objective.{key}metric") == metric:
+                modes.add(params.get(f"objective.{key}mode", "max"))
+    if len(modes) > 1:
+        raise GidError(f"the sweeps here rank {metric} both ways (objective.mode max and min); pick one with --sweep")
+    return modes.pop() if modes else "max"
+
+
 def best_runs(client, experiment_id: str, metric: str, sweep: str | None, top: int) -> dict[str, list[Best]]:
-    """Per framework, the ``top`` configurations with the highest ``metric``: the finalize stage's by their mean
-    over seeds where a sweep has one, else the finished (not pruned) trials."""
+    """Per framework, the ``top`` configurations best by ``metric`` in the sweep's objective direction: the
+    finalize stage's by their mean over seeds where a sweep has one, else the finished (not pruned) trials."""
     tags = {STATUS_TAG: FINISHED}
     if sweep:
         tags[SWEEP_ID_TAG] = sweep_id(client, experiment_id, sweep)
+    finals = _finished_runs(client, experiment_id, {**tags, ROLE_TAG: FINAL}, metric)
+    trials = _finished_runs(client, experiment_id, {**tags, ROLE_TAG: "trial"}, metric)
+    sweeps = {run.data.tags[SWEEP_ID_TAG] for runs in (*finals.values(), *trials.values()) for run in runs}
+    highest_first = objective_mode(client, experiment_id, sweeps, metric) == "max"
     per_framework: dict[str, list[Best]] = {}
-    for framework, runs in _finished_runs(client, experiment_id, {**tags, ROLE_TAG: FINAL}, metric).items():
-        per_framework[framework] = _by_mean(runs, metric)
-    for framework, runs in _finished_runs(client, experiment_id, {**tags, ROLE_TAG: "trial"}, metric).items():
+    for framework, runs in finals.items():
+        per_framework[framework] = _by_mean(runs, metric, highest_first)
+    for framework, runs in trials.items():
         if framework not in per_framework:
-            ranked = sorted(runs, key=lambda run: run.data.metrics[metric], reverse=True)
+            ranked = sorted(runs, key=lambda run: run.data.metrics[metric], reverse=highest_first)
             per_framework[framework] = [Best(run, run.data.metrics) for run in ranked]
     return {framework: found[:top] for framework, found in sorted(per_framework.items())}
 
@@ -93,7 +112,7 @@ def _finished_runs(client, experiment_id: str, tags: dict[str, str], metric: str
     return per_framework
 
 
-def _by_mean(runs: list, metric: str) -> list[Best]:
+def _by_mean(runs: list, metric: str, highest_first: bool) -> list[Best]:
     """Finalize runs grouped by the configuration they re-train (the student alone left out), best mean first."""
     groups: dict[tuple[str, str], list] = {}
     for run in runs:
@@ -105,7 +124,7 @@ def _by_mean(runs: list, metric: str) -> list[Best]:
         mean = {key: statistics.fmean(run.data.metrics[key] for run in group) for key in keys}
         first_seed = min(group, key=lambda run: int(run.data.tags[SEED_TAG]))
         best.append(Best(first_seed, mean, len(group)))
-    return sorted(best, key=lambda b: b.metrics[metric], reverse=True)
+    return sorted(best, key=lambda b: b.metrics[metric], reverse=highest_first)
 
 
 def exported_config(client, run, name: str) -> Config:

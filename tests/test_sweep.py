@@ -253,6 +253,20 @@ def test_two_sweeps_of_one_name_never_touch_each_others_runs(finished_sweep, wor
         export_best(tmp_path / "best", tracking_uri=mlflow_server, experiment="gid-test", sweep="bob's \"run\"")
 
 
+def test_export_takes_the_best_in_the_direction_the_sweep_optimised(ray_local, workspace, mlflow_server, tmp_path):
+    """A sweep that minimises its objective: `gid export` writes the summary's best trial, not its worst."""
+    name = "lowest-loss"
+    path = write_sweep(
+        workspace, name, mlflow_server, frameworks=["fcos"], trials=2, objective={"metric": "loss", "mode": "min"},
+        scheduler={"type": "none"}, storage_path=str(tmp_path / "sweeps"),
+    )
+    (framework,) = run_sweep(load_sweep(path)).frameworks
+    rows = trial_rows(framework, "loss")
+    assert len({row.value for row in rows}) == 2  # two different losses: the direction decides
+    (exported,) = export_best(tmp_path / "best", tracking_uri=mlflow_server, experiment="gid-test", sweep=name, metric="loss")
+    assert exported.trial_id == best_row(rows, "min").trial_id
+
+
 def test_a_trial_stopped_early_frees_its_train_workers_for_the_next(ray_local, workspace):
     # Each trial's two Train workers ask for 3 of the 4 CPUs: had the first trial's placement group
     # leaked after Tune stopped it mid-training, the second trial could never start.
