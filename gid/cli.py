@@ -1,14 +1,21 @@
-"""The ``gid`` command line: data, train, distill, eval, model, sweep, export, demo."""
+"""The ``gid`` command line: data, train, distill, eval, model; and the commands other packages add.
+
+gid knows nothing of Tune or MLflow: the search commands (sweep, export, demo) come from the
+``gid.commands`` entry points (pyproject.toml), each a function that adds its subcommands.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from contextlib import nullcontext
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from gid import logs
 from gid.errors import GidError
+
+COMMANDS_GROUP = "gid.commands"
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +27,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally)")
 
 
-def _add_verbose_arg(parser: argparse.ArgumentParser) -> None:
+def add_verbose_arg(parser: argparse.ArgumentParser) -> None:
     """For the commands that train: they run in a quiet terminal unless it is given (gid.logs)."""
     parser.add_argument(
         "--verbose", action="store_true",
@@ -29,7 +36,7 @@ def _add_verbose_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _print_log_paths() -> None:
+def print_log_paths() -> None:
     from gid.engine.trainer import ray_logs
 
     print(f"full log: {logs.log_file()}")
@@ -78,7 +85,7 @@ def _train(args: argparse.Namespace, distill: bool) -> None:
 
         print(f"against the student alone ({args.baseline}): {gid_cost(outcome.metrics, baseline)}")
     print(f"model file: {outcome.model_path}")
-    _print_log_paths()
+    print_log_paths()
 
 
 def _baseline_metrics(path: Path) -> dict:
@@ -142,40 +149,8 @@ def cmd_model_export(args: argparse.Namespace) -> None:
     print(export_model(args.model_file, args.format, args.out))
 
 
-def cmd_sweep(args: argparse.Namespace) -> None:
-    from search.config import load_sweep
-
-    sweep = load_sweep(args.sweep, args.overrides)
-    from search.sweep import run_sweep
-
-    outcome = run_sweep(sweep, resume=args.resume, address=args.address, overrides=args.overrides)
-    print("\n" + outcome.summary)
-    print(f"summary, trials.csv and plots: {outcome.report_dir}")
-    print(f"MLflow runs: {outcome.runs_link}")
-    _print_log_paths()
-
-
-def cmd_export(args: argparse.Namespace) -> None:
-    from search.export import export_best
-
-    exported = export_best(
-        args.out, tracking_uri=args.tracking_uri, experiment=args.mlflow_experiment, sweep=args.sweep,
-        metric=args.metric, top=args.top,
-    )
-    for e in exported:
-        print(f"{e.framework} #{e.rank}: AP {100 * e.metrics.get('val_ap', 0):.1f} -> {e.path}")
-    print(f"report: {args.out / 'README.md'}")
-
-
-def cmd_demo(args: argparse.Namespace) -> None:
-    from search.demo import run_demo
-
-    run_demo(args.out, frameworks=args.frameworks.split(","), quick=args.quick)
-    _print_log_paths()
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gid", description=__doc__)
+    parser = argparse.ArgumentParser(prog="gid", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     data = commands.add_parser("data", help="make data sets").add_subparsers(dest="data_command", required=True)
@@ -196,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train one detector (a teacher, or a student alone)")
     _add_config_args(train)
-    _add_verbose_arg(train)
+    add_verbose_arg(train)
     train.set_defaults(func=cmd_train)
 
     distill = commands.add_parser("distill", help="train a student with GID under a teacher model file")
@@ -205,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--baseline", type=Path, default=None, metavar="MODEL_FILE",
         help="the same student trained alone (`gid train`, same data): print GID's AP gain and training-time cost against it",
     )
-    _add_verbose_arg(distill)
+    add_verbose_arg(distill)
     distill.set_defaults(func=cmd_distill)
 
     evaluate = commands.add_parser("eval", help="COCO-evaluate a model file")
@@ -239,33 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     exports.add_argument("--out", type=Path, required=True, help="the file to write")
     exports.set_defaults(func=cmd_model_export)
 
-    sweep = commands.add_parser("sweep", help="search GID values with Ray Tune + Optuna, tracked in MLflow")
-    sweep.add_argument("sweep", type=Path, help="sweep file (see configs/sweep.yaml)")
-    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a sweep file value, e.g. --set trials=4 (repeatable)")
-    sweep.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally)")
-    sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
-    _add_verbose_arg(sweep)
-    sweep.set_defaults(func=cmd_sweep)
-
-    export = commands.add_parser("export", help="write the best trials' configs as distill YAML files")
-    export.add_argument("--out", type=Path, required=True, help="output folder")
-    export.add_argument("--sweep", default=None, help="only this sweep (default: every sweep in the experiment)")
-    export.add_argument("--mlflow-experiment", default="gid-sweeps", help="MLflow experiment (default gid-sweeps)")
-    export.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the local store)")
-    export.add_argument("--top", type=int, default=1, help="configs per framework (default 1)")
-    export.add_argument(
-        "--metric", default="val_ap",
-        help="ranking metric (default val_ap), in the direction the sweep's objective.mode gives it, else maximised",
-    )
-    export.set_defaults(func=cmd_export)
-
-    demo = commands.add_parser("demo", help="synthetic data, teachers, a small sweep, exported best configs")
-    demo.add_argument("--out", type=Path, default=Path("demo"), help="output folder (default demo/)")
-    demo.add_argument("--frameworks", default="retinanet,fcos", help="comma-separated (default retinanet,fcos)")
-    demo.add_argument("--quick", action="store_true", help="an even smaller run, for a smoke test")
-    _add_verbose_arg(demo)
-    demo.set_defaults(func=cmd_demo)
+    # Commands of other packages (search/'s sweep, export and demo), found through their entry points.
+    for plugin in entry_points(group=COMMANDS_GROUP):
+        plugin.load()(commands)
     return parser
 
 

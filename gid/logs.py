@@ -1,4 +1,4 @@
-"""Where gid's progress lines go: the ``gid`` and ``search`` loggers, set up by the CLI.
+"""Where gid's progress lines go: the ``gid`` logger and those packages add (:func:`add_logger`), set up by the CLI.
 
 Library code only logs; the ``gid`` command (or a notebook, a benchmark) decides what is shown.
 Ray Train workers are other processes: they take the driver's level from ``GID_LOG_LEVEL``,
@@ -19,15 +19,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-LOGGERS = ("gid", "search")
+LOGGERS = ["gid"]  # and the loggers of packages that build on gid, once they are imported
 LEVEL_ENV = "GID_LOG_LEVEL"
 LOG_FILE = "gid.log"
 # Libraries that print their own log records to the terminal. Each sets up its logger when imported,
 # so :func:`open_log` reroutes those already imported: a command imports them before its run starts.
 LIBRARIES = ("ray", "optuna", "mlflow")
-# Read when a Tune experiment starts: 0 picks Tune's classic reporter, whose verbosity 1 prints the trial
-# table alone (the newer output adds a config and a result table per trial).
-TUNE_NEW_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"
 
 
 class _PlainLines(logging.StreamHandler):
@@ -40,13 +37,30 @@ class _PlainLines(logging.StreamHandler):
 
 def configure(level: int | str = logging.INFO) -> None:
     """Plain lines on stdout for gid's loggers, at ``level``; calling it again replaces its handler."""
+    global _level
+    _level = level
     for name in LOGGERS:
-        logger = logging.getLogger(name)
-        for handler in [h for h in logger.handlers if isinstance(h, _PlainLines)]:
-            logger.removeHandler(handler)
-        logger.addHandler(_PlainLines())
-        logger.propagate = False  # one line each, whatever the host application's root logger does
-        logger.setLevel(level)
+        _configure_one(logging.getLogger(name), level)
+
+
+def add_logger(name: str) -> None:
+    """Show a package's lines as gid's own: a package that builds on gid (search/) calls it when imported."""
+    if name in LOGGERS:
+        return
+    LOGGERS.append(name)
+    if _level is not None:  # configured already: this logger too
+        _configure_one(logging.getLogger(name), _level)
+
+
+_level: int | str | None = None  # the level of the last configure()
+
+
+def _configure_one(logger: logging.Logger, level: int | str) -> None:
+    for handler in [h for h in logger.handlers if isinstance(h, _PlainLines)]:
+        logger.removeHandler(handler)
+    logger.addHandler(_PlainLines())
+    logger.propagate = False  # one line each, whatever the host application's root logger does
+    logger.setLevel(level)
 
 
 def configure_worker() -> None:
@@ -77,8 +91,6 @@ def command(verbose: bool) -> Iterator[None]:
     """
     global _command
     _command = _Command(quiet=not verbose)
-    if _command.quiet:
-        _set_env(TUNE_NEW_OUTPUT_ENV, "0")
     try:
         yield
     finally:
@@ -134,7 +146,10 @@ def _restore(logger: logging.Logger, handlers: list[logging.Handler], propagate:
     logger.propagate = propagate
 
 
-def _set_env(name: str, value: str) -> None:
+def set_env(name: str, value: str) -> None:
+    """Set an environment variable for the rest of the command (a library's output switch); undone when it ends."""
+    if _command is None:
+        raise RuntimeError("set_env: only within logs.command()")
     saved = os.environ.get(name)
     os.environ[name] = value
 

@@ -25,7 +25,7 @@ from gid.logs import open_log
 
 if TYPE_CHECKING:
     from search.config import SweepConfig
-    from search.sweep import SweepOutcome
+    from search.outcomes import SweepOutcome
 
 logger = logging.getLogger(__name__)
 

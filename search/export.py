@@ -29,7 +29,8 @@ from search.tracking import (
     connect,
     tag_filter,
 )
-from search.trial import FINAL, FINISHED, STUDENT
+from search.outcomes import FINISHED, ranked
+from search.trial import FINAL, STUDENT
 
 
 @dataclass
@@ -92,14 +93,14 @@ def best_runs(client, experiment_id: str, metric: str, sweep: str | None, top: i
     finals = _finished_runs(client, experiment_id, {**tags, ROLE_TAG: FINAL}, metric)
     trials = _finished_runs(client, experiment_id, {**tags, ROLE_TAG: "trial"}, metric)
     sweeps = {run.data.tags[SWEEP_ID_TAG] for runs in (*finals.values(), *trials.values()) for run in runs}
-    highest_first = objective_mode(client, experiment_id, sweeps, metric) == "max"
+    mode = objective_mode(client, experiment_id, sweeps, metric)
     per_framework: dict[str, list[Best]] = {}
     for framework, runs in finals.items():
-        per_framework[framework] = _by_mean(runs, metric, highest_first)
+        per_framework[framework] = _by_mean(runs, metric, mode)
     for framework, runs in trials.items():
         if framework not in per_framework:
-            ranked = sorted(runs, key=lambda run: run.data.metrics[metric], reverse=highest_first)
-            per_framework[framework] = [Best(run, run.data.metrics) for run in ranked]
+            best_first = ranked(runs, mode, key=lambda run: run.data.metrics[metric])
+            per_framework[framework] = [Best(run, run.data.metrics) for run in best_first]
     return {framework: found[:top] for framework, found in sorted(per_framework.items())}
 
 
@@ -112,7 +113,7 @@ def _finished_runs(client, experiment_id: str, tags: dict[str, str], metric: str
     return per_framework
 
 
-def _by_mean(runs: list, metric: str, highest_first: bool) -> list[Best]:
+def _by_mean(runs: list, metric: str, mode: str) -> list[Best]:
     """Finalize runs grouped by the configuration they re-train (the student alone left out), best mean first."""
     groups: dict[tuple[str, str], list] = {}
     for run in runs:
@@ -124,7 +125,7 @@ def _by_mean(runs: list, metric: str, highest_first: bool) -> list[Best]:
         mean = {key: statistics.fmean(run.data.metrics[key] for run in group) for key in keys}
         first_seed = min(group, key=lambda run: int(run.data.tags[SEED_TAG]))
         best.append(Best(first_seed, mean, len(group)))
-    return sorted(best, key=lambda b: b.metrics[metric], reverse=highest_first)
+    return ranked(best, mode, key=lambda b: b.metrics[metric])
 
 
 def exported_config(client, run, name: str) -> Config:

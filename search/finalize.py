@@ -9,18 +9,17 @@ the sweep's run. The winner is the configuration with the best mean; `gid export
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gid.config import Config
+from search.outcomes import FINISHED, FinalScore, TrialRow, best, finished, ranked, trial_status
 from search.space import STUDENT_ALONE, describe_values
-from search.trial import FINAL, FINISHED, STUDENT
+from search.trial import FINAL, STUDENT
 
 if TYPE_CHECKING:
     from ray.tune import ResultGrid
 
-    from search.report import TrialRow
 
 @dataclass(frozen=True)
 class Candidate:
@@ -31,11 +30,10 @@ class Candidate:
 
 def candidates(rows: list[TrialRow], top: int, mode: str) -> list[Candidate]:
     """The ``top`` finished trials by objective, then the student alone (none when no trial finished)."""
-    finished = [r for r in rows if r.status == FINISHED and r.value is not None]
-    ranked = sorted(finished, key=lambda r: r.value, reverse=mode == "max")[:top]
-    if not ranked:
+    top_rows = ranked(finished(rows), mode, key=lambda r: r.value)[:top]
+    if not top_rows:
         return []
-    chosen = [Candidate(str(rank), row.trial_id, row.params) for rank, row in enumerate(ranked, start=1)]
+    chosen = [Candidate(str(rank), row.trial_id, row.params) for rank, row in enumerate(top_rows, start=1)]
     return [*chosen, Candidate(STUDENT, "", STUDENT_ALONE)]
 
 
@@ -50,22 +48,6 @@ def final_points(chosen: list[Candidate], seeds: list[int]) -> list[dict[str, An
     return [{"label": c.label, "source": c.source, "values": c.values, "seed": seed} for c in chosen for seed in seeds]
 
 
-@dataclass
-class FinalScore:
-    label: str
-    source: str
-    values: dict[str, Any]
-    scores: list[float]  # the objective at the last epoch, one per seed that finished
-
-    @property
-    def mean(self) -> float:
-        return statistics.fmean(self.scores)
-
-    @property
-    def std(self) -> float:
-        return statistics.stdev(self.scores) if len(self.scores) > 1 else 0.0
-
-
 def final_scores(results: ResultGrid, metric: str, epochs: int) -> list[FinalScore]:
     """Each candidate's objective over the seeds whose run trained the whole schedule, in label order."""
     by_label: dict[str, FinalScore] = {}
@@ -75,14 +57,14 @@ def final_scores(results: ResultGrid, metric: str, epochs: int) -> list[FinalSco
         if point is None:
             continue
         score = by_label.setdefault(point["label"], FinalScore(point["label"], point["source"], point["values"], []))
-        if result.error is None and int(metrics.get("epoch", 0)) >= epochs and metric in metrics:
+        status = trial_status(result.error is not None, int(metrics.get("epoch", 0)), epochs)
+        if status == FINISHED and metric in metrics:
             score.scores.append(float(metrics[metric]))
     return sorted((s for s in by_label.values() if s.scores), key=lambda s: (s.label == STUDENT, s.label))
 
 
 def winner(scores: list[FinalScore], mode: str) -> FinalScore | None:
-    gid = [s for s in scores if s.label != STUDENT]
-    return (max if mode == "max" else min)(gid, key=lambda s: s.mean) if gid else None
+    return best((s for s in scores if s.label != STUDENT), mode, key=lambda s: s.mean)
 
 
 def final_markdown(framework: str, scores: list[FinalScore], mode: str) -> str:

@@ -7,9 +7,7 @@ import csv
 import io
 import shutil
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
@@ -22,27 +20,12 @@ from gid.distill.cost import time_ratio
 from gid.models import stored_metrics, stored_val_ap
 from search.config import SweepConfig
 from search.finalize import final_markdown
+from search.outcomes import FAILED, FINISHED, PRUNED, FrameworkOutcome, TrialRow, best_row, finished, trial_status
 from search.space import describe_values
 from search.tracking import error_reason
-from search.trial import FAILED, FINISHED, PRUNED, checkpoint_path, trial_status
+from search.trial import checkpoint_path
 
 logger = logging.getLogger(__name__)
-
-if TYPE_CHECKING:
-    from search.sweep import FrameworkOutcome
-
-
-@dataclass
-class TrialRow:
-    framework: str
-    trial_id: str
-    status: str  # search.trial's FINISHED, PRUNED or FAILED
-    epochs: int
-    value: float | None  # the objective at the trial's last epoch
-    params: dict
-    error: str = ""
-    checkpoint: str | None = None  # the trial's last checkpoint (a distillation's holds its GI pictures)
-    train_time_s: float | None = None  # in training steps, over the trial's epochs
 
 
 def trial_rows(outcome: FrameworkOutcome, metric: str) -> list[TrialRow]:
@@ -61,14 +44,6 @@ def trial_rows(outcome: FrameworkOutcome, metric: str) -> list[TrialRow]:
             )
         )
     return rows
-
-
-def best_row(rows: list[TrialRow], mode: str) -> TrialRow | None:
-    """The finished trial with the best objective (pruned trials stopped before the full schedule)."""
-    finished = [r for r in rows if r.status == FINISHED and r.value is not None]
-    if not finished:
-        return None
-    return (max if mode == "max" else min)(finished, key=lambda r: r.value)
 
 
 def _percent(value: float | None) -> str:
@@ -211,11 +186,10 @@ def best_so_far_figure(
 ) -> Figure:
     """The best finished trial's objective after each finished trial, against the teacher and the student alone."""
     figure, axes = _trial_axes(f"{framework}: best {metric} so far", metric, teacher_ap, baseline_ap)
-    best, points = None, []
+    points = []
     for number, row in enumerate(rows, 1):
-        if row.status == FINISHED and row.value is not None:
-            best = row.value if best is None else (max if mode == "max" else min)(best, row.value)
-            points.append((number, 100 * best))
+        if finished([row]):
+            points.append((number, 100 * best_row(rows[:number], mode).value))
     if points:
         axes.plot(*zip(*points), "o-", drawstyle="steps-post", label="best finished trial so far")
     _finish(axes)

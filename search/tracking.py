@@ -31,7 +31,8 @@ from gid.engine.loop import PICTURES_DIR
 from gid.errors import GidError, first_line
 from search.names import quoted
 from search.space import relevant, with_values
-from search.trial import BASELINE, FINAL, FINISHED, LOST, checkpoint_path, trial_config, trial_params, trial_status
+from search.outcomes import FINISHED, LOST, trial_status
+from search.trial import BASELINE, FINAL, checkpoint_path, trial_config, trial_params
 
 logger = logging.getLogger(__name__)
 

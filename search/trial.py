@@ -12,30 +12,23 @@ from __future__ import annotations
 
 from typing import Any
 
+import ray
+import torch
 from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+from torch import nn
+from torch.utils.data import DataLoader
 
 from gid.config import Config, set_value
 from gid.engine.loop import train_loop
-from gid.engine.session import TuneTrial
 from gid.engine.trainer import build_trainer, raise_user_error
 from search.space import with_values
 
-# What became of a trial: the one rule for MLflow's tags, the sweep summary and `gid export`.
-FINISHED, PRUNED, FAILED = "finished", "pruned", "failed"
-LOST = "lost"  # started just before the driver died, after Tune last saved its state: run again in its place
 BASELINE = "baseline"  # the MLflow role (and Train run name) of the student trained alone, when the sweep trains it
 # The finalize stage's Tune trials hold their point under this key: a config label, its source trial and a seed.
 FINAL = "final"
 STUDENT = "student"  # the finalize label of the student alone
-
-
-def trial_status(failed: bool, epochs_trained: int, epochs: int) -> str:
-    """Failed if it raised; finished if it trained its whole schedule; otherwise pruned (by ASHA or the budget)."""
-    if failed:
-        return FAILED
-    return FINISHED if epochs_trained >= epochs else PRUNED
 
 
 def trial_params(config: dict[str, Any]) -> dict[str, Any]:
@@ -65,6 +58,30 @@ def checkpoint_path(result: dict[str, Any], checkpoint: tune.Checkpoint | None) 
 def trial_dirname(trial: Trial) -> str:
     """The trial's folder in its experiment, where Tune keeps the checkpoints of a trial that trains in it."""
     return trial.trial_id
+
+
+class TuneTrial:
+    """The process of a Tune trial with one worker, as the loop's session (gid.engine.session.Session):
+    Tune persists its checkpoints and restores them."""
+
+    rank = 0
+
+    def __init__(self) -> None:
+        # Tune gives the trial the GPUs it asked for through CUDA_VISIBLE_DEVICES: the first is cuda:0.
+        self.device = torch.device("cuda", 0) if ray.get_gpu_ids() else torch.device("cpu")
+
+    def resume_from(self) -> tune.Checkpoint | None:
+        return tune.get_checkpoint()
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return model.to(self.device)
+
+    def prepare_loader(self, loader: DataLoader) -> DataLoader:
+        return loader
+
+    def report(self, metrics: dict, directory: str | None) -> None:
+        checkpoint = None if directory is None else tune.Checkpoint.from_directory(directory)
+        tune.report(metrics, checkpoint=checkpoint)
 
 
 def run_trial(params: dict[str, Any], *, base: dict[str, Any], trials_path: str) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from gid.config import validate
 from search.finalize import FinalScore, candidates, final_markdown, final_points, final_seeds, winner
-from search.report import TrialRow
-from search.trial import FINAL, FINISHED, PRUNED, STUDENT, trial_config, trial_params
+from search.outcomes import FINISHED, PRUNED, TrialRow
+from search.trial import FINAL, STUDENT, trial_config, trial_params
 
 LOSSES_ON = {"distill.losses": "feature,response", "distill.feature.weight": 0.01, "distill.relation.weight": 9.0}
 

@@ -13,12 +13,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ray import tune
+
+from search.config import SweepConfig
+from search.experiment import TUNE_NEW_OUTPUT_ENV, tune_output
 
 from gid.logs import (
     LEVEL_ENV,
     LOG_FILE,
     LOGGERS,
-    TUNE_NEW_OUTPUT_ENV,
+    add_logger,
     command,
     configure,
     configure_worker,
@@ -51,9 +55,22 @@ def test_library_code_prints_nothing_itself():
     assert library and printing == []
 
 
+def test_a_package_that_builds_on_gid_shows_its_lines_like_gids_own(restored_loggers, capsys):
+    import search  # noqa: F401 - adds its logger when imported
+
+    assert "search" in LOGGERS
+    configure()
+    add_logger("gid_plugin")  # after configure: set up at once
+    try:
+        logging.getLogger("gid_plugin.part").info("a plug-in's line")
+        assert capsys.readouterr().out == "a plug-in's line\n"
+    finally:
+        LOGGERS.remove("gid_plugin")
+
+
 def test_configured_lines_are_plain_and_a_quieted_logger_shows_none(restored_loggers, capsys):
     configure()
-    logging.getLogger("search.sweep").info("ended %d run(s)", 2)
+    logging.getLogger("search.experiment").info("ended %d run(s)", 2)
     logging.getLogger("gid").setLevel(logging.WARNING)
     logging.getLogger("gid.engine.loop").info("epoch 1/2 val AP 0.0")
     assert capsys.readouterr().out == "ended 2 run(s)\n"
@@ -79,7 +96,8 @@ def test_a_quiet_command_shows_gids_lines_and_keeps_everything_in_its_log_file(r
     ray_handlers = ray_logger.handlers[:]
     configure()
     with command(verbose=False):
-        assert quiet() and os.environ[TUNE_NEW_OUTPUT_ENV] == "0"
+        assert quiet() and isinstance(tune_output(SweepConfig.model_construct())["progress_reporter"], tune.CLIReporter)
+        assert os.environ[TUNE_NEW_OUTPUT_ENV] == "0"  # the classic reporter, for the rest of the command
         open_log(tmp_path / "run")
         open_log(tmp_path / "other")  # the first folder keeps the log
         logging.getLogger("gid.engine.progress").info("retinanet resnet18  epoch 1/2")
@@ -108,7 +126,8 @@ def test_a_verbose_command_shows_everything_and_keeps_it_in_its_log_file_too(res
     ray_handlers = ray_logger.handlers[:]
     configure()
     with command(verbose=True):
-        assert not quiet() and TUNE_NEW_OUTPUT_ENV not in os.environ
+        assert not quiet() and tune_output(SweepConfig.model_construct()) == {}
+        assert TUNE_NEW_OUTPUT_ENV not in os.environ
         open_log(tmp_path)
         assert ray_logger.handlers == ray_handlers  # Ray's own terminal handler is kept
         logging.getLogger("ray.tune").warning("a Ray warning")
@@ -165,3 +184,14 @@ def test_gid_train_verbose_shows_rays_worker_lines(ray_local, tiny_config, tmp_p
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "(RayTrainWorker pid=" in proc.stdout and "epoch 1/1 iter 8/8 loss" in proc.stdout
     assert (Path(tmp_path) / "runs" / "verbose" / LOG_FILE).is_file()
+
+
+def test_gid_knows_nothing_of_tune_mlflow_optuna_or_search():
+    # The README's layering: search/ builds on gid/, never the other way (its commands come in by entry point).
+    imports = re.compile(r"^\s*(?:from|import)\s+(search|mlflow|optuna|ray\.tune)\b|from ray import tune", re.M)
+    found = [
+        f"{path.relative_to(ROOT)}: {match.group(0).strip()}"
+        for path in sorted((ROOT / "gid").rglob("*.py"))
+        for match in imports.finditer(path.read_text())
+    ]
+    assert found == []

@@ -22,7 +22,7 @@ def test_tune_refuses_a_zero_cpu_trial_so_trials_ask_for_a_token_of_memory():
 
 
 def test_optuna_search_ignores_tune_configs_metric_when_given_a_space():
-    # search/sweep.py: build_searcher passes metric and mode to OptunaSearch itself.
+    # search/experiment.py: build_searcher passes metric and mode to OptunaSearch itself.
     searcher = OptunaSearch(space={"x": optuna.distributions.FloatDistribution(0, 1)})
     assert searcher.set_search_properties("val_ap", "max", {}) is False
     assert searcher.metric is None
@@ -99,10 +99,10 @@ def test_the_developer_api_names_gid_imports_still_exist():
 
 
 def test_tunes_default_output_still_prints_tables_per_trial_and_the_classic_one_is_still_chosen_so(monkeypatch):
-    # gid/logs.py sets RAY_AIR_NEW_OUTPUT=0 in a quiet terminal; search/sweep.py passes the classic CLIReporter.
+    # search/experiment.py::tune_output sets RAY_AIR_NEW_OUTPUT=0 in a quiet terminal and passes the classic CLIReporter.
     from ray.tune.experimental.output import AirVerbosity, TuneTerminalReporter, get_air_verbosity
 
-    from gid.logs import TUNE_NEW_OUTPUT_ENV
+    from search.experiment import TUNE_NEW_OUTPUT_ENV
 
     monkeypatch.delenv(TUNE_NEW_OUTPUT_ENV, raising=False)
     assert get_air_verbosity(1) == AirVerbosity.DEFAULT == TuneTerminalReporter._start_end_verbosity

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from PIL import Image
 
-from search.report import TrialRow, best_so_far_figure, trials_figure
-from search.trial import FAILED, FINISHED, PRUNED
+from search.outcomes import FAILED, FINISHED, PRUNED, TrialRow
+from search.report import best_so_far_figure, trials_figure
 from support import lines_of
 
 # In the order Tune started them: trial numbers 1..5.

@@ -6,7 +6,7 @@ import yaml
 from gid.errors import GidError
 from search.config import load_sweep
 from search.space import LOSS_SETS, LOSSES, Choice, FloatRange, IntRange, as_config_values, default_space, relevant
-from search.sweep import paper_defaults
+from search.experiment import default_point
 
 
 def test_an_int_range_contains_only_integers_within_it():
@@ -22,7 +22,7 @@ def test_the_first_point_holds_only_defaults_the_space_contains():
         "distill.gism.nms_iou": IntRange(low=0, high=1),  # default 0.3 is no integer
         "distill.gism.score_mode": Choice(values=["reference"]),  # default "paper" is not a choice
     }
-    assert paper_defaults(space) == {"distill.gism.top_k": 10}
+    assert default_point(space) == {"distill.gism.top_k": 10}
 
 
 def test_the_default_space_searches_weights_or_ratios_and_never_switches_every_loss_off():

@@ -30,8 +30,10 @@ from gid.models import read_checkpoint
 from search.config import load_sweep
 from search.export import export_best
 from search.leftovers import Leftovers
-from search.report import best_row, reference_aps, trial_rows, trials_figure
-from search.sweep import TRIAL_DRIVER_RESOURCES, build_scheduler, build_searcher, run_sweep, trial_trainable
+from search.experiment import TRIAL_DRIVER_RESOURCES, build_scheduler, build_searcher, fit, trial_trainable
+from search.outcomes import best_row
+from search.report import reference_aps, trial_rows, trials_figure
+from search.sweep import run_sweep
 from search.trial import FINAL
 from search.tracking import (
     CANDIDATE_TAG,
@@ -269,7 +271,8 @@ def test_export_takes_the_best_in_the_direction_the_sweep_optimised(ray_local, w
 
 def test_a_trial_stopped_early_frees_its_train_workers_for_the_next(ray_local, workspace):
     # Each trial's two Train workers ask for 3 of the 4 CPUs: had the first trial's placement group
-    # leaked after Tune stopped it mid-training, the second trial could never start.
+    # leaked after Tune stopped it mid-training, the second trial could never start. Run by the sweep's
+    # own `fit`, with the cleanup after it that such experiments get.
     base = load_config(
         workspace / "retinanet_gid.yaml", ["train.epochs=3", "scaling.num_workers=2", "scaling.cpus_per_worker=1.5"]
     )
@@ -280,7 +283,7 @@ def test_a_trial_stopped_early_frees_its_train_workers_for_the_next(ray_local, w
         tune_config=tune.TuneConfig(max_concurrent_trials=1, time_budget_s=240),
         run_config=tune.RunConfig(name="stopped", storage_path=str(workspace / "tune"), stop={"epoch": 1}),
     )
-    results = tuner.fit()
+    results = fit(tuner, base)
     assert len(results) == 2 and not results.errors
     assert [r.metrics["epoch"] for r in results] == [1, 1]
 
@@ -503,7 +506,7 @@ def test_tpe_leaves_random_sampling_after_its_startup_trials(workspace, tmp_path
         sampler = {"type": "tpe", "seed": 0, "paper_defaults_first": False, "startup_trials": startup_trials}
         sweep = load_sweep(write_sweep(workspace, f"startup{startup_trials}", "sqlite:///unused.db", sampler=sampler))
         space = sweep.space_for(sweep.base_config("retinanet"))
-        searcher = build_searcher(sweep, space, "retinanet", f"sqlite:///{tmp_path / f'optuna{startup_trials}.db'}")
+        searcher = build_searcher(sweep, space, "sweep-retinanet", f"sqlite:///{tmp_path / f'optuna{startup_trials}.db'}")
         configs = []
         for i in range(4):
             config = searcher.suggest(f"trial{i}")

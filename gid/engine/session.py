@@ -1,10 +1,10 @@
-"""Where the training loop runs: a Ray Train worker, or the process of a single-worker Tune trial.
+"""Where the training loop runs: a Ray Train worker, or another host that keeps the same contract.
 
-The loop asks its session for the few things that differ between the two: its rank, its device,
-the checkpoint to resume from, how to wrap the model and loaders for DDP, and where to report.
-A Ray Train run starts a controller and a worker group before the loop's first line, about 10 s
-per run (docs/benchmarks.md, "Trial start-up"); a sweep trial with one worker needs neither, so it
-trains in the process Tune already started and reports to Tune itself.
+The loop asks its session for the few things that differ between hosts: its rank, its device, the
+checkpoint to resume from, how to wrap the model and loaders for DDP, and where to report. The other
+host is search/'s one-worker Tune trial (``search.trial.TuneTrial``): a Ray Train run starts a
+controller and a worker group before the loop's first line, about 10 s per run (docs/benchmarks.md,
+"Trial start-up"), and a sweep trial with one worker needs neither.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Protocol
 import ray
 import ray.train
 import ray.train.torch
-import ray.tune
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -24,7 +23,8 @@ class Session(Protocol):
     rank: int
     device: torch.device
 
-    def resume_from(self) -> ray.train.Checkpoint | ray.tune.Checkpoint | None: ...
+    def resume_from(self) -> ray.train.Checkpoint | None:
+        """A checkpoint to resume from: anything with ``as_directory()``, like Ray Train's and Tune's."""
 
     def prepare_model(self, model: nn.Module) -> nn.Module: ...
 
@@ -53,26 +53,3 @@ class TrainWorker:
     def report(self, metrics: dict, directory: str | None) -> None:
         checkpoint = None if directory is None else ray.train.Checkpoint.from_directory(directory)
         ray.train.report(metrics, checkpoint=checkpoint)
-
-
-class TuneTrial:
-    """The process of a Tune trial with one worker: Tune persists its checkpoints and restores them."""
-
-    rank = 0
-
-    def __init__(self) -> None:
-        # Tune gives the trial the GPUs it asked for through CUDA_VISIBLE_DEVICES: the first is cuda:0.
-        self.device = torch.device("cuda", 0) if ray.get_gpu_ids() else torch.device("cpu")
-
-    def resume_from(self) -> ray.tune.Checkpoint | None:
-        return ray.tune.get_checkpoint()
-
-    def prepare_model(self, model: nn.Module) -> nn.Module:
-        return model.to(self.device)
-
-    def prepare_loader(self, loader: DataLoader) -> DataLoader:
-        return loader
-
-    def report(self, metrics: dict, directory: str | None) -> None:
-        checkpoint = None if directory is None else ray.tune.Checkpoint.from_directory(directory)
-        ray.tune.report(metrics, checkpoint=checkpoint)
