@@ -86,7 +86,6 @@ class FrameworkOutcome:
     base: Config
     results: tune.ResultGrid
     study: optuna.Study
-    trials_path: str
     baseline: Path | None  # model file of the student trained alone: the sweep file's, or the one the sweep trained
     defaults: dict[str, Any] | None = None  # GID's defaults, when the sweep's first trial evaluated them
     final: list[FinalScore] = field(default_factory=list)  # the finalize stage's candidates, when it ran

@@ -31,7 +31,7 @@ from search.report import trial_rows, write_sweep_report
 from search.space import STUDENT_ALONE
 from search.storage import SweepPaths
 from search.tracking import TrialLogger, connect, parent_run, record_invocation, runs_link
-from search.trial import BASELINE, FINAL, trial_config
+from search.trial import BASELINE, FINAL, trains_in_trial, trial_config
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +56,17 @@ def sweep_base(sweep: SweepConfig, written: Config) -> Config:
     return base.model_copy(update={"scaling": scaling, "train": train})
 
 
-def train_baseline(base: Config, trials: TrialLogger) -> Path:
+def trials_path(paths: SweepPaths, base: Config, experiment: str) -> str:
+    """Where an experiment's trials keep their files, as their logged configs say: a one-worker trial's are
+    in Tune's experiment folder (``<experiment>/<trial id>``), a multi-worker trial's Train run in
+    ``trials/<framework>/<trial id>``."""
+    return paths.join(experiment) if trains_in_trial(base) else paths.join("trials", base.model.framework)
+
+
+def train_baseline(base: Config, paths: SweepPaths, trials: TrialLogger) -> Path:
     """Train the student alone once (a later run of the sweep reuses it) and log it as the sweep's baseline:
-    the base config with every GID loss off, on the trials' schedule and resources."""
-    config = trial_config(base.to_dict(), STUDENT_ALONE, BASELINE, trials.trials_path)
+    the base config with every GID loss off, on the trials' schedule and resources, as a Train run of its own."""
+    config = trial_config(base.to_dict(), STUDENT_ALONE, BASELINE, paths.join("trials", base.model.framework))
     model_file = Path(config.run.storage_path) / BASELINE / MODEL_FILE
     if model_file.is_file():
         metrics = read_checkpoint(model_file)["metrics"]
@@ -75,7 +82,7 @@ def run_framework(
     sweep: SweepConfig, base: Config, space: dict[str, Any], paths: SweepPaths, trials: TrialLogger, resume: bool
 ) -> FrameworkOutcome:
     framework = base.model.framework
-    baseline = sweep.frameworks[framework].baseline or train_baseline(base, trials)
+    baseline = sweep.frameworks[framework].baseline or train_baseline(base, paths, trials)
     name = experiment_name(sweep, framework)
     storage = paths.optuna_storage(sweep)
     budget = EpochBudget(sweep.budget_epochs, paths.local / f"{name}.epochs.json") if sweep.budget_epochs else None
@@ -90,7 +97,7 @@ def run_framework(
     )
     study = optuna.load_study(study_name=name, storage=storage)
     defaults = default_point(space) if sweep.sampler.paper_defaults_first else None
-    outcome = FrameworkOutcome(framework, base, results, study, trials.trials_path, baseline, defaults)
+    outcome = FrameworkOutcome(framework, base, results, study, baseline, defaults)
     if sweep.finalize:
         outcome.final = run_finalize(sweep, outcome, paths, trials, resume)
     return outcome
@@ -111,14 +118,15 @@ def run_finalize(
         "%s: finalizing %d configuration(s) and the student alone over seeds %s",
         outcome.framework, len(chosen) - 1, ", ".join(map(str, seeds)),
     )
+    name = f"{experiment_name(sweep, outcome.framework)}-{FINAL}"
     final = TrialLogger(
         trials.client, trials.experiment_id, trials.sweep, base,
         finalize.applied_to(trials.portable_base, outcome.framework).to_dict(),
-        trials.trials_path, role=FINAL,
+        trials_path(paths, base, name), role=FINAL,
     )
     results = run_experiment(
-        sweep, paths, final, f"{experiment_name(sweep, outcome.framework)}-{FINAL}", f"{outcome.framework} {FINAL}",
-        resume, param_space={FINAL: tune.grid_search(final_points(chosen, seeds))},
+        sweep, paths, final, name, f"{outcome.framework} {FINAL}", resume,
+        param_space={FINAL: tune.grid_search(final_points(chosen, seeds))},
     )
     return final_scores(results, objective.metric, base.train.epochs)
 
@@ -152,8 +160,8 @@ def run_sweep(
     ensure_ray(address)
     outcomes = []
     for framework, base in bases.items():
-        trials_path = paths.join("trials", framework)
-        trials = TrialLogger(client, experiment_id, sweep_run, base, written[framework].to_dict(), trials_path)
+        where = trials_path(paths, base, experiment_name(sweep, framework))
+        trials = TrialLogger(client, experiment_id, sweep_run, base, written[framework].to_dict(), where)
         outcomes.append(run_framework(sweep, base, spaces[framework], paths, trials, resume))
     summary, report_dir = write_sweep_report(sweep, outcomes, paths.local)
     try:

@@ -20,6 +20,7 @@ import ray.train
 from ray import tune
 from ray.train.torch import TorchTrainer
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+import yaml
 
 from gid.config import load_config
 from gid.distill.teacher import cached_val_ap
@@ -87,7 +88,7 @@ def finished_sweep(ray_local, workspace, mlflow_server):
     return sweep, run_sweep(sweep, overrides=overrides)
 
 
-def test_sweep_runs_every_trial_and_tracks_them_in_mlflow(finished_sweep, mlflow_server):
+def test_sweep_runs_every_trial_and_tracks_them_in_mlflow(finished_sweep, mlflow_server, tmp_path):
     sweep, outcome = finished_sweep
     client = MlflowClient(mlflow_server)
     assert sorted(o.framework for o in outcome.frameworks) == sorted(FRAMEWORKS)
@@ -143,6 +144,9 @@ def test_sweep_runs_every_trial_and_tracks_them_in_mlflow(finished_sweep, mlflow
         assert [m.step for m in history] == list(range(1, epochs + 1))
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"config.yaml", PORTABLE_CONFIG} <= artifacts
+        logged = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text())
+        folder = Path(logged["run"]["storage_path"]) / logged["run"]["name"]  # where the trial's files really are
+        assert any(path.name.startswith("checkpoint_") for path in folder.iterdir())
         assert run.data.tags[SWEEP_ID_TAG] == parent.data.tags[SWEEP_ID_TAG]
         if run.data.tags[STATUS_TAG] == "finished" and run.data.params["distill.feature.enabled"] == "True":
             assert "gi_pictures" in artifacts
