@@ -12,8 +12,13 @@
 # Environment:
 #   MLFLOW_PORT                    5000
 #   MLFLOW_HOME                    ~/mlflow: the server's log and pid file, and the default stores below
-#   MLFLOW_BACKEND_STORE_URI       sqlite:///$MLFLOW_HOME/mlflow.db: runs, params, metrics, tags
-#                                  (any SQLAlchemy URL, e.g. postgresql://user:pass@host/mlflow with psycopg2 installed)
+#   MLFLOW_BACKEND_STORE_URI       sqlite:///$MLFLOW_HOME/mlflow.db: runs, params, metrics, tags.
+#                                  SQLite suits one person's sweeps; a team's MLflow, or one that must outlive the
+#                                  head, keeps them in PostgreSQL, with its driver installed beside gid-search
+#                                  (pip install -c constraints.txt -e '.[postgres]', psycopg 3):
+#                                    postgresql+psycopg://gid:PASSWORD@db.internal:5432/mlflow
+#                                  (an empty database; the server creates its tables on the first start). Any other
+#                                  SQLAlchemy URL works with its own driver. The URI is printed with its password hidden.
 #   MLFLOW_ARTIFACTS_DESTINATION   $MLFLOW_HOME/artifacts: artifact files (config.yaml, GI pictures, reports);
 #                                  a bucket URI on clouds: s3://bucket/gid/mlflow-artifacts (boto3),
 #                                  gs://bucket/gid/mlflow-artifacts (google-cloud-storage). The server proxies
@@ -32,6 +37,8 @@ python=${PYTHON:-python}
 pidfile=$home/server.pid
 logfile=$home/server.log
 uri=http://127.0.0.1:$port
+
+shown=${backend/\/\/*@/\/\/***@}  # scheme://user:secret@host -> scheme://***@host, as gid logs URLs
 
 server=("$python" -m mlflow server --host 127.0.0.1 --port "$port" --workers "${MLFLOW_WORKERS:-2}"
         --backend-store-uri "$backend" --artifacts-destination "$artifacts")
@@ -59,11 +66,28 @@ sys.exit(1)
 EOF
 }
 
+# A PostgreSQL store needs its driver: say which, instead of the server's traceback.
+check_driver() {
+  local module=
+  case $backend in
+    postgresql+psycopg://*|postgres+psycopg://*) module=psycopg ;;
+    postgresql://*|postgres://*|postgresql+psycopg2://*) module=psycopg2 ;;  # SQLAlchemy's default driver
+  esac
+  [[ -z $module ]] && return
+  if ! "$python" -c "import $module" 2>/dev/null; then
+    echo "MLFLOW_BACKEND_STORE_URI $shown needs the $module driver, which $python cannot import;" \
+         "install gid-search's postgres extra (pip install -c constraints.txt -e '.[postgres]')" \
+         "and use a postgresql+psycopg:// URI" >&2
+    exit 2
+  fi
+}
+
 start() {
   if running; then
     echo "MLflow is already running at $uri (pid $(cat "$pidfile"))"
     return
   fi
+  check_driver
   # Its own session, so `stop` ends the server together with its worker processes.
   setsid "${server[@]}" >>"$logfile" 2>&1 </dev/null &
   echo $! >"$pidfile"
@@ -72,7 +96,7 @@ start() {
     tail -n 30 "$logfile" >&2
     exit 1
   fi
-  echo "MLflow tracking server at $uri (store $backend, artifacts $artifacts; log $logfile)"
+  echo "MLflow tracking server at $uri (store $shown, artifacts $artifacts; log $logfile)"
 }
 
 stop() {
@@ -100,7 +124,8 @@ case ${1:-} in
   status)
     if running; then echo "MLflow is running at $uri (pid $(cat "$pidfile"))"; else echo "MLflow is not running"; exit 1; fi ;;
   run)
-    echo "MLflow tracking server at $uri (store $backend, artifacts $artifacts)"
+    check_driver
+    echo "MLflow tracking server at $uri (store $shown, artifacts $artifacts)"
     exec "${server[@]}" ;;
   *)
     echo "usage: bash clusters/mlflow-server.sh start|stop|restart|status|run" >&2

@@ -15,7 +15,7 @@ torch.set_num_threads(1)
 
 # Tests on a real Ray instance or MLflow server (seconds to minutes each); `pytest -m "not integration"`
 # runs the rest in a few minutes (README: the measured time), CI runs everything.
-INTEGRATION_FIXTURES = {"ray_local", "mlflow_server", "two_nodes", "mlflow_on_head"}
+INTEGRATION_FIXTURES = {"ray_local", "mlflow_server", "postgres_mlflow_server", "two_nodes", "mlflow_on_head"}
 
 
 def pytest_collection_modifyitems(items):
@@ -75,3 +75,37 @@ def mlflow_server(tmp_path_factory):
     yield uri
     process.terminate()
     process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def postgres_mlflow_server(tmp_path_factory):
+    """A team's MLflow: clusters/mlflow-server.sh (two server processes, its default) on loopback, whose backend
+    store is a real PostgreSQL, a throwaway cluster (`initdb`) on a free port of 127.0.0.1; both are stopped and
+    the cluster deleted at the end. Yields the server's URI.
+
+    Fails, never skips, where PostgreSQL is not installed: .ci/run installs it."""
+    import sys
+
+    from support import PostgresMissing, free_port, mlflow_server_script, start_postgres
+
+    try:
+        postgres, missing = start_postgres("mlflow"), None
+    except PostgresMissing as exc:
+        missing = str(exc)
+    if missing:
+        pytest.fail(missing, pytrace=False)
+    port = free_port()
+    env = {
+        "MLFLOW_HOME": str(tmp_path_factory.mktemp("mlflow-postgres")), "MLFLOW_PORT": str(port),
+        "MLFLOW_BACKEND_STORE_URI": postgres.url("mlflow"), "PYTHON": sys.executable,
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # MLflow's job runner: gid starts no jobs
+    }
+    try:
+        started = mlflow_server_script("start", env)
+        assert started.returncode == 0, f"clusters/mlflow-server.sh start failed: {started.stdout}{started.stderr}"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        try:
+            mlflow_server_script("stop", env, timeout=120)
+        finally:
+            postgres.stop()

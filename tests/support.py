@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import pwd
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections import OrderedDict
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -93,6 +98,133 @@ def start_mlflow_server(root: Path, port: int | None = None) -> tuple[subprocess
             if process.poll() is not None or time.time() > deadline:
                 raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
             time.sleep(0.5)
+
+
+# --- PostgreSQL as MLflow's backend store (a team's: clusters/mlflow-server.sh) ----------------------
+
+POSTGRES_MISSING = (
+    "PostgreSQL's server programs (initdb, pg_ctl) are not installed, so the tests of MLflow on PostgreSQL "
+    "cannot run: run .ci/run, which installs Debian's postgresql package (apt-get install -y postgresql)"
+)
+
+
+class PostgresMissing(RuntimeError):
+    """PostgreSQL's server programs are not on this machine."""
+
+
+def postgres_bin() -> Path | None:
+    """The folder of PostgreSQL's server programs: Debian's package keeps them off PATH, in
+    /usr/lib/postgresql/<version>/bin (the newest version wins); else wherever PATH finds initdb and pg_ctl
+    together. .ci/run installs the package when neither is there."""
+    found = [p for p in Path("/usr/lib/postgresql").glob("*/bin") if (p / "initdb").exists() and (p / "pg_ctl").exists()]
+    found.sort(key=lambda folder: [int(part) if part.isdigit() else 0 for part in folder.parent.name.split(".")])
+    if found:
+        return found[-1]
+    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    if initdb and pg_ctl and (folder := Path(pg_ctl).resolve().parent) == Path(initdb).resolve().parent:
+        return folder
+    return None
+
+
+@dataclass
+class Postgres:
+    """A throwaway PostgreSQL cluster on 127.0.0.1, run by ``as_user`` (a command prefix) from ``root``."""
+
+    bin: Path
+    root: Path
+    port: int
+    as_user: list[str]
+    user: str = "gid"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "postgres.log"
+
+    def url(self, database: str) -> str:
+        """SQLAlchemy's URL of ``database`` with the psycopg (v3) driver: what `mlflow server` takes."""
+        return f"postgresql+psycopg://{self.user}@127.0.0.1:{self.port}/{database}"
+
+    def pg_ctl(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*self.as_user, str(self.bin / "pg_ctl"), "-D", str(self.data), *args],
+            cwd=self.root, capture_output=True, text=True, timeout=120,
+        )
+
+    def create_database(self, name: str) -> None:
+        import psycopg
+
+        with psycopg.connect(host="127.0.0.1", port=self.port, user=self.user, dbname="postgres", autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+
+    def stop(self) -> None:
+        """Stop the server (`pg_ctl stop -m fast`: it closes clients' connections) and delete the cluster."""
+        try:
+            if (self.data / "postmaster.pid").exists():
+                done = self.pg_ctl("stop", "-m", "fast", "-w", "-t", "60")
+                if done.returncode != 0:
+                    raise RuntimeError(f"pg_ctl stop failed: {done.stdout}{done.stderr}")
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-2000:] if self.log.exists() else "(no log)"
+
+
+def start_postgres(database: str = "mlflow") -> Postgres:
+    """``initdb`` a throwaway cluster in a new temporary folder, start PostgreSQL on a free port of 127.0.0.1
+    (no other address), create ``database``; `Postgres.stop` stops it and deletes the folder.
+
+    PostgreSQL refuses to run as root: as root, the ``postgres`` system user (made by Debian's package) runs
+    it, in a folder that user owns (under /tmp, not pytest's root-only folder)."""
+    bin = postgres_bin()
+    if bin is None:
+        raise PostgresMissing(POSTGRES_MISSING)
+    root = Path(tempfile.mkdtemp(prefix="gid-postgres-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            shutil.rmtree(root)
+            raise PostgresMissing(f"{POSTGRES_MISSING} (there is no postgres system user to run it as)") from None
+        os.chown(root, owner.pw_uid, owner.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    postgres = Postgres(bin, root, free_port(), as_user)
+    # trust: no passwords, which is safe only because the cluster listens on 127.0.0.1 alone and lives for the tests
+    made = subprocess.run(
+        [*as_user, str(bin / "initdb"), "-D", str(postgres.data), "-U", postgres.user, "--auth=trust",
+         "--encoding=UTF8", "--no-locale", "--no-sync"],
+        cwd=root, capture_output=True, text=True, timeout=300,
+    )
+    if made.returncode != 0:
+        shutil.rmtree(root, ignore_errors=True)
+        raise RuntimeError(f"initdb failed: {made.stdout[-2000:]}{made.stderr[-2000:]}")
+    # its socket file in its own folder (Debian's /var/run/postgresql may be missing); fsync off: a throwaway cluster
+    options = f"-c listen_addresses=127.0.0.1 -c port={postgres.port} -c unix_socket_directories={postgres.data} -c fsync=off"
+    started = postgres.pg_ctl("start", "-w", "-t", "120", "-l", str(postgres.log), "-o", options)
+    try:
+        if started.returncode != 0:
+            raise RuntimeError(f"PostgreSQL did not start: {started.stdout}{started.stderr}\n{postgres.log_tail()}")
+        postgres.create_database(database)
+    except BaseException:
+        postgres.stop()
+        raise
+    return postgres
+
+
+MLFLOW_SERVER_SCRIPT = Path(__file__).resolve().parents[1] / "clusters" / "mlflow-server.sh"
+
+
+def mlflow_server_script(command: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """``bash clusters/mlflow-server.sh COMMAND`` with ``env`` (MLFLOW_HOME, MLFLOW_PORT, ...) over this environment."""
+    return subprocess.run(
+        ["bash", str(MLFLOW_SERVER_SCRIPT), command], env={**os.environ, **env}, capture_output=True, text=True,
+        timeout=timeout,
+    )
 
 
 def write_base_configs(synth_root: Path, root: Path, frameworks, epochs: int = 2) -> None:
