@@ -5,7 +5,7 @@ config would build (``gid.models.detectors.build_anchor_generator``) and the num
 IoU >= 0.5, the RetinaNet matcher's foreground threshold (the RPN's is 0.7). Boxes with no anchor
 near them get only the matcher's low-quality match and train the detector poorly.
 
-    python benchmarks/anchor_coverage.py --root data/synth --image-size 128
+    python -m benchmarks.anchor_coverage --root data/synth --image-size 128
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     xywh = torch.tensor([ann["bbox"] for ann in list(coco.anns.values())[: args.boxes]], dtype=torch.float32)
     boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
     print(f"### Anchor coverage: {args.root} [{args.split}], {len(boxes)} boxes, input {args.image_size} px\n")
-    print(f"- command: `python benchmarks/anchor_coverage.py {' '.join(argv)}`\n")
+    print(f"- command: `python -m benchmarks.anchor_coverage {' '.join(argv)}`\n")
     print("| framework | anchor sizes per level | median best IoU | boxes with an anchor at IoU ≥ 0.5 | anchors at IoU ≥ 0.5 per box |")
     print("|---|---|---:|---:|---:|")
     for framework in ("retinanet", "faster_rcnn"):

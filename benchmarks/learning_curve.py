@@ -5,7 +5,7 @@ GPU: SGD (or AdamW), linear warm-up then cosine decay, gradient clipping at 10, 
 the validation split at the iterations given by ``--evals``. Used to choose the benchmarks' data,
 models and schedules, and to find the anchor defect described in docs/benchmarks.md.
 
-    python benchmarks/learning_curve.py --root data/synth --image-size 128 --framework retinanet --iters 1500 --evals 300,600,1000
+    python -m benchmarks.learning_curve --root data/synth --image-size 128 --framework retinanet --iters 1500 --evals 300,600,1000
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from gid.config import DataConfig, ModelConfig
 from gid.data import build_dataset, collate
 from gid.engine.evaluation import coco_metrics, format_metrics, predict
+from gid.engine.loop import apply_gradients
 from gid.models import build_detector
 
 
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: min(1.0, (it + 1) / 100) * 0.5 * (1 + math.cos(math.pi * it / args.iters))
     )
+    scaler = torch.amp.GradScaler(enabled=False)  # float32
     train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
                               drop_last=True, num_workers=args.loader_workers)
     val_loader = DataLoader(val_set, batch_size=16, collate_fn=collate)
@@ -71,11 +73,7 @@ def main(argv: list[str] | None = None) -> None:
             images = [image.to(device) for image in images]
             targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
             loss = sum(model(images, targets).values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 10.0)
-            optimizer.step()
-            schedule.step()
+            apply_gradients(loss, optimizer, scaler, schedule, params, clip_grad_norm=10.0)
             it += 1
             if it % 100 == 0:
                 print(f"it {it} loss {loss.item():.3f} {time.perf_counter() - started:.0f}s", flush=True)

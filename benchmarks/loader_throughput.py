@@ -4,7 +4,7 @@ It times the exact loader a worker builds (``build_dataset`` with training augme
 ``--batch-size``) over a synthetic set for each ``--workers`` count, then times ``--steps`` GID
 training steps of the student on batches from memory, so the two rates come from the same machine.
 
-    python benchmarks/loader_throughput.py --image-size 64 --batches 60 --workers 0,1,2
+    python -m benchmarks.loader_throughput --image-size 64 --batches 60 --workers 0,1,2
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from benchmarks.step_overhead import cpu_name
 from gid.config import DataConfig, DistillConfig, ModelConfig
 from gid.data import build_dataset, collate, make_synthetic
 from gid.distill import Distiller
+from gid.engine.loop import apply_gradients
 from gid.models import build_detector
-from step_overhead import cpu_name  # this folder is on sys.path when the script runs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,20 +52,22 @@ def loader_rate(dataset, batch_size: int, workers: int, batches: int) -> float:
 
 
 def step_rate(args: argparse.Namespace, dataset) -> float:
-    """Images per second of a GID training step (forward, backward, SGD) on batches already in memory."""
+    """Images per second of a GID training step (forward, then the training loop's backward and SGD step) on
+    batches already in memory."""
     teacher = build_detector(ModelConfig(framework=args.framework, backbone="resnet50", fpn_channels=128),
                              args.image_size, dataset.num_classes)
     student = build_detector(ModelConfig(framework=args.framework), args.image_size, dataset.num_classes)
     distiller = Distiller(teacher, copy.deepcopy(student), DistillConfig(teacher="unused"), args.image_size).train()
-    optimizer = torch.optim.SGD([p for p in distiller.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    params = [p for p in distiller.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    scaler, constant_lr = torch.amp.GradScaler(enabled=False), torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
     batch = collate([dataset[i] for i in range(args.batch_size)])
     times = []
     for step in range(args.steps + 1):
         started = time.perf_counter()
         losses = distiller(*batch)
-        optimizer.zero_grad(set_to_none=True)
-        sum(v for k, v in losses.items() if k.startswith("loss_")).backward()
-        optimizer.step()
+        loss = sum(v for k, v in losses.items() if k.startswith("loss_"))
+        apply_gradients(loss, optimizer, scaler, constant_lr, params, clip_grad_norm=None)
         if step:  # the first step pays for lazy initialisation
             times.append(time.perf_counter() - started)
     return args.batch_size / statistics.median(times)
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         f"### Loader throughput: image {args.image_size}, batch {args.batch_size}",
         "",
-        f"- command: `python benchmarks/loader_throughput.py {' '.join(argv)}`",
+        f"- command: `python -m benchmarks.loader_throughput {' '.join(argv)}`",
         f"- machine: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}, {args.threads} threads",
         "",
         "| loader workers | samples/s | × what a GID step consumes |",

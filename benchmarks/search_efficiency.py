@@ -11,8 +11,8 @@ curve first reached random search's final best.
 The same sweeps give the trial overhead: seconds from a trial's start to its first training step,
 and the share of the sweep's slot time (wall time × concurrent trials) not spent in training steps.
 
-    python benchmarks/search_efficiency.py --out runs/bench-search --teacher runs/bench-effect/runs/fcos_teacher_0/model.pt
-    python benchmarks/search_efficiency.py ... --strategies random   # one strategy; finished sweeps are kept
+    python -m benchmarks.search_efficiency --out runs/bench-search --teacher runs/bench-effect/runs/fcos_teacher_0/model.pt
+    python -m benchmarks.search_efficiency ... --strategies random   # one strategy; finished sweeps are kept
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 
 import yaml
-from effect import FULL  # this folder is on sys.path when the script runs
+
+from benchmarks.effect import FULL
 
 STRATEGIES = {
     "tpe+asha": {"sampler": {"type": "tpe"}, "scheduler": "asha"},  # the product's defaults, start-up and grace `auto`
@@ -163,7 +164,7 @@ def render(runs: dict[str, dict], args: argparse.Namespace, argv: list[str]) -> 
     lines = [
         "### Search efficiency: TPE + ASHA vs random search without pruning",
         "",
-        f"- command: `python benchmarks/search_efficiency.py {' '.join(argv)}`",
+        f"- command: `python -m benchmarks.search_efficiency {' '.join(argv)}`",
         f"- {args.framework}, student resnet18 FPN 64"
         f"{' from ' + str(args.student_weights) if args.student_weights else ' from scratch'}, "
         f"{args.train_images} training images, {args.epochs} epochs per full trial, budget "

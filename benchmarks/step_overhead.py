@@ -2,12 +2,13 @@
 
 For each framework, on one real batch of the synthetic data, it times
 
-* **student step**: the plain student ``student(images, targets)`` + backward + SGD step;
+* **student step**: the plain student ``student(images, targets)`` + the training loop's own backward and
+  SGD step (``gid.engine.loop.apply_gradients``);
 * **teacher fwd**: the teacher's no-grad backbone + FPN + dense head through its DetectorView
   (exactly what GID needs from the teacher; the batch transform is shared with the student,
   so it is done once outside the timer);
 * **teacher inference** (reference only): the full ``teacher.eval()(images)``, post-processing included;
-* **GID step**: ``Distiller(images, targets)`` + backward + SGD step (student and adapter);
+* **GID step**: ``Distiller(images, targets)`` + the same backward and SGD step (student and adapter);
 
 * **balance measurement**: one measurement of ``distill.balance.mode: dynamic`` (the detector's and
   each GID term's gradient norms, one backward pass each) on a GID forward's losses; divided by
@@ -21,9 +22,10 @@ each number is the median over ``--iters`` iterations after ``--warmup`` unrecor
 A breakdown of the GID step follows, from timers this script wraps around the Distiller's parts
 (the library itself has no timing code): student and teacher forward, GISM selection,
 feature/relation pooling and losses, response mask and loss, the Faster R-CNN RoI response,
-backward and the optimizer step. A part called inside another timed part counts for the outer one.
+backward, and the rest of the training loop's step (zero_grad, clipping, optimizer, LR schedule).
+A part called inside another timed part counts for the outer one.
 
-    python benchmarks/step_overhead.py --image-size 128 --batch-size 8 --iters 10 --warmup 3 --out results.md
+    python -m benchmarks.step_overhead --image-size 128 --batch-size 8 --iters 10 --warmup 3 --out results.md
 """
 
 from __future__ import annotations
@@ -50,10 +52,10 @@ from gid.config import BalanceConfig, DataConfig, DistillConfig, ModelConfig
 from gid.data import build_dataset, collate, make_synthetic
 from gid.distill import Distiller
 from gid.distill.balance import DynamicBalance
-from gid.frameworks import view_for
+from gid.engine.loop import apply_gradients
+from gid.frameworks import FRAMEWORKS, view_for
 from gid.models import build_detector
 
-FRAMEWORKS = ("retinanet", "fcos", "faster_rcnn")
 TARGET_RATIO = 1.15
 TARGET_BALANCE_COST = 0.05  # of a GID step, per step, at the default every_steps
 REPO = Path(__file__).resolve().parent.parent
@@ -68,7 +70,7 @@ BREAKDOWN = (
     ("response: mask (GI target assignment) + loss", ("response.mask", "response.loss")),
     ("RoI response (Faster R-CNN: both box heads + loss)", ("roi.teacher", "roi.student", "roi.loss")),
     ("backward", ("backward",)),
-    ("gradient clipping + optimizer step", ("step",)),
+    ("zero_grad, gradient clipping, optimizer step, LR schedule", ("step",)),
 )
 
 
@@ -235,31 +237,27 @@ def bench_framework(framework: str, args: argparse.Namespace, batch, device: tor
     student_opt = torch.optim.SGD(student_params, **sgd)
     gid_opt = torch.optim.SGD(gid_params, **sgd)
 
-    def clip(params: list[torch.nn.Parameter]) -> None:
-        if args.clip_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, args.clip_grad_norm)
-
     def autocast():
         return torch.autocast(device.type, dtype=torch.float16, enabled=args.amp)
 
-    scalers = {id(student_opt): torch.amp.GradScaler(enabled=args.amp), id(gid_opt): torch.amp.GradScaler(enabled=args.amp)}
+    # Each step's scaler and (constant) LR schedule, as the training loop keeps them.
+    updates = {
+        id(optimizer): (torch.amp.GradScaler(enabled=args.amp), torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0))
+        for optimizer in (student_opt, gid_opt)
+    }
     student_clock, gid_clock = Clock(device), Clock(device)
     finite = {"student": True, "gid": True}
 
     def backward_and_step(clock: Clock, loss: torch.Tensor, params, optimizer) -> None:
-        scaler = scalers[id(optimizer)]
+        """The training loop's step (``apply_gradients``): its backward pass timed as "backward", the rest as "step"."""
+        scaler, scheduler = updates[id(optimizer)]
+        backward_before = clock.current["backward"]
         start = clock.now()
-        scaler.scale(loss).backward()
-        clock.add("backward", clock.now() - start)
-        start = clock.now()
-        scaler.unscale_(optimizer)
-        clip(params)
-        scaler.step(optimizer)
-        scaler.update()
-        clock.add("step", clock.now() - start)
+        with mock.patch.object(torch.Tensor, "backward", clock.wrap("backward", torch.Tensor.backward)):
+            apply_gradients(loss, optimizer, scaler, scheduler, params, args.clip_grad_norm or None)
+        clock.add("step", clock.now() - start - (clock.current["backward"] - backward_before))
 
     def student_step() -> None:
-        student_opt.zero_grad(set_to_none=True)
         start = student_clock.now()
         with autocast():
             loss = sum(student(images, targets).values())  # torchvision's own loss dict
@@ -292,7 +290,6 @@ def bench_framework(framework: str, args: argparse.Namespace, batch, device: tor
         measurements.append(clock.now() - start)
 
     def gid_step() -> None:
-        gid_opt.zero_grad(set_to_none=True)
         with autocast():
             losses = distiller(images, targets)
             loss = total_loss(losses)
@@ -336,7 +333,7 @@ def bench_framework(framework: str, args: argparse.Namespace, batch, device: tor
     other = statistics.median(
         total - sum(h.get(n, 0.0) for n in parts) for total, h in zip(gid_total, gid_clock.history)
     ) * 1e3
-    breakdown.append(("other (Distiller glue, loss sum, zero_grad)", other))
+    breakdown.append(("other (Distiller glue, loss sum)", other))
     return {
         "framework": framework,
         "student": med["student"],
@@ -418,7 +415,7 @@ def render(results: list[dict], args: argparse.Namespace, device: torch.device) 
     lines = [
         f"### step overhead: image {args.image_size}, batch {args.batch_size}, {args.device}",
         "",
-        f"- command: `python {' '.join(['benchmarks/step_overhead.py', *sys.argv[1:]])}`",
+        f"- command: `python -m benchmarks.step_overhead {' '.join(sys.argv[1:])}`",
         f"- machine: {machine}; torch {torch.__version__}, {args.threads} thread(s); "
         f"load average at the end {os.getloadavg()[0]:.2f}",
         f"- commit: {commit()}",
@@ -463,7 +460,7 @@ def render(results: list[dict], args: argparse.Namespace, device: torch.device) 
             f"GID step breakdown, {r['framework']} (medians). GID step {r['gid']:.1f} ms, "
             f"{r['gid'] - r['student'] - r['teacher']:.1f} ms more than student step + teacher fwd. "
             f"Plain student step: forward {sp['forward']:.1f} / backward {sp['backward']:.1f} / "
-            f"clip + step {sp['step']:.1f} ms, so the GID losses add about "
+            f"zero_grad, clip + step {sp['step']:.1f} ms, so the GID losses add about "
             f"{gid_backward - sp['backward']:.1f} ms of backward.",
             "",
             "| part | ms | share of GID step |",

@@ -10,9 +10,9 @@ returns at once. Each start is split into
   worker process;
 * **to return**: from the function's return until ``fit()`` returns: shutting the run down.
 
-    python benchmarks/trial_startup.py                # plain runs, as `gid train` starts them
-    python benchmarks/trial_startup.py --in-tune      # each run inside a Tune trial, as a sweep starts them
-    python benchmarks/trial_startup.py --tune-only    # a Tune trial that imports gid itself, no Train run: Tune's share
+    python -m benchmarks.trial_startup                # plain runs, as `gid train` starts them
+    python -m benchmarks.trial_startup --in-tune      # each run inside a Tune trial, as a sweep starts them
+    python -m benchmarks.trial_startup --tune-only    # a Tune trial that imports gid itself, no Train run: Tune's share
 
 With ``--tune-only`` "to function" runs from ``Tuner.fit()`` to the trial function's first line.
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +33,8 @@ import ray.train
 from ray import tune
 from ray.train.torch import TorchTrainer
 
-REPO = Path(__file__).resolve().parent.parent
+from gid.engine.trainer import ensure_ray
+
 PARTS = ("to function", "imports", "to return")
 
 
@@ -96,9 +96,6 @@ def main(argv: list[str] | None = None) -> None:
     mode.add_argument("--in-tune", action="store_true", help="start each run inside a Tune trial, as sweeps do")
     mode.add_argument("--tune-only", action="store_true", help="a Tune trial without a Train run, for comparison")
     args = p.parse_args(argv)
-    sys.path.insert(0, str(REPO))
-    from gid.engine.trainer import ensure_ray
-
     ensure_ray()
     storage = tempfile.mkdtemp(prefix="gid-startup-")
     rows = []

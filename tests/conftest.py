@@ -48,22 +48,24 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def batch(synth_root: Path):
+    """Four unaugmented training images of the synthetic data and their targets."""
+    from support import synth_batch
+
+    return synth_batch(synth_root, 4)
+
+
 @pytest.fixture
 def tiny_config(synth_root: Path, tmp_path: Path):
-    """Factory of configs small enough for a few CPU steps per test."""
-    return lambda framework="retinanet", **sections: make_tiny_config(synth_root, tmp_path, framework, **sections)
+    """Factory of configs small enough for a few CPU steps per test, their runs in ``tmp_path``."""
+    from support import tiny_config_dict
 
+    def make(framework: str = "retinanet", run: dict | None = None, **sections) -> Config:
+        run = {"name": f"tiny_{framework}", "storage_path": str(tmp_path / "runs"), **(run or {})}
+        return validate(tiny_config_dict(synth_root, framework, run=run, **sections))
 
-def make_tiny_config(synth_root: Path, tmp_path: Path, framework: str, **sections) -> Config:
-    data = {
-        "data": {"root": str(synth_root), "image_size": 64, "batch_size": 4},
-        "model": {"framework": framework, "backbone": "resnet18", "fpn_channels": 64},
-        "train": {"epochs": 1, "lr": 0.01, "warmup_iters": 2, "log_every": 1000},
-        "run": {"name": f"tiny_{framework}", "storage_path": str(tmp_path / "runs")},
-    }
-    for name, values in sections.items():
-        data.setdefault(name, {}).update(values)
-    return validate(data)
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ from functools import partial
 from pathlib import Path
 
 import ray.train
+import torch
 import yaml
 from torch import nn
 from torchvision.models.detection import FasterRCNN, RetinaNet, fasterrcnn_mobilenet_v3_large_fpn
@@ -26,8 +27,59 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from gid.config import validate
+from gid.config import DataConfig, DistillConfig, ModelConfig, validate
+from gid.data import build_dataset, collate
+from gid.distill import Distiller
 from gid.models import build_detector, save_model
+
+SIZE = 64  # the synthetic images' side (conftest's synth_root) and the tiny detectors' input size
+TINY_MODEL = {"backbone": "resnet18", "fpn_channels": 64}  # the tiny detector (a teacher: resnet34, FPN 128)
+
+
+def tiny_config_dict(synth_root: Path, framework: str = "retinanet", **sections: dict) -> dict:
+    """A config small enough for a few CPU steps: the synthetic data, a tiny ``framework`` detector, one
+    short epoch. ``sections`` update it section by section, e.g. ``train={"epochs": 2}``."""
+    data = {
+        "data": {"root": str(synth_root), "image_size": SIZE, "batch_size": 4},
+        "model": {"framework": framework, **TINY_MODEL},
+        "train": {"epochs": 1, "lr": 0.01, "warmup_iters": 2, "log_every": 1000},
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return data
+
+
+def tiny_detector(framework: str, num_classes: int = 7, image_size: int = SIZE, seed: int | None = None, **model) -> nn.Module:
+    """An untrained tiny detector (``model`` overrides its ModelConfig); ``seed`` seeds its initialisation."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return build_detector(ModelConfig(**{"framework": framework, **TINY_MODEL, **model}), image_size, num_classes)
+
+
+def tiny_distiller(framework: str, teacher: str = "resnet34", student: str = "resnet18", **distill) -> Distiller:
+    """A Distiller of untrained tiny detectors (seeded), its teacher an FPN of 128 channels."""
+    torch.manual_seed(0)
+    config = DistillConfig.model_validate({"teacher": "unused.pt", **distill})
+    return Distiller(
+        tiny_detector(framework, backbone=teacher, fpn_channels=128), tiny_detector(framework, backbone=student), config, SIZE
+    )
+
+
+def synth_batch(synth_root: Path, count: int) -> tuple[list[torch.Tensor], list[dict]]:
+    """The first ``count`` training images of the synthetic data, unaugmented, and their targets."""
+    dataset = build_dataset(DataConfig(root=synth_root), "train", train=False)
+    images, targets = collate([dataset[i] for i in range(count)])
+    return list(images), list(targets)
+
+
+class RunsCode:
+    """A pickle that runs a shell command when loaded unsafely (torch.load without weights_only)."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
 
 
 class EpochLog(ray.train.UserCallback):
@@ -231,14 +283,10 @@ def write_base_configs(synth_root: Path, root: Path, frameworks, epochs: int = 2
     """Per framework: untrained teacher and student model files (enough for the mechanics; the student
     stands for the baseline a sweep would otherwise train itself) and a base distill config."""
     for framework in frameworks:
-        base = {
-            "data": {"root": str(synth_root), "image_size": 64, "batch_size": 8},
-            "model": {"framework": framework, "backbone": "resnet18", "fpn_channels": 64},
-            "train": {"epochs": epochs, "lr": 0.01, "warmup_iters": 2, "log_every": 1000},
-        }
+        base = tiny_config_dict(synth_root, framework, data={"batch_size": 8}, train={"epochs": epochs})
         teacher_config = validate(base)
         for role in ("teacher", "student"):
-            save_model(build_detector(teacher_config.model, 64, 7), teacher_config, 7, root / f"{framework}_{role}.pt")
+            save_model(build_detector(teacher_config.model, SIZE, 7), teacher_config, 7, root / f"{framework}_{role}.pt")
         # gradient balance (the default) calibrated on one step: the mechanics at the least cost
         base["distill"] = {"teacher": str(root / f"{framework}_teacher.pt"), "balance": {"calibration_steps": 1}}
         (root / f"{framework}_gid.yaml").write_text(yaml.safe_dump(base))

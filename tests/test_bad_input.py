@@ -23,26 +23,7 @@ from torchvision.models import detection
 from gid.cli import main
 from gid.config import validate
 from gid.models import build_detector, save_model
-
-SIZE = 64  # the synthetic images' side (conftest's synth_root)
-
-
-class RunsCode:
-    """A pickle that runs a shell command when loaded unsafely (torch.load without weights_only)."""
-
-    def __init__(self, command: str):
-        self.command = command
-
-    def __reduce__(self):
-        return os.system, (self.command,)
-
-
-def base_config(synth_root: Path) -> dict:
-    return {
-        "data": {"root": str(synth_root), "image_size": SIZE, "batch_size": 4},
-        "model": {"framework": "retinanet", "backbone": "resnet18", "fpn_channels": 64},
-        "train": {"epochs": 1, "warmup_iters": 2},
-    }
+from support import SIZE, RunsCode, tiny_config_dict
 
 
 def merged(data: dict, changes: dict) -> dict:
@@ -53,7 +34,7 @@ def merged(data: dict, changes: dict) -> dict:
 
 
 def write_model_file(path: Path, synth_root: Path, framework: str = "retinanet", num_classes: int = 7) -> Path:
-    config = validate(merged(base_config(synth_root), {"model": {"framework": framework}}))
+    config = validate(tiny_config_dict(synth_root, framework))
     save_model(build_detector(config.model, SIZE, num_classes), config, num_classes, path)
     return path
 
@@ -97,7 +78,7 @@ class Inputs:
         self.storage, self.tracking_db = tmp / "runs", tmp / "mlflow.db"
 
     def config(self, changes: dict | None = None, distill: bool = False, text: str | None = None) -> Path:
-        data = merged(base_config(self.synth_root), {"run": {"name": "case", "storage_path": str(self.storage)}})
+        data = tiny_config_dict(self.synth_root, run={"name": "case", "storage_path": str(self.storage)})
         if distill:
             data["distill"] = {"teacher": str(self.files["teacher"])}
         path = self.tmp / f"config{len(list(self.tmp.glob('config*.yaml')))}.yaml"

@@ -16,8 +16,7 @@ from gid.engine.loop import gradient_balance
 from gid.engine.trainer import build_trainer
 from gid.models import build_detector, save_model
 from gid.distill.balance import DETECTOR, DynamicBalance, GradientBalance, _gradient_norm, describe, effective_weights
-from support import BalanceLog
-from test_distiller import batch, distiller  # noqa: F401 - the module-scoped batch fixture
+from support import BalanceLog, tiny_distiller
 
 RATIOS = {"feature": 0.5, "relation": 0.2, "response": 2.0}
 
@@ -45,7 +44,7 @@ def term_norms(model, batch) -> dict[str, float]:
 
 @pytest.mark.parametrize("framework", ["retinanet", "faster_rcnn"])
 def test_calibration_gives_each_term_the_asked_ratio(framework, batch):
-    model = distiller(framework).train()
+    model = tiny_distiller(framework).train()
     config = BalanceConfig(mode="gradient", calibration_steps=2, ratios=RATIOS)
     balance = GradientBalance(config, model.config, model.term_scales)
     for _ in range(2):  # no optimizer step: the same gradients twice, so the ratios must come out exactly
@@ -62,13 +61,13 @@ def test_calibration_gives_each_term_the_asked_ratio(framework, batch):
 
 
 def test_fixed_mode_trains_at_the_specs_weights_and_never_calibrates(batch, tiny_config):
-    model = distiller("retinanet", balance={"mode": "fixed"})
+    model = tiny_distiller("retinanet", balance={"mode": "fixed"})
     spec = {"feature": 5e-3, "relation": 40.0, "response_cls": 0.1, "response_reg": 1.0}  # gid-spec.md's weights
     assert effective_weights(model.config, model.term_scales) == spec
     torch.manual_seed(1)
     losses = model.train()(*batch)
     torch.manual_seed(1)
-    default = distiller("retinanet").train()(*batch)  # before its calibration: the same configured weights
+    default = tiny_distiller("retinanet").train()(*batch)  # before its calibration: the same configured weights
     assert all(torch.equal(default[k], losses[k]) for k in default)
     assert gradient_balance(tiny_config(distill={"teacher": "t.pt", "balance": {"mode": "fixed"}}), model) is None
     # the product's default calibrates
@@ -76,7 +75,7 @@ def test_fixed_mode_trains_at_the_specs_weights_and_never_calibrates(batch, tiny
 
 
 def test_an_epoch_shorter_than_the_calibration_calibrates_on_the_steps_it_had(batch):
-    model = distiller("retinanet").train()
+    model = tiny_distiller("retinanet").train()
     config = BalanceConfig(mode="gradient", calibration_steps=10, ratios=RATIOS)
     balance = GradientBalance(config, model.config, model.term_scales)
     assert not balance.end_epoch()  # nothing measured yet: nothing to calibrate on
@@ -90,13 +89,13 @@ def test_an_epoch_shorter_than_the_calibration_calibrates_on_the_steps_it_had(ba
 
 
 def test_a_resumed_run_keeps_its_calibrated_weights_and_does_not_calibrate_again(batch):
-    model = distiller("fcos").train()
+    model = tiny_distiller("fcos").train()
     config = BalanceConfig(mode="gradient", calibration_steps=1, ratios=RATIOS)
     balance = GradientBalance(config, model.config, model.term_scales)
     balance.measure(model(*batch), trainable_params(model))
     saved = balance.state_dict()
 
-    restarted = distiller("fcos").train()
+    restarted = tiny_distiller("fcos").train()
     resumed = GradientBalance(config, restarted.config, restarted.term_scales)
     resumed.load_state_dict(saved)
     resumed.start_epoch()
@@ -219,7 +218,7 @@ def test_dynamic_balance_holds_each_terms_ratio_while_a_real_detector_trains(bat
     """A real tiny RetinaNet trained from scratch: its detector's gradient falls, and each GID term's gradient,
     at the weight it trained with, stays within 2x of its ratio of the detector's (as a geometric mean:
     step to step, the norms of an untrained detector swing by factors)."""
-    model = distiller("retinanet").train()
+    model = tiny_distiller("retinanet").train()
     params = trainable_params(model)
     optimizer = torch.optim.SGD(params, lr=0.005, momentum=0.9)
     config = BalanceConfig(mode="dynamic", every_steps=1, momentum=0.5, ratios=RATIOS)
@@ -241,7 +240,7 @@ def test_dynamic_balance_holds_each_terms_ratio_while_a_real_detector_trains(bat
 
 
 def test_dynamic_balance_measures_as_the_one_shot_calibration_does(batch):
-    model = distiller("faster_rcnn").train()
+    model = tiny_distiller("faster_rcnn").train()
     params = trainable_params(model)
     once = GradientBalance(BalanceConfig(mode="gradient", calibration_steps=1, ratios=RATIOS), model.config, model.term_scales)
     once.observe(losses_of(model, batch), params)

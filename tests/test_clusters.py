@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from gid.models import build_detector, save_model
 from search.config import SweepConfig
 from search.sweep import sweep_base
 from search.tracking import ROLE_TAG, STATUS_TAG, SWEEP_TAG, TRIAL_TAG
+from support import SIZE, free_port, tiny_config_dict
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTERS = REPO / "clusters"
@@ -51,12 +51,6 @@ def pinned(package: str) -> str:
 
 
 RAY_VERSION = pinned("ray")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- Ray cluster launcher configs -------------------------------------------------------------
@@ -311,14 +305,10 @@ def two_nodes():
 def cluster_sweep(synth_root, tmp_path_factory) -> Path:
     """A tiny sweep file with no storage path or tracking URI: those come from the environment."""
     root = tmp_path_factory.mktemp("cluster-sweep")
-    base = {
-        "data": {"root": str(synth_root), "image_size": 64, "batch_size": 8},
-        "model": {"framework": "retinanet", "backbone": "resnet18", "fpn_channels": 64},
-        "train": {"epochs": 1, "lr": 0.01, "warmup_iters": 2, "log_every": 1000},
-    }
+    base = tiny_config_dict(synth_root, data={"batch_size": 8})
     teacher_config = validate(base)
     for role in ("teacher", "student"):  # an untrained student stands for the baseline
-        save_model(build_detector(teacher_config.model, 64, 7), teacher_config, 7, root / f"{role}.pt")
+        save_model(build_detector(teacher_config.model, SIZE, 7), teacher_config, 7, root / f"{role}.pt")
     base["distill"] = {"teacher": str(root / "teacher.pt")}
     (root / "retinanet_gid.yaml").write_text(yaml.safe_dump(base))
     sweep = {

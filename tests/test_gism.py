@@ -6,11 +6,11 @@ import pytest
 import torch
 from torchvision.ops import clip_boxes_to_image, nms, remove_small_boxes
 
-from gid.config import GismConfig, ModelConfig
+from gid.config import GismConfig
 from gid.distill.gism import GeneralInstances, filter_instances, gi_scores, gism_stats, select_general_instances
-from gid.frameworks import view_for
+from gid.frameworks import FRAMEWORKS, view_for
 from gid.frameworks.view import AnchorLayout, DenseOutput
-from gid.models.detectors import build_detector
+from support import tiny_detector
 
 # Student probabilities of ~0: the paper score of an anchor is then its teacher probability.
 NEVER = -30.0
@@ -420,17 +420,11 @@ def test_batched_selection_when_nothing_survives_in_some_images():
     assert all(gi.boxes.shape == (0, 4) for gi in gis)
 
 
-def tiny_detector(framework: str, seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = build_detector(ModelConfig(framework=framework, backbone="resnet18", fpn_channels=64), 64, 4)
-    return model.eval()
-
-
-@pytest.mark.parametrize("framework", ["retinanet", "fcos", "faster_rcnn"])
+@pytest.mark.parametrize("framework", list(FRAMEWORKS))
 def test_batched_selection_on_real_detector_outputs(framework):
     # Untrained teacher and student of different seeds, images of different shapes (so the
     # transform gives each its own image size and pads the batch).
-    teacher_view, student_view = view_for(tiny_detector(framework, 0)), view_for(tiny_detector(framework, 1))
+    teacher_view, student_view = (view_for(tiny_detector(framework, 4, seed=seed).eval()) for seed in (0, 1))
     generator = torch.Generator().manual_seed(3)
     images = [torch.rand(3, h, w, generator=generator) for h, w in [(64, 64), (48, 64), (64, 40), (56, 56)]]
     with torch.no_grad():

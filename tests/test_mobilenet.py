@@ -16,25 +16,24 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from benchmarks.assets import AssetUnavailable, mobilenet_v2_imagenet
 from gid.cli import main
-from gid.config import DataConfig, DistillConfig, ModelConfig, validate
-from gid.data import build_dataset, collate
+from gid.config import DistillConfig, ModelConfig, validate
 from gid.distill import Distiller
 from gid.engine.latency import cpu_latency, parameter_count
 from gid.engine.loop import build_trainable
 from gid.errors import GidError
+from gid.frameworks import FRAMEWORKS
 from gid.models import build_detector, save_model
 from gid.models.backbones import classifier_body_weights
+from support import SIZE as IMAGE_SIZE, synth_batch, tiny_config_dict
 
-FRAMEWORKS = ["retinanet", "fcos", "faster_rcnn"]
 MOBILENETS = ["mobilenet_v2", "mobilenet_v3_large"]
-IMAGE_SIZE = 64
 
 
 def shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     return {key: tuple(value.shape) for key, value in state.items()}
 
 
-@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("framework", list(FRAMEWORKS))
 def test_the_mobilenet_v2_backbone_is_torchvisions_classifier_body(framework):
     body = build_detector(ModelConfig(framework=framework, backbone="mobilenet_v2"), IMAGE_SIZE, 3).backbone.body
     reference = classifier_body_weights("mobilenet_v2", models.mobilenet_v2(weights=None).state_dict())
@@ -50,10 +49,8 @@ def imagenet_mobilenet_v2():
 
 
 def test_torchvisions_imagenet_mobilenet_v2_loads_into_a_frozen_backbone(imagenet_mobilenet_v2, synth_root, tmp_path):
-    config = validate({"data": {"root": str(synth_root), "image_size": IMAGE_SIZE},
-                       "model": {"framework": "faster_rcnn", "backbone": "mobilenet_v2",
-                                 "backbone_weights": str(imagenet_mobilenet_v2)},
-                       "run": {"storage_path": str(tmp_path / "runs")}})
+    model = {"backbone": "mobilenet_v2", "backbone_weights": str(imagenet_mobilenet_v2)}
+    config = validate(tiny_config_dict(synth_root, "faster_rcnn", model=model, run={"storage_path": str(tmp_path / "runs")}))
     model = build_trainable(config, 7, torch.device("cpu"))
     imagenet = classifier_body_weights("mobilenet_v2", torch.load(imagenet_mobilenet_v2, weights_only=True))
     body = model.backbone.body.state_dict()
@@ -68,9 +65,7 @@ def test_torchvisions_imagenet_mobilenet_v2_loads_into_a_frozen_backbone(imagene
 
 @pytest.fixture(scope="module")
 def batch(synth_root):
-    dataset = build_dataset(DataConfig(root=synth_root), "train", train=False)
-    images, targets = collate([dataset[i] for i in range(2)])
-    return list(images), list(targets)
+    return synth_batch(synth_root, 2)  # two images, not conftest's four: the ResNet-50 teachers are slow
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +76,7 @@ def resnet50_teachers() -> dict[str, torch.nn.Module]:
 
 
 @pytest.mark.parametrize("student", MOBILENETS)
-@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("framework", list(FRAMEWORKS))
 def test_a_resnet50_teacher_distils_into_a_mobilenet_student(resnet50_teachers, batch, framework, student):
     torch.manual_seed(0)
     config = DistillConfig(teacher="unused.pt")
@@ -115,7 +110,7 @@ def test_latency_is_a_positive_median_and_leaves_the_mode_alone():
 
 
 def test_gid_eval_reports_parameters_and_latency_next_to_ap(synth_root, tmp_path, capsys):
-    config = validate({"data": {"root": str(synth_root), "image_size": IMAGE_SIZE}, "model": {"backbone": "mobilenet_v2"}})
+    config = validate(tiny_config_dict(synth_root, model={"backbone": "mobilenet_v2"}))
     model = build_detector(config.model, IMAGE_SIZE, 7)
     save_model(model, config, 7, tmp_path / "m.pt")
     assert main(["eval", str(tmp_path / "m.pt"), "--latency-runs", "3"]) == 0

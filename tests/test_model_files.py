@@ -28,6 +28,7 @@ from gid.errors import GidError
 from gid.frameworks import FRAMEWORKS
 from gid.models import build_detector, load_model, save_model
 from gid.models.roi_align import MatmulMultiScaleRoIAlign
+from support import tiny_config_dict
 
 NUM_CLASSES = 7  # the synthetic data's six classes and background, so `gid eval` can score imports
 BUILDERS = {
@@ -118,8 +119,7 @@ def classifier_file(tmp_path: Path, name: str, seed: int = 1) -> tuple[Path, dic
 
 
 def trainable_with(synth_root: Path, tmp_path: Path, model: dict, num_classes: int = NUM_CLASSES) -> nn.Module:
-    config = validate({"data": {"root": str(synth_root), "image_size": 64}, "model": model,
-                       "run": {"storage_path": str(tmp_path / "runs")}})
+    config = validate(tiny_config_dict(synth_root, model=model, run={"storage_path": str(tmp_path / "runs")}))
     return build_trainable(config, num_classes, torch.device("cpu"))
 
 
@@ -199,8 +199,7 @@ def test_a_file_that_is_not_the_classifier_is_one_line_saying_what_differs(synth
 
 @pytest.mark.parametrize("framework, variant", ARCHITECTURES)
 def test_weights_of_another_class_count_load_all_but_the_class_layers(synth_root, tmp_path, caplog, framework, variant):
-    config = validate({"data": {"root": str(synth_root), "image_size": 64},
-                       "model": {"framework": framework, "variant": variant}})
+    config = validate(tiny_config_dict(synth_root, framework, model={"variant": variant}))
     torch.manual_seed(3)
     pretrained = build_detector(config.model, 64, 4)
     save_model(pretrained, config, 4, tmp_path / "four_classes.pt")
@@ -271,8 +270,7 @@ def test_an_imported_model_is_a_teacher_and_initial_weights(builder_file, synth_
 
     # a ResNet-18 FPN-64 under the ResNet-50 FPN-256; a MobileNetV3 FPN-64 under the FPN-256 (the same levels)
     student = {"framework": framework, "variant": variant, "backbone": "resnet18" if backbone == "resnet50" else backbone}
-    config = validate({"data": {"root": str(synth_root), "image_size": 64}, "model": student,
-                       "distill": {"teacher": str(model_file)}})
+    config = validate(tiny_config_dict(synth_root, model=student, distill={"teacher": str(model_file)}))
     distiller = build_trainable(config, NUM_CLASSES, torch.device("cpu"))
     assert all(torch.equal(distiller.teacher.state_dict()[k], v) for k, v in original.items())
 

@@ -12,12 +12,12 @@ from gid.data import build_dataset, collate
 from gid.engine.evaluation import coco_metrics, predict
 from gid.errors import GidError
 from gid.models import anchor_sizes, build_detector, load_model, load_weights, save_model
+from gid.frameworks import FRAMEWORKS
 from gid.models.roi_align import MatmulMultiScaleRoIAlign, with_matmul_poolers
+from support import RunsCode, tiny_detector
 
-FRAMEWORKS = ["retinanet", "fcos", "faster_rcnn"]
 
-
-@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("framework", list(FRAMEWORKS))
 def test_each_framework_trains_and_evaluates(framework, tiny_config, tmp_path):
     torch.manual_seed(0)
     config = tiny_config(framework)
@@ -44,7 +44,7 @@ def test_each_framework_trains_and_evaluates(framework, tiny_config, tmp_path):
 
 @pytest.mark.parametrize("backbone", ["resnet34", "mobilenet_v3_large"])
 def test_other_backbones_build_and_run(backbone):
-    model = build_detector(ModelConfig(backbone=backbone, fpn_channels=64), 64, 3).eval()
+    model = tiny_detector("retinanet", 3, backbone=backbone).eval()
     (output,) = model([torch.rand(3, 64, 48)])
     assert set(output) == {"boxes", "scores", "labels"}
 
@@ -74,11 +74,6 @@ def test_model_file_round_trip(tiny_config, tmp_path):
         load_weights(other, tmp_path / "m.pt", "retinanet", 4)
 
 
-class _RunsCode:
-    def __reduce__(self):
-        return (print, ("pwned",))
-
-
 @pytest.mark.parametrize(
     "content, expected",
     [
@@ -93,7 +88,7 @@ def test_bad_model_files_are_refused(tmp_path, content, expected):
     if isinstance(content, bytes):
         path.write_bytes(content)
     elif content == "pickle":
-        torch.save({"format": "gid-model/1", "evil": _RunsCode()}, path, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+        torch.save({"format": "gid-model/1", "evil": RunsCode("echo pwned")}, path, pickle_protocol=pickle.HIGHEST_PROTOCOL)
     elif content is not None:
         torch.save(content, path)
     with pytest.raises(GidError, match=expected):

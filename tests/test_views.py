@@ -3,34 +3,29 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
 from torchvision.models.detection import FasterRCNN
 
-from gid.config import ModelConfig
 from gid.errors import GidError
-from gid.frameworks import view_for
+from gid.frameworks import FRAMEWORKS, view_for
 from gid.frameworks.base import FpnLayout, stages
 from gid.frameworks.fcos import fcos_matched_idxs
 from gid.frameworks.view import check_compatible
 from gid.models.backbones import build_fpn_backbone
-from gid.models.detectors import build_detector
+from support import SIZE as IMAGE_SIZE, tiny_detector
 
-FRAMEWORKS = ["retinanet", "fcos", "faster_rcnn"]
 NUM_CLASSES = 4
-IMAGE_SIZE = 64
 
 
-def tiny(framework: str, image_size: int = IMAGE_SIZE, num_classes: int = NUM_CLASSES, **model) -> torch.nn.Module:
-    # FCOS's "auto" locations are its strides at any input size (gid.models.anchor_sizes), so its
-    # assignment has real matches at 64 px too.
-    config = ModelConfig(**{"framework": framework, "backbone": "resnet18", "fpn_channels": 64, **model})
-    torch.manual_seed(0)
-    return build_detector(config, image_size=image_size, num_classes=num_classes)
+# FCOS's "auto" locations are its strides at any input size (gid.models.anchor_sizes), so its
+# assignment has real matches at 64 px too.
+tiny = partial(tiny_detector, num_classes=NUM_CLASSES, seed=0)
 
 
-@pytest.fixture(scope="module", params=FRAMEWORKS)
+@pytest.fixture(scope="module", params=list(FRAMEWORKS))
 def model(request) -> torch.nn.Module:
     return tiny(request.param)
 

@@ -12,16 +12,12 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from gid.cli import main
 from gid.models import load_model, read_checkpoint
+from support import tiny_config_dict
 
 
 def write_config(path: Path, synth_root: Path, tmp_path: Path, name: str, model: dict, **more) -> Path:
-    config = {
-        "data": {"root": str(synth_root), "image_size": 64, "batch_size": 8},
-        "model": {"framework": "retinanet", **model},
-        "train": {"epochs": 1, "lr": 0.01, "warmup_iters": 2, "log_every": 1000},
-        "run": {"name": name, "storage_path": str(tmp_path / "runs")},
-        **more,
-    }
+    run = {"name": name, "storage_path": str(tmp_path / "runs")}
+    config = tiny_config_dict(synth_root, data={"batch_size": 8}, model=model, run=run, **more)
     path.write_text(yaml.safe_dump(config))
     return path
 
