@@ -206,16 +206,9 @@ class Results:
 
 def test_metrics(model_path: Path, data_root: Path) -> dict[str, float]:
     """COCO metrics of a model file on the held-out test split."""
-    from torch.utils.data import DataLoader
+    from gid.engine.evaluation import evaluate_model_file
 
-    from gid.data import build_dataset, collate
-    from gid.engine.evaluation import coco_metrics, predict
-    from gid.models import load_model
-
-    model, config, _ = load_model(model_path)
-    dataset = build_dataset(config.data.model_copy(update={"root": data_root}), "test", train=False)
-    loader = DataLoader(dataset, batch_size=16, collate_fn=collate)
-    return coco_metrics(dataset.coco, predict(model, loader, dataset.label_to_category_id, torch.device("cpu")))
+    return evaluate_model_file(model_path, "test", {"root": data_root}, batch_size=16).metrics
 
 
 # The two kinds of job, as Ray tasks of their own, so that several run side by side on one Ray

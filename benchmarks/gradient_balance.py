@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from gid.config import Config, validate
 from gid.data import build_dataset, collate
 from gid.distill.balance import TERM_LOSSES, build_balance
-from gid.engine.loop import build_trainable, student_and_adapter
+from gid.engine.loop import build_trainable
 from gid.models import read_checkpoint
 
 DETECTOR_PREFIX = "loss_gt_"
@@ -62,10 +62,9 @@ def distiller(state: dict, config: Config, trained: bool) -> torch.nn.Module:
     if "balance" in state:  # distill.balance.mode gradient or dynamic
         trainable.term_scales.update(state["balance"]["scales"])
     if trained:
-        student, adapter = student_and_adapter(trainable)
-        student.load_state_dict(state["model"])
-        if adapter is not None:
-            adapter.load_state_dict(state["adapter"])
+        trainable.student.load_state_dict(state["model"])
+        if trainable.adapter is not None:
+            trainable.adapter.load_state_dict(state["adapter"])
     return trainable.train()
 
 

@@ -107,26 +107,17 @@ def cmd_distill(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    import torch
-    from torch.utils.data import DataLoader
-
-    from gid.data import build_dataset, collate
-    from gid.engine.evaluation import coco_metrics, format_metrics, predict
+    from gid.engine.evaluation import evaluate_model_file, format_metrics
     from gid.engine.latency import cpu_latency, format_cost, parameter_count
-    from gid.models import load_model
 
     if args.latency_runs < 1:
         raise GidError(f"--latency-runs {args.latency_runs}: time at least 1 run")
-    model, config, _ = load_model(args.checkpoint)
     overrides = {"root": args.root, "format": args.format}
-    data = config.data.model_copy(update={k: v for k, v in overrides.items() if v is not None})
-    dataset = build_dataset(data, args.split, train=False)
-    dataset.check_image_files()
-    loader = DataLoader(dataset, batch_size=data.batch_size, collate_fn=collate)
-    records = predict(model, loader, dataset.label_to_category_id, torch.device("cpu"))
+    evaluated = evaluate_model_file(args.checkpoint, args.split, {k: v for k, v in overrides.items() if v is not None})
+    model, data = evaluated.model, evaluated.data
     latency = cpu_latency(model, data.image_size, args.latency_runs)
     cost = format_cost(parameter_count(model), latency, data.image_size, args.latency_runs)
-    print(f"{args.checkpoint} on {data.root} [{args.split}]: {format_metrics(coco_metrics(dataset.coco, records))}; {cost}")
+    print(f"{args.checkpoint} on {data.root} [{args.split}]: {format_metrics(evaluated.metrics)}; {cost}")
 
 
 def cmd_model_import(args: argparse.Namespace) -> None:

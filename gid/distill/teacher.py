@@ -13,11 +13,9 @@ import json
 import logging
 from pathlib import Path
 
-import torch
-
 from gid.config import Config
 from gid.errors import GidError
-from gid.models.checkpoint import atomic_save, load_model, stored_val_ap
+from gid.models.checkpoint import atomic_save, stored_val_ap
 
 logger = logging.getLogger(__name__)
 
@@ -64,16 +62,10 @@ def ensure_teacher_val_ap(config: Config) -> float:
     known = teacher_val_ap(config)
     if known is not None:
         return known
-    from torch.utils.data import DataLoader
-
-    from gid.data import build_dataset, collate
-    from gid.engine.evaluation import coco_metrics, predict
+    from gid.engine.evaluation import evaluate_model_file
 
     logger.info("teacher %s stores no validation AP: evaluating it once on %s", config.distill.teacher, config.data.val_split)
-    model, _, _ = load_model(Path(config.distill.teacher))
-    dataset = build_dataset(config.data, config.data.val_split, train=False)
-    loader = DataLoader(dataset, batch_size=config.data.batch_size, collate_fn=collate)
-    ap = coco_metrics(dataset.coco, predict(model, loader, dataset.label_to_category_id, torch.device("cpu")))["ap"]
+    ap = evaluate_model_file(config.distill.teacher, config.data.val_split, config.data).metrics["ap"]
     entries = {**_cached(config), _cache_key(config): ap}
     try:
         atomic_save(entries, _cache_path(config), lambda data, f: f.write(json.dumps(data, indent=1).encode()))

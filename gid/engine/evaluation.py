@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from gid.config import DataConfig
+from gid.data import build_dataset, collate
+from gid.models import load_model
 
 # Names of COCOeval.stats[0:6], the figures every run reports.
 COCO_METRICS = ("ap", "ap50", "ap75", "aps", "apm", "apl")
@@ -62,3 +70,36 @@ def predict(model: nn.Module, loader: Iterable, label_to_category_id: dict[int, 
 
 def format_metrics(metrics: dict[str, float]) -> str:
     return "  ".join(f"{name.upper()} {100 * metrics[name]:.1f}" for name in COCO_METRICS if name in metrics)
+
+
+@dataclass(frozen=True)
+class ModelFileEvaluation:
+    """What :func:`evaluate_model_file` measured, with the detector and data it measured, for what comes next."""
+
+    metrics: dict[str, float]  # COCO_METRICS, in [0, 1]
+    model: nn.Module  # the file's detector
+    data: DataConfig  # the data set it was evaluated on
+
+
+def evaluate_model_file(
+    path: Path,
+    split: str,
+    data: DataConfig | Mapping[str, Any] | None = None,
+    *,
+    device: torch.device = torch.device("cpu"),
+    batch_size: int | None = None,
+) -> ModelFileEvaluation:
+    """COCO metrics of a model file's detector on ``split`` of a data set.
+
+    ``data`` is the data set: None for the one the file was trained on, a mapping for that one with
+    some values replaced (e.g. ``{"root": ...}``, another copy of it), or a whole DataConfig (a teacher
+    on its student's data). ``batch_size`` defaults to the data config's.
+    """
+    model, config, _ = load_model(Path(path))
+    if not isinstance(data, DataConfig):
+        data = config.data.model_copy(update=dict(data or {}))
+    dataset = build_dataset(data, split, train=False)
+    dataset.check_image_files()  # fail before predicting, not half-way through
+    loader = DataLoader(dataset, batch_size=batch_size or data.batch_size, collate_fn=collate)
+    records = predict(model.to(device), loader, dataset.label_to_category_id, device)
+    return ModelFileEvaluation(coco_metrics(dataset.coco, records), model, data)

@@ -4,6 +4,10 @@ Every Ray Train worker runs :func:`train_loop_per_worker`; a single-worker sweep
 :func:`train_loop` in its Tune trial's process (``gid.engine.session``). The session provides
 the device, DDP and the distributed sampler on Train workers, checkpoint persistence and
 resumption, and where each epoch is reported.
+
+Shaped as torchvision's references/detection: :func:`train_one_epoch` and :func:`evaluate` are the
+two steps of an epoch, :class:`TrainingState` is what a checkpoint holds, and a detector trained on its
+own (:class:`StudentAlone`) is trained through the same interface as a GID student (a Distiller).
 """
 
 from __future__ import annotations
@@ -17,16 +21,18 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import ray
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from gid.config import Config, TrainConfig
-from gid.data import build_dataset, collate
+from gid.data import DetectionDataset, build_dataset, collate
 from gid.engine.evaluation import coco_metrics, format_metrics, predict
 from gid.engine.session import Session, TrainWorker
 from gid.errors import GidError
@@ -87,8 +93,19 @@ def build_trainable(config: Config, num_classes: int, device: torch.device) -> n
     return Distiller.from_config(student, config.distill, config.data.image_size, device)
 
 
-def student_and_adapter(trainable: nn.Module) -> tuple[nn.Module, nn.Module | None]:
-    return getattr(trainable, "student", trainable), getattr(trainable, "adapter", None)
+class StudentAlone(nn.Module):
+    """A detector trained on its own, behind the Distiller's interface, so that the loop trains both one way:
+    ``student``, ``adapter``, ``teacher_val_ap``, and a forward that names the detector's losses ``loss_gt_*``."""
+
+    adapter: nn.Module | None = None  # no GID adapter
+    teacher_val_ap: float | None = None  # no teacher
+
+    def __init__(self, student: nn.Module) -> None:
+        super().__init__()
+        self.student = student
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        return {f"loss_gt_{k.removeprefix('loss_')}": v for k, v in self.student(images, targets).items()}
 
 
 def gradient_balance(config: Config, trainable: nn.Module):
@@ -98,6 +115,15 @@ def gradient_balance(config: Config, trainable: nn.Module):
     from gid.distill.balance import build_balance
 
     return build_balance(config.distill, trainable.term_scales)
+
+
+def known_teacher_ap(config: Config, trainable: nn.Module) -> float | None:
+    """The teacher's validation AP: its model file's, else the one the driver measured on this split."""
+    if config.distill is None or trainable.teacher_val_ap is not None:
+        return trainable.teacher_val_ap
+    from gid.distill.teacher import cached_val_ap
+
+    return cached_val_ap(config)
 
 
 def lr_lambda(train: TrainConfig, total_iters: int):
@@ -114,6 +140,80 @@ def lr_lambda(train: TrainConfig, total_iters: int):
         return warmup * train.gamma ** sum(it >= m for m in milestones)
 
     return factor
+
+
+@dataclass
+class TrainingState:
+    """Everything a run's checkpoint restores, written by :meth:`save` and read back by :meth:`load`.
+
+    The file is a model file (the student's weights, the config, the epoch, the metrics) plus the
+    optimizer, LR schedule and AMP scaler, and for a distillation the adapter and the gradient balance.
+    """
+
+    trainable: nn.Module  # a Distiller or a StudentAlone
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    balance: Any  # gid.distill.balance's GradientBalance or DynamicBalance; None for fixed weights
+    epoch: int = 0  # epochs trained
+    train_time_s: float = 0.0  # in training steps, over every sitting of the run
+
+    # A checkpoint written without a balance (fixed weights, or a gid before calibration) leaves it as built.
+    _OPTIONAL = ("balance",)
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        """The parameters trained (the student's and the adapter's)."""
+        return self.optimizer.param_groups[0]["params"]
+
+    def _parts(self) -> dict[str, Any]:
+        """What is saved beside the model, by its key in the file."""
+        parts = {"optimizer": self.optimizer, "scheduler": self.scheduler, "scaler": self.scaler}
+        if self.trainable.adapter is not None:
+            parts["adapter"] = self.trainable.adapter
+        if self.balance is not None:
+            parts["balance"] = self.balance
+        return parts
+
+    def save(self, path: Path, config: Config, num_classes: int, metrics: dict[str, Any]) -> None:
+        training_state = {key: part.state_dict() for key, part in self._parts().items()}
+        save_model(
+            self.trainable.student, config, num_classes, path, epoch=self.epoch,
+            metrics={**metrics, "train_time_s": self.train_time_s}, training_state=training_state,
+        )
+
+    def load(self, path: Path) -> None:
+        saved = read_checkpoint(path)
+        self.trainable.student.load_state_dict(saved["model"])
+        for key, part in self._parts().items():
+            if key in saved or key not in self._OPTIONAL:
+                part.load_state_dict(saved[key])
+        self.epoch = saved["epoch"]
+        self.train_time_s = saved.get("metrics", {}).get("train_time_s", 0.0)
+
+
+def start_training_state(
+    config: Config, trainable: nn.Module, steps_per_epoch: int, device: torch.device
+) -> TrainingState:
+    """A run's state before its first step: SGD over what trains, the LR schedule, the AMP scaler, the balance."""
+    balance = gradient_balance(config, trainable)
+    params = [p for p in trainable.parameters() if p.requires_grad]
+    train = config.train
+    optimizer = torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train, train.epochs * steps_per_epoch))
+    scaler = torch.amp.GradScaler("cuda", enabled=train.amp and device.type == "cuda")
+    return TrainingState(trainable, optimizer, scheduler, scaler, balance)
+
+
+def resume(state: TrainingState, session: Session) -> None:
+    """Load the session's checkpoint into ``state``, if the run has one."""
+    checkpoint = session.resume_from()
+    if checkpoint is None:
+        return
+    with checkpoint.as_directory() as directory:
+        state.load(Path(directory) / CHECKPOINT_FILE)
+    if session.rank == 0:
+        logger.info("resumed from epoch %d checkpoint", state.epoch)
 
 
 def _loader(dataset, batch_size: int, workers: int, shuffle: bool, device: torch.device) -> DataLoader:
@@ -172,6 +272,17 @@ class _RunningMean:
         return {name: total / max(self.count, 1) for name, total in self.sums.items()}
 
 
+def total_loss(losses: dict[str, Tensor], epoch: int, it: int) -> Tensor:
+    """The sum of the ``loss_*`` terms; a loss that is no longer finite stops the run, naming every term."""
+    loss = sum(v for k, v in losses.items() if k.startswith("loss_"))
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"training loss became {loss.item()} at epoch {epoch + 1}, iteration {it + 1} "
+            f"({', '.join(f'{k}={float(v):.4g}' for k, v in losses.items())}); lower train.lr or the loss weights"
+        )
+    return loss
+
+
 def apply_gradients(
     loss: torch.Tensor,
     optimizer: torch.optim.Optimizer,
@@ -193,6 +304,75 @@ def apply_gradients(
         scheduler.step()
 
 
+def train_one_epoch(
+    model: nn.Module, state: TrainingState, loader: DataLoader, device: torch.device, train: TrainConfig, rank: int
+) -> tuple[dict[str, float], float | None]:
+    """Train ``model`` (``state.trainable``, wrapped for DDP) one pass over ``loader`` and advance ``state`` by an epoch.
+
+    Returns the epoch's mean losses and time, and the wall clock of its first step.
+    """
+    epoch, balance = state.epoch, state.balance
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    model.train()
+    if balance is not None:
+        balance.start_epoch()
+    running = _RunningMean()
+    first_step_at = None
+    started = time.perf_counter()
+    for it, (images, targets) in enumerate(loader):
+        first_step_at = first_step_at or time.time()
+        images, targets = _to_device(images, targets, device)
+        with torch.autocast(device.type, enabled=state.scaler.is_enabled()):
+            losses = model(images, targets)
+        loss = total_loss(losses, epoch, it)
+        if balance is not None and balance.observe(losses, state.params) and rank == 0:
+            logger.info(balance.summary())
+        apply_gradients(loss, state.optimizer, state.scaler, state.scheduler, state.params, train.clip_grad_norm)
+        running.add({"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}})
+        if rank == 0 and (it + 1) % train.log_every == 0:
+            speed = (time.perf_counter() - started) / (it + 1)
+            logger.info(
+                "epoch %d/%d iter %d/%d loss %.4f lr %.4g (%.2f s/it)", epoch + 1, train.epochs, it + 1,
+                len(loader), running.means()["loss"], state.scheduler.get_last_lr()[0], speed,
+            )
+    if balance is not None and balance.end_epoch() and rank == 0:
+        logger.info(balance.summary())
+    epoch_time_s = time.perf_counter() - started
+    state.epoch, state.train_time_s = epoch + 1, state.train_time_s + epoch_time_s
+    return {**running.means(), "epoch_time_s": epoch_time_s}, first_step_at
+
+
+def evaluate(
+    student: nn.Module, loader: DataLoader, dataset: DetectionDataset, device: torch.device
+) -> dict[str, float] | None:
+    """The student's COCO metrics on the validation set, on rank 0 (whose report counts); None on the others."""
+    records = _detections_on_rank_zero(predict(student, loader, dataset.label_to_category_id, device))
+    return None if records is None else coco_metrics(dataset.coco, records)
+
+
+def save_and_report(
+    session: Session,
+    state: TrainingState,
+    config: Config,
+    num_classes: int,
+    metrics: dict,
+    pictures_of: DetectionDataset | None,
+) -> None:
+    """Write the epoch's checkpoint (rank 0; with GISM's pictures of ``pictures_of``) and report it with ``metrics``."""
+    with tempfile.TemporaryDirectory() as directory:
+        saving = time.perf_counter()
+        if session.rank == 0:
+            state.save(Path(directory) / CHECKPOINT_FILE, config, num_classes, metrics)
+            if pictures_of is not None:
+                from gid.distill.pictures import save_gi_pictures
+
+                save_gi_pictures(state.trainable, pictures_of, Path(directory) / PICTURES_DIR)
+        # the file holds the metrics as they were before it was written
+        metrics["checkpoint_time_s"] = time.perf_counter() - saving
+        session.report(metrics, directory if session.rank == 0 else None)
+
+
 def train_loop_per_worker(config_dict: dict) -> None:
     """A Ray Train worker's training function."""
     train_loop(config_dict, TrainWorker())
@@ -203,7 +383,7 @@ def train_loop(config_dict: dict, session: Session) -> None:
     worker_started_at = time.time()  # with the data and model set-up times: where a run's start-up goes
     configure_worker_logging()
     config = Config.model_validate(config_dict)
-    rank, device = session.rank, session.device
+    rank, device, epochs = session.rank, session.device, config.train.epochs
     torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
     torch.manual_seed(config.train.seed + rank)
 
@@ -217,122 +397,40 @@ def train_loop(config_dict: dict, session: Session) -> None:
 
     setup_data_s, setup = time.perf_counter() - setup, time.perf_counter()
     trainable = build_trainable(config, num_classes, device)
+    if config.distill is None:
+        trainable = StudentAlone(trainable)
     setup_model_s = time.perf_counter() - setup  # the teacher's load included
-    student, adapter = student_and_adapter(trainable)
-    balance = gradient_balance(config, trainable)
-    teacher_ap = getattr(trainable, "teacher_val_ap", None)
-    if teacher_ap is None and config.distill is not None:  # measured by the driver when the file stores none
-        from gid.distill.teacher import cached_val_ap
-
-        teacher_ap = cached_val_ap(config)
+    teacher_ap = known_teacher_ap(config, trainable)
     if config.distill is not None and rank == 0:
         logger.info(
             "teacher %s: %s", config.distill.teacher,
             f"val AP {100 * teacher_ap:.1f}" if teacher_ap is not None
             else "val AP not known (its model file stores none and it was not measured on this split)",
         )
-    params = [p for p in trainable.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(
-        params, lr=config.train.lr, momentum=config.train.momentum, weight_decay=config.train.weight_decay
-    )
-    total_iters = config.train.epochs * len(train_loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.train, total_iters))
-    use_amp = config.train.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-
-    start_epoch, train_time_s = 0, 0.0  # train_time_s: in training steps, over every sitting of the run
-    checkpoint = session.resume_from()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = read_checkpoint(Path(directory) / CHECKPOINT_FILE)
-        student.load_state_dict(state["model"])
-        if adapter is not None:
-            adapter.load_state_dict(state["adapter"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if balance is not None and "balance" in state:
-            balance.load_state_dict(state["balance"])
-        start_epoch = state["epoch"]
-        train_time_s = state.get("metrics", {}).get("train_time_s", 0.0)
-        if rank == 0:
-            logger.info("resumed from epoch %d checkpoint", start_epoch)
+    state = start_training_state(config, trainable, len(train_loader), device)
+    resume(state, session)
     model = session.prepare_model(trainable)
     # Where the workers run (a trial's workers may span nodes): reported, and tagged in MLflow.
     worker_nodes = ",".join(_all_gather(ray.get_runtime_context().get_node_id()))
 
-    first_step_at = None  # wall clock of this run's first training step: startup cost, for benchmarks
-    for epoch in range(start_epoch, config.train.epochs):
-        if isinstance(train_loader.sampler, DistributedSampler):
-            train_loader.sampler.set_epoch(epoch)
-        model.train()
-        if balance is not None:
-            balance.start_epoch()
-        running = _RunningMean()
-        started = time.perf_counter()
-        for it, (images, targets) in enumerate(train_loader):
-            first_step_at = first_step_at or time.time()
-            images, targets = _to_device(images, targets, device)
-            with torch.autocast(device.type, enabled=use_amp):
-                outputs = model(images, targets)
-            if config.distill is None:  # name a bare detector's losses as the Distiller does
-                outputs = {f"loss_gt_{k.removeprefix('loss_')}": v for k, v in outputs.items()}
-            loss = sum(v for k, v in outputs.items() if k.startswith("loss_"))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"training loss became {loss.item()} at epoch {epoch + 1}, iteration {it + 1} "
-                    f"({', '.join(f'{k}={float(v):.4g}' for k, v in outputs.items())}); lower train.lr or the loss weights"
-                )
-            if balance is not None and balance.observe(outputs, params) and rank == 0:
-                logger.info(balance.summary())
-            apply_gradients(loss, optimizer, scaler, scheduler, params, config.train.clip_grad_norm)
-            running.add({"loss": loss.detach(), **{k: v.detach() for k, v in outputs.items()}})
-            if rank == 0 and (it + 1) % config.train.log_every == 0:
-                speed = (time.perf_counter() - started) / (it + 1)
-                logger.info(
-                    "epoch %d/%d iter %d/%d loss %.4f lr %.4g (%.2f s/it)", epoch + 1, config.train.epochs, it + 1,
-                    len(train_loader), running.means()["loss"], scheduler.get_last_lr()[0], speed,
-                )
-        if balance is not None and balance.end_epoch() and rank == 0:
-            logger.info(balance.summary())
-        epoch_time_s = time.perf_counter() - started
-        train_time_s += epoch_time_s
+    first_step_at = None  # wall clock of this sitting's first training step: startup cost, for benchmarks
+    while state.epoch < epochs:
+        trained, epoch_first_step_at = train_one_epoch(model, state, train_loader, device, config.train, rank)
+        first_step_at = first_step_at or epoch_first_step_at
         metrics = {
-            "epoch": epoch + 1, **running.means(), "epoch_time_s": epoch_time_s, "train_time_s": train_time_s,
-            "first_step_at": first_step_at, "worker_started_at": worker_started_at, "setup_data_s": setup_data_s,
-            "setup_model_s": setup_model_s, "memory_peak_mb": memory_peak_mb(device), "worker_nodes": worker_nodes,
-            **(balance.metrics() if balance is not None else {}),
+            "epoch": state.epoch, **trained, "train_time_s": state.train_time_s, "first_step_at": first_step_at,
+            "worker_started_at": worker_started_at, "setup_data_s": setup_data_s, "setup_model_s": setup_model_s,
+            "memory_peak_mb": memory_peak_mb(device), "worker_nodes": worker_nodes,
+            **(state.balance.metrics() if state.balance is not None else {}),
             **({"teacher_val_ap": teacher_ap} if teacher_ap is not None else {}),
         }
-
-        last = epoch + 1 == config.train.epochs
-        if last or (epoch + 1) % config.train.eval_every == 0:
-            evaluation = time.perf_counter()
-            records = _detections_on_rank_zero(predict(student, val_loader, val_set.label_to_category_id, device))
-            if records is not None:
-                metrics.update({f"val_{k}": v for k, v in coco_metrics(val_set.coco, records).items()})
-                metrics["eval_time_s"] = time.perf_counter() - evaluation
-                val = {k.removeprefix("val_"): v for k, v in metrics.items() if k.startswith("val_")}
-                logger.info("epoch %d/%d val %s", epoch + 1, config.train.epochs, format_metrics(val))
-
-        with tempfile.TemporaryDirectory() as directory:
-            saving = time.perf_counter()
-            if rank == 0:
-                training_state = {
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                }
-                if adapter is not None:
-                    training_state["adapter"] = adapter.state_dict()
-                if balance is not None:
-                    training_state["balance"] = balance.state_dict()
-                save_model(
-                    student, config, num_classes, Path(directory) / CHECKPOINT_FILE,
-                    epoch=epoch + 1, metrics=metrics, training_state=training_state,
-                )
-                if last and config.distill is not None:
-                    from gid.distill.pictures import save_gi_pictures
-
-                    save_gi_pictures(trainable, val_set, Path(directory) / PICTURES_DIR)
-            # the file holds the metrics as they were before it was written
-            metrics["checkpoint_time_s"] = time.perf_counter() - saving
-            session.report(metrics, directory if rank == 0 else None)
+        last = state.epoch == epochs
+        if last or state.epoch % config.train.eval_every == 0:
+            evaluating = time.perf_counter()
+            val = evaluate(trainable.student, val_loader, val_set, device)
+            if val is not None:
+                metrics.update({f"val_{k}": v for k, v in val.items()})
+                metrics["eval_time_s"] = time.perf_counter() - evaluating
+                logger.info("epoch %d/%d val %s", state.epoch, epochs, format_metrics(val))
+        pictures_of = val_set if last and config.distill is not None else None  # what GISM picked, once
+        save_and_report(session, state, config, num_classes, metrics, pictures_of)
