@@ -408,8 +408,9 @@ def train_loop(config_dict: dict, session: Session) -> None:
             else "val AP not known (its model file stores none and it was not measured on this split)",
         )
     state = start_training_state(config, trainable, len(train_loader), device)
-    resume(state, session)
     model = session.prepare_model(trainable)
+    # After the move to the device: the optimizer's loaded state (SGD's momentum) goes where its parameters are.
+    resume(state, session)
     # Where the workers run (a trial's workers may span nodes): reported, and tagged in MLflow.
     worker_nodes = ",".join(_all_gather(ray.get_runtime_context().get_node_id()))
 
