@@ -22,7 +22,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from gid.config import Config, DistillConfig
+from gid.config import Config, DistillConfig, expanded
 from gid.distill.teacher import ensure_teacher_val_ap
 from gid.engine.preflight import check_run_inputs, check_writable
 from gid.engine.progress import epoch_line
@@ -190,7 +190,7 @@ class SweepPaths:
     def of(cls, sweep: SweepConfig) -> SweepPaths:
         if "://" in sweep.storage_path:  # cloud storage: keep driver-side files next to the driver
             return cls(f"{sweep.storage_path.rstrip('/')}/{sweep.name}", Path(".gid-sweeps").resolve() / sweep.name)
-        local = Path(sweep.storage_path).expanduser().resolve() / sweep.name
+        local = expanded(sweep.storage_path, "storage_path").resolve() / sweep.name
         return cls(str(local), local)
 
     def join(self, *parts: str) -> str:
