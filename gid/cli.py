@@ -13,7 +13,14 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from gid import logs
-from gid.errors import GidError
+from gid.errors import GidError, one_line
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line and exit code 2, like every other error (not argparse's usage text first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"gid: error: {one_line(message)}; see {self.prog} --help\n")
 
 COMMANDS_GROUP = "gid.commands"
 
@@ -141,7 +148,7 @@ def cmd_model_export(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gid", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="gid", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     data = commands.add_parser("data", help="make data sets").add_subparsers(dest="data_command", required=True)
@@ -218,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         with logs.command(args.verbose) if "verbose" in args else nullcontext():
             args.func(args)
     except GidError as exc:
-        print(f"gid: error: {exc}", file=sys.stderr)
+        print(f"gid: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gid: interrupted", file=sys.stderr)

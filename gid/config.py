@@ -249,12 +249,20 @@ class Config(StrictModel):
         ):
             value = (data.get(section) or {}).get(key)
             if value is not None and "://" not in str(value):
-                data[section][key] = str(Path(value).expanduser().resolve())
+                data[section][key] = str(expanded(value, f"{section}.{key}").resolve())
         return Config.model_validate(data)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON-safe dict (what checkpoints and trial configs store)."""
         return self.model_dump(mode="json")
+
+
+def expanded(path: str | Path, key: str) -> Path:
+    """``path`` with ``~`` / ``~user`` expanded; one line, not pathlib's RuntimeError, when that user does not exist."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        raise GidError(f"{key} {path}: no home folder for {str(path).partition('/')[0]!r}; give a path without it") from None
 
 
 def scaled_to_input(value: float | str, coco_value: float, image_size: int) -> float:
@@ -271,11 +279,21 @@ def read_yaml(path: Path, kind: str = "config file") -> dict[str, Any]:
     if not path.is_file():
         raise GidError(f"{kind} not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_bytes()) or {}  # bytes: PyYAML reads UTF-8 and UTF-16, whatever the locale
+    except yaml.reader.ReaderError as exc:  # not UTF-8, or a control character
+        if exc.encoding == "unicode":
+            reason = f"#x{exc.character:04x}: {exc.reason}"
+        else:
+            reason = f"not {exc.encoding} text ({exc.reason})"
+        raise GidError(f"{path}: not valid YAML at character {exc.position}: {reason}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise GidError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    except RecursionError:
+        raise GidError(f"{path}: not valid YAML: nested too deeply") from None
+    except (ValueError, TypeError) as exc:  # a value its tag's constructor refuses: !!int abc, an int of 5000 digits
+        raise GidError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise GidError(f"{path}: a {kind} must be a YAML mapping, got {type(data).__name__}")
     return data
@@ -301,7 +319,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise GidError(f"override {item!r} must look like key.path=value, e.g. train.lr=0.02")
         try:
             value = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError, TypeError, RecursionError):  # not YAML (e.g. !!int abc): the text itself
             value = raw
         set_value(data, key, value)
     return data

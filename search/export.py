@@ -141,12 +141,14 @@ def exported_config(client, run, name: str) -> Config:
 def export_best(
     out_dir: Path, *, tracking_uri: str | None, experiment: str, sweep: str | None, metric: str = "val_ap", top: int = 1
 ) -> list[ExportedConfig]:
+    if top < 1:
+        raise GidError(f"--top {top}: export at least 1 config per framework")
     if sweep is not None:
         try:  # before MLflow is touched
             quoted(sweep)
         except ValueError as exc:
             raise GidError(f"--sweep {exc}") from None
-    client, experiment_id = connect(tracking_uri, experiment)
+    client, experiment_id = connect(tracking_uri, experiment, create=False)
     found = best_runs(client, experiment_id, metric, sweep, top)
     if not found:
         which = f"sweep {sweep!r} in " if sweep else ""

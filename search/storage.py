@@ -6,6 +6,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from gid.config import expanded
 from search.config import SweepConfig
 
 
@@ -20,7 +21,7 @@ class SweepPaths:
     def of(cls, sweep: SweepConfig) -> SweepPaths:
         if "://" in sweep.storage_path:  # cloud storage: keep driver-side files next to the driver
             return cls(f"{sweep.storage_path.rstrip('/')}/{sweep.name}", Path(".gid-sweeps").resolve() / sweep.name)
-        local = Path(sweep.storage_path).expanduser().resolve() / sweep.name
+        local = expanded(sweep.storage_path, "storage_path").resolve() / sweep.name
         return cls(str(local), local)
 
     def join(self, *parts: str) -> str:

@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import yaml
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
@@ -75,18 +76,43 @@ def check_reachable(tracking_uri: str) -> None:
         raise GidError(f"cannot reach the MLflow server at {redact(tracking_uri)} ({exc}); start it or fix tracking.tracking_uri") from None
 
 
-def connect(tracking_uri: str | None, experiment: str, artifact_location: str | None = None) -> tuple[MlflowClient, str]:
-    """A client and the experiment id; a clear error before any compute if MLflow is unreachable."""
-    client = MlflowClient(tracking_uri=tracking_uri)
+def connect(
+    tracking_uri: str | None, experiment: str, artifact_location: str | None = None, create: bool = True
+) -> tuple[MlflowClient, str]:
+    """A client and the experiment id; a clear error before any compute if MLflow is unreachable.
+
+    ``create``: make a missing experiment (a sweep); without it (``gid export`` only reads) a missing
+    SQLite store or experiment is an error, rather than an empty store made where a wrong URI points.
+    """
+    tracking_uri = tracking_uri or mlflow.get_tracking_uri()  # $MLFLOW_TRACKING_URI, else MLflow's default
+    if not create:  # before the client, which opens (and so creates) a SQLite store
+        check_store_exists(tracking_uri)
+    try:
+        client = MlflowClient(tracking_uri=tracking_uri)
+    except Exception as exc:  # noqa: BLE001 - an unknown scheme, a store MLflow refuses to open
+        raise GidError(f"cannot use MLflow at {redact(tracking_uri)}: {first_line(exc)}") from None
     check_reachable(client.tracking_uri)
     try:
         found = client.get_experiment_by_name(experiment)
+        if found is None and not create:
+            raise GidError(f"no MLflow experiment {experiment!r} at {redact(client.tracking_uri)}; check --mlflow-experiment")
         experiment_id = found.experiment_id if found else client.create_experiment(experiment, artifact_location)
         if found is None or EXPERIMENT_KIND_TAG not in found.tags:
             client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    except GidError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any failure here means "cannot track"
         raise GidError(f"cannot use MLflow at {redact(client.tracking_uri)}: {first_line(exc)}") from None
     return client, experiment_id
+
+
+def check_store_exists(tracking_uri: str) -> None:
+    """A SQLite store that is not there (or in memory): opening it would make a new, empty one."""
+    if not tracking_uri.startswith("sqlite:"):
+        return
+    path = tracking_uri.removeprefix("sqlite:///").partition("?")[0] if tracking_uri.startswith("sqlite:///") else ""
+    if path in ("", ":memory:") or not Path(path).is_file():
+        raise GidError(f"no MLflow store at {redact(tracking_uri)}; pass the sweep's tracking.tracking_uri as --tracking-uri")
 
 
 def runs_link(tracking_uri: str, experiment_id: str) -> str:

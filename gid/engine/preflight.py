@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from gid.config import Config, DataConfig
+from gid.config import Config, DataConfig, expanded
 from gid.data import build_dataset
 from gid.engine.loop import build_trainable, out_of_memory_as_user_error
 from gid.errors import GidError
@@ -24,7 +24,7 @@ def check_writable(path: str, key: str) -> None:
     """
     if "://" in path:  # a bucket: only Ray's storage layer can tell, when it writes
         return
-    target = Path(path).expanduser().resolve()
+    target = expanded(path, key).resolve()
     existing = next(p for p in (target, *target.parents) if p.exists())
     if not existing.is_dir():
         raise GidError(f"{key} {path} cannot be created: {existing} is a file, not a folder; set {key} to a folder")
