@@ -23,7 +23,8 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from gid.cli import main
-from test_bad_input import base_config, merged, write_model_file
+from support import tiny_config_dict
+from test_bad_input import merged, write_model_file
 
 EXAMPLES = {"train": 60, "distill": 30, "sweep": 40, "config text": 40, "export": 40}
 
@@ -193,7 +194,7 @@ def outcome(argv: list[str], capsys) -> str:
 
 # Templates of valid inputs; SYNTH, TEACHER and FOLDER stand for the data set, the teacher file and the example's folder.
 CONFIG = merged(
-    merged(base_config(Path("SYNTH")), {"run": {"name": "fuzz", "storage_path": "FOLDER/runs"}}), CONFIG_EXTRAS
+    tiny_config_dict(Path("SYNTH"), run={"name": "fuzz", "storage_path": "FOLDER/runs"}), CONFIG_EXTRAS
 )
 DISTILL_CONFIG = {**CONFIG, "distill": {"teacher": "TEACHER", **DISTILL_EXTRAS}}
 SWEEP = {
