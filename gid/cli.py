@@ -133,10 +133,12 @@ def cmd_model_import(args: argparse.Namespace) -> None:
     imported = import_torchvision(
         args.weights, args.builder, args.out, num_classes=args.num_classes, image_size=args.image_size
     )
-    model, size = imported.config.model, imported.config.data.image_size
+    model = imported.config.model
+    low, high = model.detector.min_size, model.detector.max_size
+    size = f"longest side {low}" if low == high else f"shorter side {low}, longer at most {high}"
     print(
         f"wrote {args.out}: a {model.framework} {model.backbone} ({model.variant}, FPN {model.fpn_channels}) of "
-        f"{imported.num_classes} classes with background, for images of longest side {size}; "
+        f"{imported.num_classes} classes with background, with {args.builder}'s settings (images resized to {size}); "
         "use it as distill.teacher or model.weights, or with gid eval --data"
     )
 

@@ -9,7 +9,7 @@ passes through :class:`Config`, so a sweep trial's config is the same kind of fi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -51,6 +51,47 @@ class DataConfig(StrictModel):
     hflip_prob: float = Field(0.5, ge=0.0, le=1.0)
 
 
+Count = Annotated[int, Field(ge=1)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+class DetectorSettings(StrictModel):
+    """Keyword arguments of torchvision's detector class (``model.detector``), each of one framework or all.
+
+    ``auto``: ``min_size`` and ``max_size`` are ``data.image_size`` (gid feeds images of that longest
+    side); every other setting is gid's (``Framework.gid_settings``), else torchvision's class default.
+    `gid model import` records its builder's values, so an imported model behaves as the builder's.
+    """
+
+    # GeneralizedRCNNTransform: shorter side resized to min_size unless the longer then exceeds max_size
+    min_size: Count | Literal["auto"] = "auto"
+    max_size: Count | Literal["auto"] = "auto"
+    # RetinaNet and FCOS
+    score_thresh: Fraction | Literal["auto"] = "auto"
+    nms_thresh: Fraction | Literal["auto"] = "auto"
+    detections_per_img: Count | Literal["auto"] = "auto"
+    topk_candidates: Count | Literal["auto"] = "auto"
+    # Faster R-CNN
+    rpn_pre_nms_top_n_train: Count | Literal["auto"] = "auto"
+    rpn_post_nms_top_n_train: Count | Literal["auto"] = "auto"
+    rpn_pre_nms_top_n_test: Count | Literal["auto"] = "auto"
+    rpn_post_nms_top_n_test: Count | Literal["auto"] = "auto"
+    rpn_nms_thresh: Fraction | Literal["auto"] = "auto"
+    rpn_score_thresh: Fraction | Literal["auto"] = "auto"
+    box_score_thresh: Fraction | Literal["auto"] = "auto"
+    box_nms_thresh: Fraction | Literal["auto"] = "auto"
+    box_detections_per_img: Count | Literal["auto"] = "auto"
+    box_batch_size_per_image: Count | Literal["auto"] = "auto"
+
+    def given(self) -> dict[str, int | float]:
+        """The settings that are not ``auto``."""
+        return {name: value for name, value in self.model_dump().items() if value != "auto"}
+
+
+#: model.detector settings every framework takes; the others are the framework's ``Framework.settings``.
+TRANSFORM_SETTINGS = ("min_size", "max_size")
+
+
 class ModelConfig(StrictModel):
     framework: Framework = "retinanet"
     backbone: Backbone = "resnet18"
@@ -66,12 +107,19 @@ class ModelConfig(StrictModel):
     # first (Faster R-CNN on the mobilenet levels: all of them on every level). "auto" scales the
     # framework's COCO defaults by image_size / 800.
     anchor_sizes: Literal["auto"] | list[float] = "auto"
+    # RetinaNet's three sizes per level, s * 2**(k/3): exact, or rounded down to whole pixels (torchvision's builders)
+    anchor_octaves: Literal["exact", "floor"] = "exact"
     weights: Path | None = None  # a local model file to initialise from (never downloaded)
     backbone_weights: Path | None = None  # a local torchvision ImageNet classifier state dict for the backbone
     # Backbone BatchNorm as torchvision's FrozenBatchNorm2d; auto: when backbone_weights is set.
     frozen_batchnorm: bool | Literal["auto"] = "auto"
     # Backbone stages trained, counted from the last; auto: 3 with backbone_weights, else all.
     trainable_backbone_layers: int | Literal["auto"] = "auto"
+    # Backbone BatchNorm epsilon; auto: the classifier's (MobileNetV3's 0.001, the others' 1e-5). A value builds it
+    # as torchvision's detection builders do: nn.BatchNorm2d (or FrozenBatchNorm2d) with this eps.
+    batchnorm_eps: Annotated[float, Field(ge=0)] | Literal["auto"] = "auto"
+    # torchvision's detector class's keyword arguments: transform sizes, thresholds, proposal counts
+    detector: DetectorSettings = DetectorSettings()
     # "package.module:function" returning the user's own torchvision RetinaNet, FCOS or FasterRCNN when called
     # with num_classes=N; then backbone, fpn_channels, fpn_levels, variant and anchor_sizes are the function's business.
     builder: str | None = None
@@ -106,6 +154,17 @@ class ModelConfig(StrictModel):
                 raise ValueError(f"builder {self.builder!r} must look like package.module:function")
             if self.backbone_weights is not None:
                 raise ValueError("backbone_weights loads into the backbones gid builds; a builder loads its own weights")
+        if self.anchor_octaves != "exact" and not framework.anchor_octaves:
+            raise ValueError(f"anchor_octaves {self.anchor_octaves}: {self.framework} has no octave anchor sizes; use exact")
+        given = self.detector.given()
+        foreign = [name for name in given if name not in (*TRANSFORM_SETTINGS, *framework.settings)]
+        if foreign:
+            raise ValueError(
+                f"detector.{foreign[0]} is not a setting of {self.framework}, whose are: "
+                f"{', '.join((*TRANSFORM_SETTINGS, *framework.settings))}"
+            )
+        if self.builder is not None and (given or self.batchnorm_eps != "auto" or self.anchor_octaves != "exact"):
+            raise ValueError("detector, batchnorm_eps and anchor_octaves are a builder function's business, as is its model")
         most = MAX_TRAINABLE_LAYERS[self.backbone]
         if self.trainable_backbone_layers != "auto" and not 0 <= self.trainable_backbone_layers <= most:
             raise ValueError(

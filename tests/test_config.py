@@ -46,6 +46,11 @@ def test_file_values_defaults_and_overrides(tmp_path):
         ("{}\n", ["distill.gism.top_k=0"], "distill.teacher: Field required"),
         ("- a list\n", [], "must be a YAML mapping"),
         ("model: {framework: [\n", [], "not valid YAML"),
+        ("model: {framework: faster_rcnn, detector: {topk_candidates: 500}}\n", [],
+         "detector.topk_candidates is not a setting of faster_rcnn, whose are: min_size, max_size, rpn_pre_nms_top_n_train"),
+        ("model: {framework: fcos}\n", ["model.detector.score_thresh=2"], "model.detector.score_thresh"),
+        ("model: {framework: fcos, anchor_octaves: floor}\n", [], "fcos has no octave anchor sizes"),
+        ("model: {builder: 'pkg.mod:make'}\n", ["model.detector.min_size=64"], "a builder function's business"),
     ],
 )
 def test_bad_config_gives_one_clear_line(tmp_path, text, overrides, expected):
@@ -53,6 +58,13 @@ def test_bad_config_gives_one_clear_line(tmp_path, text, overrides, expected):
         load_config(write(tmp_path, text), overrides)
     assert expected in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_detector_settings_are_auto_unless_set(tmp_path):
+    config = load_config(write(tmp_path, "model: {framework: retinanet}\n"), ["model.detector.score_thresh=0.3"])
+    assert config.model.detector.given() == {"score_thresh": 0.3}
+    assert config.model.detector.nms_thresh == "auto" and config.model.batchnorm_eps == "auto"
+    assert config.model.anchor_octaves == "exact"
 
 
 def test_missing_config_file(tmp_path):

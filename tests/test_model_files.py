@@ -26,7 +26,7 @@ from gid.config import ModelConfig, validate
 from gid.engine.loop import build_trainable
 from gid.errors import GidError
 from gid.frameworks import FRAMEWORKS
-from gid.models import build_detector, load_model, save_model
+from gid.models import build_detector, load_model, read_checkpoint, save_model
 from gid.models.roi_align import MatmulMultiScaleRoIAlign
 from support import tiny_config_dict
 
@@ -47,9 +47,13 @@ STUDENTS = [(framework, variant, "resnet18") for framework, variant in ARCHITECT
     ("faster_rcnn", "v1", "mobilenet_v2")]
 
 
-def torchvision_state_dict(builder: str, num_classes: int = NUM_CLASSES, seed: int = 0) -> dict[str, torch.Tensor]:
+def torchvision_model(builder: str, num_classes: int = NUM_CLASSES, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return getattr(detection, builder)(weights=None, weights_backbone=None, num_classes=num_classes).state_dict()
+    return getattr(detection, builder)(weights=None, weights_backbone=None, num_classes=num_classes)
+
+
+def torchvision_state_dict(builder: str, num_classes: int = NUM_CLASSES, seed: int = 0) -> dict[str, torch.Tensor]:
+    return torchvision_model(builder, num_classes, seed).state_dict()
 
 
 @pytest.fixture(scope="module", params=list(BUILDERS))
@@ -240,12 +244,13 @@ def test_import_eval_export_gives_back_the_torchvision_file(builder_file, synth_
     builder, path = builder_file
     framework, variant, backbone = BUILDERS[builder]
     model_file = tmp_path / "imported.pt"
-    assert main(["model", "import", str(path), "--builder", builder, "--image-size", "64", "--out", str(model_file)]) == 0
+    # 32 px: few anchors, so the builder's proposal counts (up to 1000) stay small for gid eval
+    assert main(["model", "import", str(path), "--builder", builder, "--image-size", "32", "--out", str(model_file)]) == 0
     model, config, num_classes = load_model(model_file)
     assert (config.model.framework, config.model.variant, config.model.backbone, config.model.fpn_channels) == (
         framework, variant, backbone, 256)
     assert config.model.fpn_levels == ("mobilenet" if backbone.startswith("mobilenet") else "resnet")
-    assert num_classes == NUM_CLASSES and config.data.image_size == 64 and config.model.frozen_batchnorm is False
+    assert num_classes == NUM_CLASSES and config.data.image_size == 32 and config.model.frozen_batchnorm is False
 
     assert main(["eval", str(model_file), "--data", str(synth_root)]) == 0
     assert "AP " in capsys.readouterr().out
@@ -268,26 +273,38 @@ def test_an_imported_model_is_a_teacher_and_initial_weights(builder_file, synth_
     assert main(["model", "import", str(path), "--builder", builder, "--image-size", "64", "--out", str(model_file)]) == 0
     original = torch.load(path, weights_only=True)
 
-    # a ResNet-18 FPN-64 under the ResNet-50 FPN-256; a MobileNetV3 FPN-64 under the FPN-256 (the same levels)
-    student = {"framework": framework, "variant": variant, "backbone": "resnet18" if backbone == "resnet50" else backbone}
+    # a ResNet-18 FPN-64 under the ResNet-50 FPN-256; a MobileNetV3 FPN-64 under the FPN-256 (the same levels),
+    # with the teacher's anchors: the builder's, which the imported file keeps
+    held = read_checkpoint(model_file)["config"]["model"]
+    student = {"framework": framework, "variant": variant, "backbone": "resnet18" if backbone == "resnet50" else backbone,
+               "anchor_sizes": held["anchor_sizes"], "anchor_octaves": held["anchor_octaves"]}
     config = validate(tiny_config_dict(synth_root, model=student, distill={"teacher": str(model_file)}))
     distiller = build_trainable(config, NUM_CLASSES, torch.device("cpu"))
     assert all(torch.equal(distiller.teacher.state_dict()[k], v) for k, v in original.items())
+    with torch.device("meta"):  # the builder's settings, without initialising its weights
+        builders = settings_of(torchvision_model(builder), transform=False)
+    assert settings_of(distiller.teacher, transform=False) == builders
 
+    # training from it keeps the config's settings, gid's unless it says otherwise
     same = {**student, "backbone": backbone, "fpn_channels": 256, "weights": str(model_file)}
     initialised = trainable_with(synth_root, tmp_path, same)
     assert all(torch.equal(initialised.state_dict()[k], v) for k, v in original.items())
+    gid_built = build_detector(validate({"model": same}).model, 64, NUM_CLASSES)
+    assert settings_of(initialised) == settings_of(gid_built)
 
 
-def test_import_takes_frozen_batchnorm_files_as_torchvisions_pretrained_detectors_are(tmp_path):
+# torchvision's builders overwrite the eps of the FrozenBatchNorm2d of these two with their published (COCO_V1) weights
+@pytest.mark.parametrize("builder, eps", [("fcos_resnet50_fpn", 1e-5), ("retinanet_resnet50_fpn", 0.0)])
+def test_import_takes_frozen_batchnorm_files_as_torchvisions_pretrained_detectors_are(tmp_path, builder, eps):
     """torchvision's published detectors were saved with FrozenBatchNorm2d: no num_batches_tracked."""
-    state = {k: v for k, v in torchvision_state_dict("fcos_resnet50_fpn").items() if not k.endswith("num_batches_tracked")}
+    state = {k: v for k, v in torchvision_state_dict(builder).items() if not k.endswith("num_batches_tracked")}
     torch.save(state, tmp_path / "pretrained.pth")
-    assert main(["model", "import", str(tmp_path / "pretrained.pth"), "--builder", "fcos_resnet50_fpn",
+    assert main(["model", "import", str(tmp_path / "pretrained.pth"), "--builder", builder,
                  "--out", str(tmp_path / "m.pt")]) == 0
     model, config, _ = load_model(tmp_path / "m.pt")
     assert config.model.frozen_batchnorm is True and config.data.image_size == 800  # torchvision's COCO size
     assert isinstance(model.backbone.body.bn1, FrozenBatchNorm2d)
+    assert {m.eps for m in model.modules() if isinstance(m, FrozenBatchNorm2d)} == {eps}
     assert model.state_dict().keys() == state.keys()
 
 
@@ -314,7 +331,20 @@ def test_import_feeds_the_input_size_the_builders_weights_were_trained_for(tmp_p
     torch.save(torchvision_state_dict(builder), tmp_path / "m.pth")
     assert main(["model", "import", str(tmp_path / "m.pth"), "--builder", builder, "--out", str(tmp_path / "m.pt")]) == 0
     model, config, _ = load_model(tmp_path / "m.pt")
-    assert config.data.image_size == size and model.transform.max_size == size
+    assert config.data.image_size == size and model.transform.min_size == (size,)  # the builder's transform:
+    assert model.transform.max_size == {800: 1333, 320: 640}[size]  # a longer side up to 1333 (640)
+
+
+def test_import_image_size_feeds_that_longest_side_and_keeps_the_rest(builder_file, tmp_path):
+    builder, path = builder_file
+    assert main(["model", "import", str(path), "--builder", builder, "--image-size", "64", "--out", str(tmp_path / "m.pt")]) == 0
+    held = read_checkpoint(tmp_path / "m.pt")["config"]
+    framework = FRAMEWORKS[held["model"]["framework"]]
+    builders_own = framework.torchvision_settings(framework.builders[builder])
+    assert held["data"]["image_size"] == 64
+    given = {name: value for name, value in held["model"]["detector"].items() if value != "auto"}
+    assert given == {**builders_own, "min_size": 64, "max_size": 64}
+    assert held["model"]["anchor_sizes"] == list(framework.coco_anchor_sizes)  # the builder's, at any input size
 
 
 def test_a_model_file_whose_weights_do_not_fit_its_own_config_is_one_line(tmp_path):
@@ -327,6 +357,99 @@ def test_a_model_file_whose_weights_do_not_fit_its_own_config_is_one_line(tmp_pa
     message = str(info.value)
     assert "\n" not in message and message.startswith(f"{tmp_path / 'm.pt'}: weights do not fit the architecture its own")
     assert message.endswith("train it again")
+
+
+# --- 4b. imported detectors detect what torchvision's builders do ------------------------------
+
+
+def settings_of(model: nn.Module, transform: bool = True) -> dict[str, object]:
+    """What a torchvision detector's detections depend on besides its weights: input size, anchors, BatchNorm
+    eps, thresholds, proposal counts (and the RoIs Faster R-CNN samples in training)."""
+    found: dict[str, object] = {}
+    if transform:
+        found |= {"min_size": tuple(model.transform.min_size), "max_size": model.transform.max_size}
+    if isinstance(model, detection.FasterRCNN):
+        rpn, roi = model.rpn, model.roi_heads
+        found |= {"pre_nms_top_n": rpn._pre_nms_top_n, "post_nms_top_n": rpn._post_nms_top_n,
+                  "rpn_nms_thresh": rpn.nms_thresh, "rpn_score_thresh": rpn.score_thresh,
+                  "box_score_thresh": roi.score_thresh, "box_nms_thresh": roi.nms_thresh,
+                  "box_detections_per_img": roi.detections_per_img,
+                  "box_batch_size_per_image": roi.fg_bg_sampler.batch_size_per_image}
+        generator = rpn.anchor_generator
+    else:
+        found |= {name: getattr(model, name) for name in ("score_thresh", "nms_thresh", "detections_per_img", "topk_candidates")}
+        generator = model.anchor_generator
+    found["anchor_sizes"] = [[float(size) for size in level] for level in generator.sizes]
+    found["aspect_ratios"] = [[float(r) for r in level] for level in generator.aspect_ratios]
+    norms = (nn.BatchNorm2d, FrozenBatchNorm2d)
+    found["batchnorm"] = sorted({(type(m).__name__, m.eps) for m in model.backbone.modules() if isinstance(m, norms)})
+    return found
+
+
+#: torchvision's transform enlarges an image to a shorter side of 800 (the 320 px builder's: 320) unless its longer
+#: side would pass 1333 (640): a strip is the cheapest image its resize rule runs on (to 32 x 1333 and 15 x 640)
+STRIP = torch.rand(3, 24, 1000, generator=torch.Generator().manual_seed(3))
+#: a camera's image, whose shorter side sets the scale, for the one builder that is quick at it (to 320 x 427)
+PHOTO = torch.rand(3, 480, 640, generator=torch.Generator().manual_seed(4))
+#: TorchScript export checked on one builder per framework (scripting takes seconds)
+SCRIPTED = {"retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn", "fasterrcnn_mobilenet_v3_large_320_fpn"}
+
+
+def assert_same_detections(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
+    assert len(theirs["boxes"]) > 0
+    for key in ("boxes", "scores", "labels"):
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=0)
+
+
+def test_an_imported_detector_detects_what_its_torchvision_builder_does(builder_file, tmp_path, capsys):
+    builder, path = builder_file
+    theirs = getattr(detection, builder)(weights=None, weights_backbone=None, num_classes=NUM_CLASSES).eval()
+    theirs.load_state_dict(torch.load(path, weights_only=True))
+    # random weights that detect something: a one-stage head's class bias at 0 instead of its prior's -4.6
+    # puts scores over the score threshold (Faster R-CNN's already are); the file is then the model's
+    if hasattr(theirs, "head"):
+        nn.init.zeros_(theirs.head.classification_head.cls_logits.bias)
+    torch.save(theirs.state_dict(), tmp_path / "detecting.pth")
+    model_file = tmp_path / "imported.pt"
+    assert main(["model", "import", str(tmp_path / "detecting.pth"), "--builder", builder, "--out", str(model_file)]) == 0
+    ours, _, _ = load_model(model_file)  # what gid eval runs, and gid distill as a teacher
+    assert settings_of(ours) == settings_of(theirs)
+    image = PHOTO if builder.endswith("_320_fpn") else STRIP
+    with torch.no_grad():
+        (expected,) = theirs([image])
+        (detected,) = ours.eval()([image])
+    assert_same_detections(detected, expected)
+
+    # its torchvision export needs the builder call only; its TorchScript export detects the same
+    capsys.readouterr()
+    assert main(["model", "export", str(model_file), "--format", "torchvision", "--out", str(tmp_path / "m.pth")]) == 0
+    assert "other settings" not in capsys.readouterr().out
+    if builder in SCRIPTED:
+        assert main(["model", "export", str(model_file), "--format", "torchscript", "--out", str(tmp_path / "m.ts")]) == 0
+        with torch.no_grad():
+            _, (scripted,) = torch.jit.load(tmp_path / "m.ts")([image])
+        assert_same_detections(scripted, expected)
+
+
+def test_gid_trained_detectors_keep_gids_settings_which_their_export_names(tmp_path, capsys):
+    model = {"framework": "faster_rcnn", "backbone": "mobilenet_v3_large", "fpn_channels": 256}
+    config = validate({"data": {"image_size": 64}, "model": model})
+    detector = build_detector(config.model, 64, NUM_CLASSES)
+    assert settings_of(detector) | {"batchnorm": None} == {
+        "min_size": (64,), "max_size": 64,  # longest side data.image_size
+        "pre_nms_top_n": {"training": 1000, "testing": 500}, "post_nms_top_n": {"training": 500, "testing": 300},
+        "rpn_nms_thresh": 0.7, "rpn_score_thresh": 0.0, "box_score_thresh": 0.05, "box_nms_thresh": 0.5,
+        "box_detections_per_img": 100, "box_batch_size_per_image": 128,
+        "anchor_sizes": [[32.0, 32.0, 32.0, 32.0, 40.96]] * 3,  # COCO's scaled to 64 px, at least the stride
+        "aspect_ratios": [[0.5, 1.0, 2.0]] * 3, "batchnorm": None,
+    }
+    save_model(detector, config, NUM_CLASSES, tmp_path / "m.pt")
+    assert main(["model", "export", str(tmp_path / "m.pt"), "--format", "torchvision", "--out", str(tmp_path / "m.pth")]) == 0
+    assert ("fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, num_classes=7) loads it with "
+            "strict=True (gid built it with other settings than torchvision's: pass min_size=64, max_size=64, "
+            "rpn_pre_nms_top_n_train=1000, rpn_post_nms_top_n_train=500, rpn_pre_nms_top_n_test=500, "
+            "rpn_post_nms_top_n_test=300, rpn_score_thresh=0.0, box_batch_size_per_image=128 for the same input, "
+            "proposals and thresholds)") in capsys.readouterr().out
 
 
 # --- 5. export of gid's own architectures -----------------------------------------------------

@@ -9,7 +9,9 @@ which torchvision builders it reproduces, which layers depend on the classes and
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from torch import Tensor, nn
@@ -73,6 +75,13 @@ class TorchvisionBuilder:
     image_size: int = COCO_IMAGE_SIZE  # the input its COCO weights were trained for: `gid model import`'s default
     fpn_channels: int = 256  # torchvision's FPN width
     fpn_levels: FpnLevels = "resnet"
+    # the detector class's keyword arguments the builder passes (model.detector), over the class's defaults
+    settings: Mapping[str, float] = field(default_factory=dict)
+    # its FrozenBatchNorm2d's eps (a file without num_batches_tracked): 0.0 where torchvision's builder overwrites
+    # it for the only weights it publishes (COCO_V1), else the class's 1e-5
+    frozen_batchnorm_eps: float = 1e-5
+    # RetinaNet's octave anchor sizes (model.anchor_octaves): torchvision's builders round them down
+    anchor_octaves: str = "exact"
 
 
 class Framework(abc.ABC):
@@ -88,6 +97,15 @@ class Framework(abc.ABC):
     class_layers: tuple[str, ...]  # layers shaped by the class count: fine-tuning to other classes starts them afresh
     class_logits: str  # the weight whose first dimension counts the classes
     fpn_levels: tuple[FpnLevels, ...] = ("resnet",)  # the model.fpn_levels it builds
+    settings: tuple[str, ...]  # the detector class's keyword arguments model.detector sets, besides min/max_size
+    gid_settings: Mapping[str, float] = {}  # gid's values where they are not the class's defaults (model.detector: auto)
+    anchor_octaves: bool = False  # several octave sizes per anchor location (model.anchor_octaves)
+
+    def torchvision_settings(self, builder: TorchvisionBuilder | None = None) -> dict[str, float]:
+        """The transform sizes and ``settings`` torchvision's ``builder`` (None: the class) gives the detector."""
+        parameters = inspect.signature(self.detector.__init__).parameters
+        defaults = {name: parameters[name].default for name in ("min_size", "max_size", *self.settings)}
+        return {**defaults, **(builder.settings if builder is not None else {})}
 
     def levels(self, model: ModelConfig) -> FpnLevels:
         """``model.fpn_levels``; ``auto``: those of torchvision's builder of the framework on the backbone, if
@@ -127,9 +145,10 @@ class Framework(abc.ABC):
 
     @abc.abstractmethod
     def build(
-        self, model: ModelConfig, backbone: BackboneWithFPN, anchors: AnchorGenerator, num_classes: int, **transform
+        self, model: ModelConfig, backbone: BackboneWithFPN, anchors: AnchorGenerator, num_classes: int, **settings
     ) -> nn.Module:
-        """The detector on ``backbone`` with ``anchors``; ``transform`` is GeneralizedRCNNTransform's sizes."""
+        """The detector on ``backbone`` with ``anchors``; ``settings`` are the class's keyword arguments
+        (``model.detector`` resolved: the transform sizes, and those of ``settings`` that are set)."""
         raise NotImplementedError
 
     def num_classes_in(self, logits: Tensor, anchors_per_location: int) -> int:

@@ -112,13 +112,28 @@ class FasterRCNNFramework(Framework):
     # v1 is what the benchmarks measured; v2's four-conv box head multiplies the second stage's cost per RoI.
     default_variant = "v1"
     builders = {
-        "fasterrcnn_resnet50_fpn": TorchvisionBuilder("v1"),
+        "fasterrcnn_resnet50_fpn": TorchvisionBuilder("v1", frozen_batchnorm_eps=0.0),
         "fasterrcnn_resnet50_fpn_v2": TorchvisionBuilder("v2"),
-        "fasterrcnn_mobilenet_v3_large_fpn": TorchvisionBuilder("v1", "mobilenet_v3_large", fpn_levels="mobilenet"),
+        "fasterrcnn_mobilenet_v3_large_fpn": TorchvisionBuilder(
+            "v1", "mobilenet_v3_large", fpn_levels="mobilenet", settings={"rpn_score_thresh": 0.05}
+        ),
         # the same module tree, its COCO weights trained on images of 320 px
         "fasterrcnn_mobilenet_v3_large_320_fpn": TorchvisionBuilder(
-            "v1", "mobilenet_v3_large", image_size=320, fpn_levels="mobilenet"
+            "v1", "mobilenet_v3_large", image_size=320, fpn_levels="mobilenet",
+            settings={"min_size": 320, "max_size": 640, "rpn_pre_nms_top_n_test": 150, "rpn_post_nms_top_n_test": 150,
+                      "rpn_score_thresh": 0.05},
         ),
+    }
+    settings = (
+        "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test",
+        "rpn_nms_thresh", "rpn_score_thresh", "box_score_thresh", "box_nms_thresh", "box_detections_per_img",
+        "box_batch_size_per_image",
+    )
+    # Fewer proposals and sampled RoIs than torchvision's COCO defaults: small images hold far fewer
+    # objects, and the defaults would make the second stage dominate step time.
+    gid_settings = {
+        "rpn_pre_nms_top_n_train": 1000, "rpn_post_nms_top_n_train": 500, "rpn_pre_nms_top_n_test": 500,
+        "rpn_post_nms_top_n_test": 300, "box_batch_size_per_image": 128,
     }
     coco_anchor_sizes = (32, 64, 128, 256, 512)
     class_layers = ("roi_heads.box_predictor.cls_score", "roi_heads.box_predictor.bbox_pred")
@@ -145,7 +160,7 @@ class FasterRCNNFramework(Framework):
         return AnchorGenerator(per_level, (_RATIOS,) * levels)
 
     def build(
-        self, model: ModelConfig, backbone: BackboneWithFPN, anchors: AnchorGenerator, num_classes: int, **transform
+        self, model: ModelConfig, backbone: BackboneWithFPN, anchors: AnchorGenerator, num_classes: int, **settings
     ) -> FasterRCNN:
         heads = {}
         if model.variant == "v2":  # fasterrcnn_resnet50_fpn_v2's heads, their convolutions as wide as the FPN
@@ -154,20 +169,7 @@ class FasterRCNNFramework(Framework):
                 rpn_head=RPNHead(width, anchors.num_anchors_per_location()[0], conv_depth=2),
                 box_head=FastRCNNConvFCHead((width, ROI_SIZE, ROI_SIZE), [width] * 4, [1024], norm_layer=nn.BatchNorm2d),
             )
-        # Fewer proposals and sampled RoIs than torchvision's COCO defaults: small images hold
-        # far fewer objects, and the defaults would make the second stage dominate step time.
-        return FasterRCNN(
-            backbone,
-            num_classes,
-            rpn_anchor_generator=anchors,
-            rpn_pre_nms_top_n_train=1000,
-            rpn_post_nms_top_n_train=500,
-            rpn_pre_nms_top_n_test=500,
-            rpn_post_nms_top_n_test=300,
-            box_batch_size_per_image=128,
-            **heads,
-            **transform,
-        )
+        return FasterRCNN(backbone, num_classes, rpn_anchor_generator=anchors, **heads, **settings)
 
     def rebuild_call(self, model: ModelConfig, backbone: str, num_classes: int) -> str:
         arguments = ""

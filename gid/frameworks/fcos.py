@@ -100,6 +100,7 @@ class FCOSFramework(Framework):
     variants = ("v1",)  # torchvision has one FCOS
     default_variant = "v1"
     builders = {"fcos_resnet50_fpn": TorchvisionBuilder("v1")}
+    settings = ("score_thresh", "nms_thresh", "detections_per_img", "topk_candidates")
     coco_anchor_sizes = (8, 16, 32, 64, 128)  # = the strides, at any input size
     class_layers = ("head.classification_head.cls_logits",)
     class_logits = "head.classification_head.cls_logits.weight"
@@ -118,10 +119,10 @@ class FCOSFramework(Framework):
         return AnchorGenerator(tuple((s,) for s in sizes), ((1.0,),) * len(sizes))
 
     def build(
-        self, model: ModelConfig, backbone: BackboneWithFPN, anchors: AnchorGenerator, num_classes: int, **transform
+        self, model: ModelConfig, backbone: BackboneWithFPN, anchors: AnchorGenerator, num_classes: int, **settings
     ) -> FCOS:
         head = FCOSHead(backbone.out_channels, anchors.num_anchors_per_location()[0], num_classes)
-        return FCOS(backbone, num_classes, anchor_generator=anchors, head=head, **transform)
+        return FCOS(backbone, num_classes, anchor_generator=anchors, head=head, **settings)
 
     def rebuild_call(self, model: ModelConfig, backbone: str, num_classes: int) -> str:
         return f"FCOS({backbone}, {num_classes})"

@@ -51,9 +51,11 @@ class RetinaNetFramework(Framework):
     # 0.78 at 400; v2's was 0.62 at 200 and 0.48 at 400).
     default_variant = "v2"
     builders = {
-        "retinanet_resnet50_fpn": TorchvisionBuilder("v1"),
-        "retinanet_resnet50_fpn_v2": TorchvisionBuilder("v2"),
+        "retinanet_resnet50_fpn": TorchvisionBuilder("v1", frozen_batchnorm_eps=0.0, anchor_octaves="floor"),
+        "retinanet_resnet50_fpn_v2": TorchvisionBuilder("v2", anchor_octaves="floor"),
     }
+    settings = ("score_thresh", "nms_thresh", "detections_per_img", "topk_candidates")
+    anchor_octaves = True
     coco_anchor_sizes = (32, 64, 128, 256, 512)
     class_layers = ("head.classification_head.cls_logits",)
     class_logits = "head.classification_head.cls_logits.weight"
@@ -62,18 +64,20 @@ class RetinaNetFramework(Framework):
         return FpnLayout(stages(8, 16, 32), "p6p7_from_c5" if variant == "v2" else "p6p7_from_p5")
 
     def anchor_generator(self, model: ModelConfig, sizes: list[float]) -> AnchorGenerator:
-        per_level = tuple((s, s * 2 ** (1 / 3), s * 2 ** (2 / 3)) for s in sizes)  # three octave scales
+        floor = model.anchor_octaves == "floor"  # as torchvision's builders write them: int(x * 2 ** (k / 3))
+        octaves = [2 ** (k / 3) for k in range(3)]  # three octave scales
+        per_level = tuple(tuple(float(int(s * o)) if floor and o > 1 else s * o for o in octaves) for s in sizes)
         return AnchorGenerator(per_level, ((0.5, 1.0, 2.0),) * len(per_level))
 
     def build(
-        self, model: ModelConfig, backbone: BackboneWithFPN, anchors: AnchorGenerator, num_classes: int, **transform
+        self, model: ModelConfig, backbone: BackboneWithFPN, anchors: AnchorGenerator, num_classes: int, **settings
     ) -> RetinaNet:
         v2 = model.variant == "v2"
         norm = partial(nn.GroupNorm, 32) if v2 else None
         head = RetinaNetHead(backbone.out_channels, anchors.num_anchors_per_location()[0], num_classes, norm_layer=norm)
         if v2:
             head.regression_head._loss_type = "giou"  # as retinanet_resnet50_fpn_v2 sets it: there is no argument
-        return RetinaNet(backbone, num_classes, anchor_generator=anchors, head=head, **transform)
+        return RetinaNet(backbone, num_classes, anchor_generator=anchors, head=head, **settings)
 
     def num_classes_in(self, logits: Tensor, anchors_per_location: int) -> int:
         return logits.shape[0] // anchors_per_location  # one logit per class and anchor

@@ -238,6 +238,12 @@ def check_compatible(teacher: DetectorView, student: DetectorView) -> None:
     if t["framework"] == s["framework"] and t["strides"] != s["strides"]:
         levels = FRAMEWORKS[s["framework"]].levels_with_strides(t["strides"])
         fix = f"; to read the teacher's levels, set the student's model.fpn_levels: {levels}" if levels else ""
+    elif any(t[key] != s[key] for key in ("min_size", "max_size", "anchor_sizes")):
+        # a model file keeps its transform and anchors; an imported one its torchvision builder's
+        fix = (
+            "; give the student the teacher's model.detector.min_size and max_size, model.anchor_sizes and "
+            "model.anchor_octaves (its model file's config has them)"
+        )
     raise GidError("teacher and student are incompatible: " + "; ".join(differences) + fix)
 
 

@@ -10,6 +10,7 @@ spelled out here.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -28,14 +29,19 @@ def _family(name: str) -> str:
     return "resnet" if name.startswith("resnet") else "mobilenet"
 
 
-def build_classifier(name: str, frozen_batchnorm: bool) -> nn.Module:
+def build_classifier(name: str, frozen_batchnorm: bool, batchnorm_eps: float | None = None) -> nn.Module:
     """The randomly initialised torchvision classifier a backbone is cut from.
 
     Frozen BatchNorm is torchvision's convention for pretrained backbones: detection batches are
     too small for batch statistics. Otherwise each classifier keeps its own BatchNorm (MobileNetV3's
-    has eps 0.001, as gid has always built it; MobileNetV2's torchvision's default).
+    has eps 0.001, as gid has always built it; MobileNetV2's torchvision's default). With
+    ``batchnorm_eps`` it is ``nn.BatchNorm2d`` (or ``FrozenBatchNorm2d``) with that eps, the norm layer
+    torchvision's detection builders pass (MobileNetV3's then has eps 1e-5 and momentum 0.1 too).
     """
     builder = getattr(models, name)
+    norm = FrozenBatchNorm2d if frozen_batchnorm else nn.BatchNorm2d
+    if batchnorm_eps is not None:
+        return builder(weights=None, norm_layer=partial(norm, eps=batchnorm_eps))
     return builder(weights=None, norm_layer=FrozenBatchNorm2d) if frozen_batchnorm else builder(weights=None)
 
 
@@ -92,10 +98,11 @@ def _extra_block(extra: ExtraLevels, c5_channels: int, fpn_channels: int) -> Ext
 
 
 def build_fpn_backbone(
-    name: str, fpn_channels: int, layout: FpnLayout, *, frozen_batchnorm: bool = False, trainable_layers: int = 5
+    name: str, fpn_channels: int, layout: FpnLayout, *, frozen_batchnorm: bool = False, trainable_layers: int = 5,
+    batchnorm_eps: float | None = None,
 ) -> BackboneWithFPN:
     """The classifier's stages the layout names under an FPN of ``fpn_channels``, plus the layout's extra levels."""
-    classifier = build_classifier(name, frozen_batchnorm)
+    classifier = build_classifier(name, frozen_batchnorm, batchnorm_eps)
     freeze_early_layers(name, classifier, trainable_layers)
     body, chosen = feature_stages(name, classifier, layout)
     return BackboneWithFPN(

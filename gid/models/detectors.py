@@ -48,7 +48,18 @@ def build_backbone(config: ModelConfig) -> BackboneWithFPN:
     return build_fpn_backbone(
         config.backbone, config.fpn_channels, FRAMEWORKS[config.framework].fpn_layout(config),
         frozen_batchnorm=uses_frozen_batchnorm(config), trainable_layers=trainable_backbone_layers(config),
+        batchnorm_eps=None if config.batchnorm_eps == "auto" else config.batchnorm_eps,
     )
+
+
+def detector_settings(config: ModelConfig, image_size: int) -> dict[str, float]:
+    """The keyword arguments gid passes torchvision's detector class: ``model.detector`` with ``auto`` resolved.
+
+    ``auto`` sizes are ``image_size`` (the longest side gid feeds); an ``auto`` setting is gid's where the
+    framework has one, else left out (the class's default). `gid model import` writes every one out.
+    """
+    gid = FRAMEWORKS[config.framework].gid_settings
+    return {"min_size": image_size, "max_size": image_size, **gid, **config.detector.given()}
 
 
 def user_detector(config: ModelConfig, num_classes: int) -> nn.Module:
@@ -74,8 +85,10 @@ def user_detector(config: ModelConfig, num_classes: int) -> nn.Module:
 def build_detector(config: ModelConfig, image_size: int, num_classes: int) -> nn.Module:
     """A randomly initialised detector; ``num_classes`` includes the background class.
 
-    All three frameworks take images whose longest side is ``image_size`` and normalise them
-    inside the model, so teacher and student of one config see the same input tensor. For the
+    All three frameworks take images whose longest side is ``image_size`` (unless ``model.detector``'s
+    ``min_size`` and ``max_size`` say otherwise) and normalise them inside the model, so teacher and
+    student of one config see the same input tensor; ``model.detector`` sets the class's
+    thresholds and proposal counts (``detector_settings``). For the
     backbone and FPN width of one of torchvision's builders of the framework and variant (e.g.
     ``retinanet_resnet50_fpn_v2``: ResNet-50, 256) the module tree is the builder's: their state
     dicts load into each other. With ``model.builder`` the detector is the user's, as their function builds it.
@@ -85,7 +98,7 @@ def build_detector(config: ModelConfig, image_size: int, num_classes: int) -> nn
         return with_matmul_poolers(user_detector(config, num_classes))
     anchors = build_anchor_generator(config, image_size)
     return with_matmul_poolers(FRAMEWORKS[config.framework].build(
-        config, build_backbone(config), anchors, num_classes, min_size=image_size, max_size=image_size
+        config, build_backbone(config), anchors, num_classes, **detector_settings(config, image_size)
     ))
 
 

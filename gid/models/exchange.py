@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +20,9 @@ from gid.errors import GidError
 from gid.frameworks import FRAMEWORKS, TORCHVISION_BUILDERS
 from gid.models.backbones import build_classifier, feature_stages
 from gid.models.checkpoint import atomic_save, load_model, load_torch_file, save_model
-from gid.models.detectors import build_anchor_generator, build_detector, num_classes_in, uses_frozen_batchnorm
+from gid.models.detectors import (
+    build_anchor_generator, build_detector, detector_settings, num_classes_in, uses_frozen_batchnorm,
+)
 from gid.models.roi_align import with_torchvision_poolers
 from gid.models.state_dicts import differences, is_state_dict
 
@@ -32,14 +35,18 @@ class Imported:
     num_classes: int
 
 
-def check_builder(builder: str) -> tuple[dict[str, str | int], int]:
-    """The gid model settings of a torchvision builder's architecture and its input size, or a one-line refusal."""
+def check_builder(builder: str) -> tuple[dict[str, Any], int]:
+    """The gid model settings of a torchvision builder's architecture and detector (its inference settings
+    included) and its input size, or a one-line refusal."""
     if builder not in TORCHVISION_BUILDERS:
         names = ", ".join(TORCHVISION_BUILDERS)
         raise GidError(f"--builder {builder} is not a torchvision builder gid makes; use one of {names}")
     framework, settings = TORCHVISION_BUILDERS[builder]
     model = {"framework": framework.name, "variant": settings.variant, "backbone": settings.backbone,
-             "fpn_channels": settings.fpn_channels, "fpn_levels": settings.fpn_levels}
+             "fpn_channels": settings.fpn_channels, "fpn_levels": settings.fpn_levels,
+             # the builder's anchors are COCO's at any input size (gid's auto would scale them)
+             "anchor_sizes": list(framework.coco_anchor_sizes), "anchor_octaves": settings.anchor_octaves,
+             "detector": framework.torchvision_settings(settings)}
     return model, settings.image_size
 
 
@@ -49,9 +56,15 @@ def import_torchvision(
     """Write the torchvision ``builder``'s state dict in ``weights`` as a gid model file at ``out``.
 
     The classes are the file's (its classification layer's shape); ``num_classes``, if given, must agree.
-    ``image_size`` defaults to the input the builder's COCO weights were trained for.
+    The model file keeps the builder's anchors, BatchNorm, transform and inference settings
+    (``model.detector``), so the detector it rebuilds gives the builder's detections. ``image_size``
+    (default: the input the builder's COCO weights were trained for) is ``data.image_size``; given,
+    the model is fed images of that longest side instead (the builder called with ``min_size`` and
+    ``max_size`` both ``image_size``).
     """
     model, builder_image_size = check_builder(builder)
+    if image_size is not None:
+        model["detector"] |= {"min_size": image_size, "max_size": image_size}
     image_size = builder_image_size if image_size is None else image_size
     if not 32 <= image_size <= 4096:
         raise GidError(f"--image-size {image_size}: give the longest image side in pixels, 32 to 4096")
@@ -62,6 +75,8 @@ def import_torchvision(
     model["frozen_batchnorm"] = not any(
         key.startswith("backbone.body.") and key.endswith(".num_batches_tracked") for key in state
     )
+    # the norm layer the builder passes: FrozenBatchNorm2d (its eps) for pretrained weights, else nn.BatchNorm2d
+    model["batchnorm_eps"] = TORCHVISION_BUILDERS[builder][1].frozen_batchnorm_eps if model["frozen_batchnorm"] else 1e-5
     found_classes = _classes_of(state, ModelConfig(**model), image_size)
     # Without class logits (or with another builder's), the comparison says what is amiss.
     classes = found_classes or num_classes or 2
@@ -101,16 +116,21 @@ def _reference(config: Config, num_classes: int) -> dict[str, Tensor]:
         return build_detector(config.model, config.data.image_size, num_classes).state_dict()
 
 
-def builder_for(model: ModelConfig) -> str | None:
-    """The torchvision builder whose state dict loads into this architecture, if there is one."""
+def builder_for(model: ModelConfig, image_size: int | None = None) -> str | None:
+    """The torchvision builder whose state dict loads into this architecture, if there is one; of two (the
+    MobileNetV3 builders), the one whose settings the model has at input size ``image_size``, if given."""
     if model.builder is not None:
         return None
     framework = FRAMEWORKS[model.framework]
     architecture = (model.variant, model.backbone, model.fpn_channels, framework.levels(model))
-    for name, settings in framework.builders.items():
-        if (settings.variant, settings.backbone, settings.fpn_channels, settings.fpn_levels) == architecture:
-            return name
-    return None
+    names = [
+        name for name, settings in framework.builders.items()
+        if (settings.variant, settings.backbone, settings.fpn_channels, settings.fpn_levels) == architecture
+    ]
+    if image_size is not None:
+        ours = framework.torchvision_settings() | detector_settings(model, image_size)
+        names = [name for name in names if framework.torchvision_settings(framework.builders[name]) == ours] or names
+    return names[0] if names else None
 
 
 def export_model(model_file: Path, export_format: str, out: Path) -> str:
@@ -125,11 +145,25 @@ def export_model(model_file: Path, export_format: str, out: Path) -> str:
             "the detection ops); called on a list of [3, H, W] images in 0..1 it returns (losses, detections)"
         )
     atomic_save(model.state_dict(), out)
-    size = config.data.image_size
-    return (
-        f"wrote {out}: {rebuild_hint(config, num_classes)} loads it with strict=True (gid feeds it images of "
-        f"longest side {size}: pass min_size={size}, max_size={size} for the same input)"
+    differing = settings_to_pass(config)
+    passed = ", ".join(f"{name}={value!r}" for name, value in differing.items())
+    return f"wrote {out}: {rebuild_hint(config, num_classes)} loads it with strict=True" + (
+        f" (gid built it with other settings than torchvision's: pass {passed} for the same input, proposals and "
+        "thresholds)" if differing else ""
     )
+
+
+def settings_to_pass(config: Config) -> dict[str, float]:
+    """The detector class's keyword arguments a torchvision call needs to give this model's detections: its
+    settings (``model.detector`` resolved, as built) where torchvision's builder of the architecture, or
+    the class, has others. Empty for an imported model, which keeps its builder's."""
+    if config.model.builder is not None:
+        return {}
+    framework = FRAMEWORKS[config.model.framework]
+    builder = builder_for(config.model, config.data.image_size)
+    theirs = framework.torchvision_settings(framework.builders[builder] if builder is not None else None)
+    ours = framework.torchvision_settings() | detector_settings(config.model, config.data.image_size)
+    return {name: value for name, value in ours.items() if theirs[name] != value}
 
 
 # torch 2.14 deprecates TorchScript in favour of torch.export, but scripting is what torchvision's
@@ -159,7 +193,7 @@ def rebuild_hint(config: Config, num_classes: int) -> str:
     model = config.model
     if model.builder is not None:
         return f"{model.builder}(num_classes={num_classes}), the function it was built with,"
-    builder = builder_for(model)
+    builder = builder_for(model, config.data.image_size)
     if builder is not None:
         return f"torchvision.models.detection.{builder}(weights=None, weights_backbone=None, num_classes={num_classes})"
     call = FRAMEWORKS[model.framework].rebuild_call(model, _backbone_call(model), num_classes)
