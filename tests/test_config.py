@@ -86,7 +86,8 @@ def test_cli_reports_bad_config_with_exit_code_2_and_no_traceback(tmp_path):
 def readme_config_reference() -> dict[str, str]:
     """The README's config reference table: each key and the text of its default.
 
-    A row may name several keys (``a.b.c``, ``.d`` for ``a.b.d``) and give their defaults in order, comma-separated.
+    A row may name several keys (``a.b.c``, then ``.d`` or ``d`` for ``a.b.d``) and give their defaults in order,
+    comma-separated, or one default for them all.
     """
     section = README.read_text().split("\n## Config reference\n")[1].split("\n## ")[0]
     table = {}
@@ -95,8 +96,11 @@ def readme_config_reference() -> dict[str, str]:
             continue
         keys_cell, defaults_cell = (cell.strip() for cell in line.split("|")[1:3])
         first, *more = re.findall(r"`([^`]+)`", keys_cell)
-        keys = [first] + [first.rsplit(".", 1)[0] + key if key.startswith(".") else key for key in more]
+        parent = first.rsplit(".", 1)[0]
+        keys = [first] + [key if "." in key.lstrip(".") else f"{parent}.{key.lstrip('.')}" for key in more]
         defaults = re.split(r",\s*(?![^\[]*\])", defaults_cell) if more else [defaults_cell]  # not inside [...]
+        if len(defaults) == 1:
+            defaults *= len(keys)
         assert len(defaults) == len(keys), line
         table.update(zip(keys, defaults))
     return table
