@@ -24,6 +24,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from gid.config import Config, DistillConfig
 from gid.distill.teacher import ensure_teacher_val_ap
+from gid.distill.terms import TERMS
 from gid.engine.preflight import check_run_inputs, check_writable
 from gid.engine.progress import epoch_line
 from gid.engine.trainer import MODEL_FILE, ensure_ray, run_training
@@ -34,7 +35,7 @@ from search.config import SweepConfig
 from search.finalize import FinalScore, candidates, final_points, final_scores, final_seeds
 from search.leftovers import Leftovers
 from search.report import trial_rows, write_sweep_report
-from search.space import LOSSES, STUDENT_ALONE, TERMS, to_optuna
+from search.space import LOSSES, STUDENT_ALONE, to_optuna
 from search.tracking import (
     MlflowTrialCallback,
     TrialLogger,

@@ -97,7 +97,7 @@ def gradient_balance(config: Config, trainable: nn.Module):
         return None
     from gid.distill.balance import build_balance
 
-    return build_balance(config.distill, trainable.term_scales)
+    return build_balance(config.distill.balance, trainable)
 
 
 def lr_lambda(train: TrainConfig, total_iters: int):
