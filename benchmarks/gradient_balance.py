@@ -32,7 +32,8 @@ from torch.utils.data import DataLoader
 
 from gid.config import Config, validate
 from gid.data import build_dataset, collate
-from gid.distill.balance import TERM_LOSSES, build_balance
+from gid.distill.balance import build_balance
+from gid.distill.terms import TERMS
 from gid.engine.loop import build_trainable
 from gid.models import read_checkpoint
 
@@ -60,7 +61,7 @@ def distiller(state: dict, config: Config, trained: bool) -> torch.nn.Module:
     torch.manual_seed(config.train.seed)
     trainable = build_trainable(config, state["num_classes"], torch.device("cpu"))
     if "balance" in state:  # distill.balance.mode gradient or dynamic
-        trainable.term_scales.update(state["balance"]["scales"])
+        trainable.set_term_scales(state["balance"]["scales"])
     if trained:
         trainable.student.load_state_dict(state["model"])
         if trainable.adapter is not None:
@@ -70,7 +71,7 @@ def distiller(state: dict, config: Config, trained: bool) -> torch.nn.Module:
 
 def first_measured(model: torch.nn.Module, config: Config, images, targets) -> None:
     """Set a fresh dynamic run's weights as its first measurement does (its first step's batch is another)."""
-    balance = build_balance(config.distill, model.term_scales)
+    balance = build_balance(config.distill.balance, model)
     balance.measure(model(images, targets), [p for p in model.parameters() if p.requires_grad])
 
 
@@ -93,7 +94,7 @@ def balance(model: torch.nn.Module, images, targets, clip: float | None) -> dict
     terms = {k: v for k, v in model(images, targets).items() if k.startswith("loss_")}
     detector = torch.zeros(sum(p.numel() for p in params))
     gid = torch.zeros_like(detector)
-    by_term = {term: torch.zeros_like(detector) for term, losses in TERM_LOSSES.items() if set(losses) & set(terms)}
+    by_term = {term: torch.zeros_like(detector) for term in TERMS if set(TERMS[term].losses) & set(terms)}
     row = {}
     for name, value in terms.items():
         grad = flat_gradient(value, params)
@@ -102,7 +103,7 @@ def balance(model: torch.nn.Module, images, targets, clip: float | None) -> dict
             detector += grad
         else:
             gid += grad
-            by_term[next(term for term, losses in TERM_LOSSES.items() if name in losses)] += grad
+            by_term[next(term for term in TERMS if name in TERMS[term].losses)] += grad
     row.update({f"{term} / detector": float(grad.norm() / detector.norm()) for term, grad in by_term.items()})
     total = float((detector + gid).norm())
     row["detector"], row["gid"] = float(detector.norm()), float(gid.norm())
@@ -122,7 +123,7 @@ def measure(run: Path, count: int) -> list[tuple[str, dict[str, float]]]:
         model = distiller(state, config, trained)
         data = list(batches(config, count))
         if dynamic and not trained:
-            model.term_scales.update({term: 1.0 for term in model.term_scales})
+            model.set_term_scales({term: 1.0 for term in TERMS})
             first_measured(model, config, *data[0])
         per_batch = [balance(model, images, targets, config.train.clip_grad_norm) for images, targets in data]
         mean = {key: statistics.mean(b[key] for b in per_batch) for key in per_batch[0]}

@@ -277,7 +277,7 @@ def bench_framework(framework: str, args: argparse.Namespace, batch, device: tor
 
     # A copy with its own scales: measuring changes no weight the GID step trains with.
     measured = copy.deepcopy(distiller)
-    balance = DynamicBalance(BalanceConfig(mode="dynamic"), measured.config, measured.term_scales)
+    balance = DynamicBalance(BalanceConfig(mode="dynamic"), measured)
     measured_params = [p for p in measured.parameters() if p.requires_grad]
     measurements: list[float] = []
     gis_per_image = []

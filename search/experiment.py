@@ -20,12 +20,13 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from gid.config import Config, DistillConfig
+from gid.distill.terms import TERMS
 from gid.engine.progress import epoch_line
 from gid.errors import first_line
 from gid import logs
 from search.config import SweepConfig
 from search.leftovers import Leftovers
-from search.space import LOSSES, TERMS, to_optuna
+from search.space import LOSSES, to_optuna
 from search.tracking import MlflowTrialCallback, TrialLogger, flatten, sync_results
 from search.trial import run_trial, trains_in_trial, trial_dirname
 

@@ -4,6 +4,7 @@ sampled point becomes config values."""
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Annotated, Any, Literal, Union
 
 from optuna.distributions import (
@@ -15,6 +16,7 @@ from optuna.distributions import (
 from pydantic import Field, model_validator
 
 from gid.config import StrictModel, set_value
+from gid.distill.terms import TERMS
 
 
 class FloatRange(StrictModel):
@@ -83,19 +85,15 @@ WEIGHT_SPACE: dict[str, dict[str, Any]] = {
 # docs/benchmarks.md) and the demo sweep's best, at 3.0 the old range's edge, has room beyond it.
 RATIO_SPACE: dict[str, dict[str, Any]] = {
     f"distill.balance.ratios.{term}": {"type": "float", "low": 0.03, "high": 10.0, "log": True}
-    for term in ("feature", "relation", "response")
+    for term in TERMS
 }
 
 #: A search key that is not a config key: which of the three GID losses a trial uses, as a
 #: comma-separated set. Every default set is non-empty: with none, a trial is the student alone
 #: (the baseline every GID trial is compared with), not a GID trial.
 LOSSES = "distill.losses"
-TERMS = ("feature", "relation", "response")
 STUDENT_ALONE = {f"distill.{term}.enabled": False for term in TERMS}  # every GID loss off: the plain student
-LOSS_SETS = [
-    ",".join(term for term, used in zip(TERMS, mask) if used)
-    for mask in ((1, 1, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 0, 0), (0, 1, 0), (0, 0, 1))
-]
+LOSS_SETS = [",".join(terms) for size in range(len(TERMS), 0, -1) for terms in itertools.combinations(TERMS, size)]
 
 
 def default_space(balance_mode: str) -> dict[str, dict[str, Any]]:

@@ -11,14 +11,26 @@ import torch
 import yaml
 
 from gid.cli import main
-from gid.config import BalanceConfig, DistillConfig
+from gid.config import BalanceConfig
 from gid.engine.loop import gradient_balance
 from gid.engine.trainer import build_trainer
 from gid.models import build_detector, save_model
-from gid.distill.balance import DETECTOR, DynamicBalance, GradientBalance, _gradient_norm, describe, effective_weights
+from gid.distill.balance import DETECTOR, DynamicBalance, GradientBalance, _gradient_norm, describe
 from support import BalanceLog, tiny_distiller
 
 RATIOS = {"feature": 0.5, "relation": 0.2, "response": 2.0}
+
+
+@pytest.fixture(scope="module")
+def shared_retinanet():
+    return tiny_distiller("retinanet")
+
+
+@pytest.fixture
+def retinanet(shared_retinanet):
+    """A Distiller at its configured weights, for balances fed made-up losses."""
+    shared_retinanet.set_term_scales({term: 1.0 for term in RATIOS})
+    return shared_retinanet
 
 
 def trainable_params(model) -> list[torch.nn.Parameter]:
@@ -46,7 +58,7 @@ def term_norms(model, batch) -> dict[str, float]:
 def test_calibration_gives_each_term_the_asked_ratio(framework, batch):
     model = tiny_distiller(framework).train()
     config = BalanceConfig(mode="gradient", calibration_steps=2, ratios=RATIOS)
-    balance = GradientBalance(config, model.config, model.term_scales)
+    balance = GradientBalance(config, model)
     for _ in range(2):  # no optimizer step: the same gradients twice, so the ratios must come out exactly
         balance.measure(losses_of(model, batch), trainable_params(model))
     assert not balance.measuring and balance.calibrations == 1
@@ -55,7 +67,7 @@ def test_calibration_gives_each_term_the_asked_ratio(framework, batch):
     for term, ratio in RATIOS.items():
         assert norms[term] / norms[DETECTOR] == pytest.approx(ratio, rel=1e-3), term
     # one scale per term: the response's cls/reg proportion stays as configured
-    weights = effective_weights(model.config, model.term_scales)
+    weights = model.term_weights()
     assert weights["response_cls"] / weights["response_reg"] == pytest.approx(0.1 / 1.0)
     assert describe(balance.metrics()).startswith("calibrated GID weights: feature ")
 
@@ -63,7 +75,7 @@ def test_calibration_gives_each_term_the_asked_ratio(framework, batch):
 def test_fixed_mode_trains_at_the_specs_weights_and_never_calibrates(batch, tiny_config):
     model = tiny_distiller("retinanet", balance={"mode": "fixed"})
     spec = {"feature": 5e-3, "relation": 40.0, "response_cls": 0.1, "response_reg": 1.0}  # gid-spec.md's weights
-    assert effective_weights(model.config, model.term_scales) == spec
+    assert model.term_weights() == spec
     torch.manual_seed(1)
     losses = model.train()(*batch)
     torch.manual_seed(1)
@@ -77,7 +89,7 @@ def test_fixed_mode_trains_at_the_specs_weights_and_never_calibrates(batch, tiny
 def test_an_epoch_shorter_than_the_calibration_calibrates_on_the_steps_it_had(batch):
     model = tiny_distiller("retinanet").train()
     config = BalanceConfig(mode="gradient", calibration_steps=10, ratios=RATIOS)
-    balance = GradientBalance(config, model.config, model.term_scales)
+    balance = GradientBalance(config, model)
     assert not balance.end_epoch()  # nothing measured yet: nothing to calibrate on
     for _ in range(2):
         balance.measure(losses_of(model, batch), trainable_params(model))
@@ -91,18 +103,18 @@ def test_an_epoch_shorter_than_the_calibration_calibrates_on_the_steps_it_had(ba
 def test_a_resumed_run_keeps_its_calibrated_weights_and_does_not_calibrate_again(batch):
     model = tiny_distiller("fcos").train()
     config = BalanceConfig(mode="gradient", calibration_steps=1, ratios=RATIOS)
-    balance = GradientBalance(config, model.config, model.term_scales)
+    balance = GradientBalance(config, model)
     balance.measure(model(*batch), trainable_params(model))
     saved = balance.state_dict()
 
     restarted = tiny_distiller("fcos").train()
-    resumed = GradientBalance(config, restarted.config, restarted.term_scales)
+    resumed = GradientBalance(config, restarted)
     resumed.load_state_dict(saved)
     resumed.start_epoch()
     assert not resumed.measuring and restarted.term_scales == model.term_scales != {t: 1.0 for t in RATIOS}
     assert resumed.metrics() == balance.metrics()
 
-    every_epoch = GradientBalance(config.model_copy(update={"recalibrate": "epoch"}), restarted.config, {**restarted.term_scales})
+    every_epoch = GradientBalance(config.model_copy(update={"recalibrate": "epoch"}), restarted)
     every_epoch.load_state_dict(saved)
     every_epoch.start_epoch()
     assert every_epoch.measuring  # recalibrate: epoch measures again at each epoch's start
@@ -141,7 +153,7 @@ def test_workers_share_the_weights_and_a_resumed_run_keeps_them(mode, ray_local,
         assert measured >= 1 and f"{2 * measured} measurements" in printed[-1]
 
 
-def test_a_term_without_gradient_is_measured_until_it_has_some_against_the_detector_on_the_same_steps():
+def test_a_term_without_gradient_is_measured_until_it_has_some_against_the_detector_on_the_same_steps(retinanet):
     """Known norms: the detector's is 3 per step, then 1; the feature term has none on its first two steps,
     the relation has some only on every other step, the response never has any."""
     weight = torch.nn.Parameter(torch.ones(3))
@@ -157,8 +169,8 @@ def test_a_term_without_gradient_is_measured_until_it_has_some_against_the_detec
         }
 
     config = BalanceConfig(mode="gradient", calibration_steps=2, ratios=RATIOS)
-    scales = {term: 1.0 for term in RATIOS}
-    balance = GradientBalance(config, DistillConfig(teacher="t.pt"), scales)
+    balance = GradientBalance(config, retinanet)
+    scales = retinanet.term_scales  # what the distiller trains with
     for step in range(5):
         balance.measure(losses(step), [weight])
         assert balance.measuring  # the response never had gradient, so it is still measured
@@ -185,12 +197,12 @@ def known_norm_losses(weight: torch.nn.Parameter, scales: dict[str, float], dete
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.5])
-def test_dynamic_balance_follows_the_detectors_gradient_with_its_moving_average(momentum):
+def test_dynamic_balance_follows_the_detectors_gradient_with_its_moving_average(momentum, retinanet):
     weight = torch.nn.Parameter(torch.ones(3))
     detector_norms = [3.0, 3.0, 1.0, 1.0, 0.5, 0.5, 0.2]
-    scales = {term: 1.0 for term in RATIOS}
     config = BalanceConfig(mode="dynamic", every_steps=2, momentum=momentum, ratios=RATIOS)
-    balance = DynamicBalance(config, DistillConfig(teacher="t.pt"), scales)
+    balance = DynamicBalance(config, retinanet)
+    scales = retinanet.term_scales  # what the distiller trains with
     expected = {"feature": [], "relation": []}
     for step, detector in enumerate(detector_norms):
         before = dict(scales)
@@ -222,7 +234,7 @@ def test_dynamic_balance_holds_each_terms_ratio_while_a_real_detector_trains(bat
     params = trainable_params(model)
     optimizer = torch.optim.SGD(params, lr=0.005, momentum=0.9)
     config = BalanceConfig(mode="dynamic", every_steps=1, momentum=0.5, ratios=RATIOS)
-    balance = DynamicBalance(config, model.config, model.term_scales)
+    balance = DynamicBalance(config, model)
     detector = []
     for _ in range(12):
         losses = losses_of(model, batch)
@@ -242,16 +254,16 @@ def test_dynamic_balance_holds_each_terms_ratio_while_a_real_detector_trains(bat
 def test_dynamic_balance_measures_as_the_one_shot_calibration_does(batch):
     model = tiny_distiller("faster_rcnn").train()
     params = trainable_params(model)
-    once = GradientBalance(BalanceConfig(mode="gradient", calibration_steps=1, ratios=RATIOS), model.config, model.term_scales)
+    once = GradientBalance(BalanceConfig(mode="gradient", calibration_steps=1, ratios=RATIOS), model)
     once.observe(losses_of(model, batch), params)
     calibrated = dict(model.term_scales)
-    model.term_scales.update({term: 1.0 for term in RATIOS})
-    dynamic = DynamicBalance(BalanceConfig(mode="dynamic", momentum=0.9, ratios=RATIOS), model.config, model.term_scales)
+    model.set_term_scales({term: 1.0 for term in RATIOS})
+    dynamic = DynamicBalance(BalanceConfig(mode="dynamic", momentum=0.9, ratios=RATIOS), model)
     dynamic.observe(losses_of(model, batch), params)
     assert model.term_scales == pytest.approx(calibrated, rel=1e-6)
 
 
-def test_a_resumed_dynamic_balance_continues_with_the_same_weights():
+def test_a_resumed_dynamic_balance_continues_with_the_same_weights(retinanet):
     weight = torch.nn.Parameter(torch.ones(3))
     config = BalanceConfig(mode="dynamic", every_steps=3, momentum=0.7, ratios=RATIOS)
 
@@ -259,12 +271,13 @@ def test_a_resumed_dynamic_balance_continues_with_the_same_weights():
         for step in steps:
             balance.observe(known_norm_losses(weight, balance.scales, 3.0 / (1 + step), step), [weight])
 
-    whole = DynamicBalance(config, DistillConfig(teacher="t.pt"), {term: 1.0 for term in RATIOS})
+    whole = DynamicBalance(config, retinanet)
     run(whole, range(8))
     saved = whole.state_dict()
     run(whole, range(8, 20))
 
-    resumed = DynamicBalance(config, DistillConfig(teacher="t.pt"), {term: 1.0 for term in RATIOS})
+    retinanet.set_term_scales({term: 1.0 for term in RATIOS})  # a fresh run's
+    resumed = DynamicBalance(config, retinanet)
     resumed.load_state_dict(saved)
     run(resumed, range(8, 20))
     assert resumed.scales == whole.scales and resumed.log_relative == whole.log_relative

@@ -7,6 +7,7 @@ from gid.config import DataConfig, DistillConfig, validate
 from gid.data import build_dataset
 from gid.distill import Distiller
 from gid.distill.pictures import save_gi_pictures
+from gid.distill.terms import TERMS
 from gid.errors import GidError
 from gid.frameworks import FRAMEWORKS
 from gid.models import save_model
@@ -25,6 +26,10 @@ def test_gradients_reach_student_and_adapter_never_teacher(framework, teacher, s
     if framework == "faster_rcnn":
         expected |= {"loss_response_roi_cls", "loss_response_roi_reg"}
     assert expected <= set(losses)
+    # the balance finds a term's losses by their keys in the table of terms
+    assert {k for k in losses if k.startswith("loss_") and not k.startswith("loss_gt_")} <= {
+        key for term in TERMS.values() for key in term.losses
+    }
     assert losses["gism_gis_per_image"] > 0
     sum(v for k, v in losses.items() if k.startswith("loss_")).backward()
 

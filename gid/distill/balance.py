@@ -30,32 +30,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from gid.config import BalanceConfig, DistillConfig
+from gid.config import BalanceConfig
+from gid.distill.distiller import Distiller
+from gid.distill.terms import TERMS, enabled_terms
 
-#: The loss keys each calibrated term sums; the Distiller multiplies them all by the term's scale.
-TERM_LOSSES = {
-    "feature": ("loss_feature",),
-    "relation": ("loss_relation",),
-    "response": ("loss_response_cls", "loss_response_reg", "loss_response_roi_cls", "loss_response_roi_reg"),
-}
 DETECTOR = "detector"  # the detector's own loss: the loss_gt_* terms
-
-
-def enabled_terms(config: DistillConfig) -> list[str]:
-    return [term for term in TERM_LOSSES if getattr(config, term).enabled]
-
-
-def effective_weights(config: DistillConfig, scales: dict[str, float]) -> dict[str, float]:
-    """The weight each enabled loss is trained with: the configured one times its term's scale."""
-    weights = {}
-    if config.feature.enabled:
-        weights["feature"] = config.feature.weight * scales["feature"]
-    if config.relation.enabled:
-        weights["relation"] = config.relation.weight * scales["relation"]
-    if config.response.enabled:
-        weights["response_cls"] = config.response.cls_weight * scales["response"]
-        weights["response_reg"] = config.response.reg_weight * scales["response"]
-    return weights
 
 
 def _gradient_norm(loss: Tensor, params: list[nn.Parameter]) -> Tensor:
@@ -72,7 +51,7 @@ def _norms(
     detector = _gradient_norm(sum(v for k, v in losses.items() if k.startswith("loss_gt_")), params)
     norms, passes = {}, 1
     for term in terms:
-        parts = [losses[k] for k in TERM_LOSSES[term] if k in losses]
+        parts = [losses[k] for k in TERMS[term].losses if k in losses]
         if parts:
             norms[term] = _gradient_norm(sum(parts), params) / scales[term]  # as if at the configured weight
             passes += 1
@@ -90,7 +69,7 @@ def _mean_over_workers(values: Tensor) -> Tensor:
 
 
 class GradientBalance:
-    """Calibrates a Distiller's ``term_scales`` in place from the gradients of the first training steps.
+    """Calibrates a Distiller's term scales from the gradients of the first training steps.
 
     The loop calls :meth:`measure` with each step's losses while :attr:`measuring`. After
     ``calibration_steps`` calls each term that had gradient on that many steps gets its scale; the
@@ -99,9 +78,10 @@ class GradientBalance:
     The scales are kept for the rest of training unless ``recalibrate: epoch``.
     """
 
-    def __init__(self, config: BalanceConfig, distill: DistillConfig, scales: dict[str, float]):
-        self.config, self.distill, self.scales = config, distill, scales
-        self.terms = enabled_terms(distill)
+    def __init__(self, config: BalanceConfig, distiller: Distiller):
+        self.config, self.distiller = config, distiller
+        self.scales = dict(distiller.term_scales)  # its own copy: every change is set on the distiller
+        self.terms = enabled_terms(distiller.config)
         self.measuring = True
         self.calibrations = 0  # how many times the weights were set (1 unless recalibrate: epoch)
         self.extra_backward_passes, self.seconds = 0, 0.0  # what calibration cost, in all
@@ -171,6 +151,7 @@ class GradientBalance:
             elif final:  # no gradient in the whole epoch: its weight stays (the configured one, at first)
                 self.norms[name] = 0.0
                 self._pending.remove(name)
+        self.distiller.set_term_scales(self.scales)
         if not self._pending:
             self.measuring = False
             self.calibrations += 1
@@ -179,7 +160,7 @@ class GradientBalance:
         """What the run reports (and MLflow keeps): the weights trained with, the norms, the cost."""
         if not self.calibrations:
             return {}
-        weights = {f"balance_weight_{k}": v for k, v in effective_weights(self.distill, self.scales).items()}
+        weights = {f"balance_weight_{k}": v for k, v in self.distiller.term_weights().items()}
         norms = {f"balance_norm_{k}": v for k, v in self.norms.items()}
         cost = {"balance_calibrations": self.calibrations, "balance_extra_backward_passes": self.extra_backward_passes,
                 "balance_seconds": self.seconds}
@@ -198,6 +179,7 @@ class GradientBalance:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue as the checkpointed run would have: a resumed run does not calibrate again."""
         self.scales.update(state["scales"])
+        self.distiller.set_term_scales(self.scales)
         self.norms, self.measuring, self.calibrations = state["norms"], state["measuring"], state["calibrations"]
         self.extra_backward_passes, self.seconds = state["extra_backward_passes"], state["seconds"]
 
@@ -214,9 +196,10 @@ class DynamicBalance:
     estimate and its weight. Workers average the norms before deciding, so every DDP worker trains with the same weights.
     """
 
-    def __init__(self, config: BalanceConfig, distill: DistillConfig, scales: dict[str, float]):
-        self.config, self.distill, self.scales = config, distill, scales
-        self.terms = enabled_terms(distill)
+    def __init__(self, config: BalanceConfig, distiller: Distiller):
+        self.config, self.distiller = config, distiller
+        self.scales = dict(distiller.term_scales)  # its own copy: every change is set on the distiller
+        self.terms = enabled_terms(distiller.config)
         self.steps = 0  # training steps seen, over the whole run
         self.measurements, self.extra_backward_passes, self.seconds = 0, 0, 0.0
         self.log_relative: dict[str, float] = {}  # per term: the moving average, before bias correction
@@ -258,6 +241,7 @@ class DynamicBalance:
             self.updates[term] = self.updates.get(term, 0) + 1
             estimate = math.exp(self.log_relative[term] / (1 - momentum ** self.updates[term]))
             self.scales[term] = getattr(self.config.ratios, term) / estimate
+        self.distiller.set_term_scales(self.scales)
         self.measurements += 1
         self.seconds += time.perf_counter() - started
 
@@ -266,7 +250,7 @@ class DynamicBalance:
         with), the cost."""
         if not self.measurements:
             return {}
-        weights = {f"balance_weight_{k}": v for k, v in effective_weights(self.distill, self.scales).items()}
+        weights = {f"balance_weight_{k}": v for k, v in self.distiller.term_weights().items()}
         ratios = {f"balance_ratio_{k}": statistics.geometric_mean(v) for k, v in self.epoch_ratios.items()}
         cost = {
             "balance_norm_detector": self.detector_norm, "balance_measurements": self.measurements,
@@ -287,16 +271,17 @@ class DynamicBalance:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue with the checkpointed run's weights, averages and step count."""
         self.scales.update(state["scales"])
+        self.distiller.set_term_scales(self.scales)
         self.log_relative, self.updates = dict(state["log_relative"]), dict(state["updates"])
         self.steps = state["steps"]
         self.measurements, self.detector_norm = state["measurements"], state["detector_norm"]
         self.extra_backward_passes, self.seconds = state["extra_backward_passes"], state["seconds"]
 
 
-def build_balance(distill: DistillConfig, scales: dict[str, float]) -> GradientBalance | DynamicBalance | None:
-    """What sets a Distiller's ``scales`` during training for ``distill.balance.mode``; None for fixed weights."""
-    kind = {"gradient": GradientBalance, "dynamic": DynamicBalance}.get(distill.balance.mode)
-    return kind(distill.balance, distill, scales) if kind is not None else None
+def build_balance(config: BalanceConfig, distiller: Distiller) -> GradientBalance | DynamicBalance | None:
+    """What sets ``distiller``'s term scales during training for ``config.mode``; None for fixed weights."""
+    kind = {"gradient": GradientBalance, "dynamic": DynamicBalance}.get(config.mode)
+    return kind(config, distiller) if kind is not None else None
 
 
 def describe(metrics: dict[str, Any]) -> str | None:

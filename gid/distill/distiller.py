@@ -11,7 +11,6 @@ import torch
 from torch import Tensor, nn
 
 from gid.config import DistillConfig, scaled_to_input
-from gid.distill.balance import TERM_LOSSES
 from gid.distill.gism import GeneralInstances, filter_instances, gism_stats, select_general_instances
 from gid.distill.losses import (
     build_adapter,
@@ -21,6 +20,7 @@ from gid.distill.losses import (
     roi_response_loss,
 )
 from gid.distill.pooling import pool_instances
+from gid.distill.terms import TERMS, enabled_terms
 from gid.errors import GidError
 from gid.frameworks import view_for
 from gid.frameworks.view import DetectorView, check_compatible
@@ -53,8 +53,8 @@ class Distiller(nn.Module):
             if uses_features
             else None
         )
-        # Multiplies each term's configured weight(s): 1 unless gradient calibration sets it (gid.distill.balance).
-        self.term_scales = {term: 1.0 for term in TERM_LOSSES}
+        # Multiplies each term's configured weight(s): 1 unless a gradient balance sets it (gid.distill.balance).
+        self.term_scales = {term: 1.0 for term in TERMS}
         self.teacher_val_ap: float | None = None  # the teacher's model file's, when it records one
         self.min_box_size = scaled_to_input(config.gism.min_box_size, COCO_MIN_BOX_SIZE, image_size)
         self.canonical_size = scaled_to_input(config.feature.canonical_size, COCO_CANONICAL_SIZE, image_size)
@@ -88,8 +88,19 @@ class Distiller(nn.Module):
 
     @property
     def distilling(self) -> bool:
-        c = self.config
-        return c.feature.enabled or c.relation.enabled or c.response.enabled
+        return bool(enabled_terms(self.config))
+
+    def set_term_scales(self, scales: dict[str, float]) -> None:
+        """Train each term in ``scales`` from the next step on at its configured weight(s) times its scale."""
+        self.term_scales.update(scales)
+
+    def term_weights(self) -> dict[str, float]:
+        """The weight each enabled loss trains with, by the name it is reported under: configured times scale."""
+        return {
+            name: getattr(getattr(self.config, term), field) * self.term_scales[term]
+            for term in enabled_terms(self.config)
+            for field, name in TERMS[term].weights.items()
+        }
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         teacher, student = self._views
@@ -107,7 +118,7 @@ class Distiller(nn.Module):
         gt_boxes = [t["boxes"] for t in targets]
         gis = self._general_instances(teacher_dense, dense, layout, gt_boxes, student)
         boxes = [gi.boxes for gi in gis]
-        c, scale = self.config, self.term_scales
+        c, weights = self.config, self.term_weights()
 
         if self.adapter is not None:
             adapted = [self.adapter(level) for level in dense.features]
@@ -118,25 +129,24 @@ class Distiller(nn.Module):
             pooled_student = pool_instances(adapted, **pool)
             pooled_teacher = pool_instances(teacher_dense.features, **pool)
             if c.feature.enabled:
-                losses["loss_feature"] = c.feature.weight * scale["feature"] * feature_loss(pooled_teacher, pooled_student)
+                losses["loss_feature"] = weights["feature"] * feature_loss(pooled_teacher, pooled_student)
             if c.relation.enabled:
                 counts = [len(b) for b in boxes]
                 relation = relation_loss(pooled_teacher, pooled_student, counts, c.relation.group_images)
-                losses["loss_relation"] = c.relation.weight * scale["relation"] * relation
+                losses["loss_relation"] = weights["relation"] * relation
 
         if c.response.enabled:
             mask = student.assign_foreground(boxes, layout)
             cls_loss, reg_loss = response_loss(teacher_dense, dense, mask, c.response.temperature)
-            cls_weight, reg_weight = c.response.cls_weight * scale["response"], c.response.reg_weight * scale["response"]
-            losses["loss_response_cls"] = cls_weight * cls_loss
-            losses["loss_response_reg"] = reg_weight * reg_loss
+            losses["loss_response_cls"] = weights["response_cls"] * cls_loss
+            losses["loss_response_reg"] = weights["response_reg"] * reg_loss
             if student.two_stage and c.response.roi_response:
                 with torch.no_grad():
                     teacher_rois = teacher.roi_outputs(teacher_features, boxes, layout.image_sizes)
                 student_rois = student.roi_outputs(features, boxes, layout.image_sizes)
                 roi_cls, roi_reg = roi_response_loss(*teacher_rois, *student_rois, c.response.temperature)
-                losses["loss_response_roi_cls"] = cls_weight * roi_cls
-                losses["loss_response_roi_reg"] = reg_weight * roi_reg
+                losses["loss_response_roi_cls"] = weights["response_cls"] * roi_cls
+                losses["loss_response_roi_reg"] = weights["response_reg"] * roi_reg
 
         stats = gism_stats(gis, gt_boxes)
         return {**losses, **{f"gism_{k}": torch.tensor(v) for k, v in stats.items()}}

@@ -114,7 +114,7 @@ def gradient_balance(config: Config, trainable: nn.Module):
         return None
     from gid.distill.balance import build_balance
 
-    return build_balance(config.distill, trainable.term_scales)
+    return build_balance(config.distill.balance, trainable)
 
 
 def known_teacher_ap(config: Config, trainable: nn.Module) -> float | None:
