@@ -12,7 +12,7 @@ import yaml
 
 from gid.cli import main
 from gid.config import BalanceConfig
-from gid.engine.loop import gradient_balance
+from gid.engine.state import gradient_balance
 from gid.engine.trainer import build_trainer
 from gid.models import build_detector, save_model
 from gid.distill.balance import DETECTOR, DynamicBalance, GradientBalance, _gradient_norm, describe

@@ -28,7 +28,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.util import get_node_ip_address
 
 from gid.config import validate
-from gid.engine.loop import CHECKPOINT_FILE
+from gid.engine.state import CHECKPOINT_FILE
 from gid.engine.trainer import build_trainer
 from gid.models import build_detector, save_model
 from search.config import SweepConfig

@@ -18,7 +18,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from gid.engine.loop import CHECKPOINT_FILE
+from gid.engine.state import CHECKPOINT_FILE
 from search.config import load_sweep
 from search.sweep import run_sweep
 from search.tracking import (

@@ -10,7 +10,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from gid.engine.loop import out_of_memory_as_user_error
+from gid.engine.memory import out_of_memory_as_user_error
 from gid.errors import GidError
 from search.config import load_sweep
 from search.sweep import run_sweep

@@ -24,7 +24,7 @@ import yaml
 
 from gid.config import load_config
 from gid.distill.teacher import cached_val_ap
-from gid.engine.loop import CHECKPOINT_FILE
+from gid.engine.state import CHECKPOINT_FILE
 from gid.engine.trainer import run_training
 from gid.errors import GidError
 from gid.models import read_checkpoint

@@ -6,24 +6,17 @@ the device, DDP and the distributed sampler on Train workers, checkpoint persist
 resumption, and where each epoch is reported.
 
 Shaped as torchvision's references/detection: :func:`train_one_epoch` and :func:`evaluate` are the
-two steps of an epoch, :class:`TrainingState` is what a checkpoint holds, and a detector trained on its
-own (:class:`StudentAlone`) is trained through the same interface as a GID student (a Distiller).
+two steps of an epoch, ``gid.engine.state.TrainingState`` is what a checkpoint holds, and a detector trained
+on its own (:class:`StudentAlone`) is trained through the same interface as a GID student (a Distiller).
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import re
-import resource
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import ray
 import torch
@@ -34,49 +27,15 @@ from torch.utils.data import DataLoader, DistributedSampler
 from gid.config import Config, TrainConfig
 from gid.data import DetectionDataset, build_dataset, collate
 from gid.engine.evaluation import coco_metrics, format_metrics, predict
+from gid.engine.memory import memory_peak_mb, out_of_memory_as_user_error
 from gid.engine.session import Session, TrainWorker
-from gid.errors import GidError
+from gid.engine.state import CHECKPOINT_FILE, TrainingState, resume, start_training_state
 from gid.logs import configure_worker as configure_worker_logging
-from gid.models import build_detector, load_backbone_weights, load_weights, read_checkpoint, save_model
+from gid.models import build_detector, load_backbone_weights, load_weights
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "checkpoint.pt"
 PICTURES_DIR = "gi_pictures"  # in the last checkpoint of a distillation: what GISM picked
-
-
-_OUT_OF_MEMORY = ("out of memory", "can't allocate memory")  # CUDA's and the CPU allocator's wording
-
-
-def out_of_memory_reason(exc: BaseException) -> str | None:
-    """One line saying memory ran out and what to lower; None when ``exc`` is not an allocation failure."""
-    text = str(exc).strip()
-    if not isinstance(exc, (torch.OutOfMemoryError, MemoryError)) and not any(m in text for m in _OUT_OF_MEMORY):
-        return None
-    first = text.splitlines()[0] if text else type(exc).__name__
-    first = re.sub(r"^\[enforce fail at [^\]]*\][^.]*\.\s*", "", first).split(" (originally from")[0]  # c10's prefix
-    # Keep what ran out and how much was asked for, not the allocator's tuning advice.
-    detail = ". ".join(s for s in first.split(". ") if re.search(r"\ballocate\b|out of memory", s)) or first
-    return f"out of memory ({detail}); lower data.batch_size or data.image_size, or use a smaller model"
-
-
-@contextmanager
-def out_of_memory_as_user_error() -> Iterator[None]:
-    """A failed allocation (CUDA or CPU) becomes a one-line GidError: the run fails with its reason."""
-    try:
-        yield
-    except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
-        reason = out_of_memory_reason(exc)
-        if reason is None:
-            raise
-        raise GidError(reason) from None
-
-
-def memory_peak_mb(device: torch.device) -> float:
-    """This worker's peak memory so far: GPU memory allocated by torch on a GPU, else the process's peak RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
 
 
 def build_trainable(config: Config, num_classes: int, device: torch.device) -> nn.Module:
@@ -108,15 +67,6 @@ class StudentAlone(nn.Module):
         return {f"loss_gt_{k.removeprefix('loss_')}": v for k, v in self.student(images, targets).items()}
 
 
-def gradient_balance(config: Config, trainable: nn.Module):
-    """What sets a Distiller's weights from gradients (``distill.balance.mode`` gradient or dynamic), or None."""
-    if config.distill is None:
-        return None
-    from gid.distill.balance import build_balance
-
-    return build_balance(config.distill.balance, trainable)
-
-
 def known_teacher_ap(config: Config, trainable: nn.Module) -> float | None:
     """The teacher's validation AP: its model file's, else the one the driver measured on this split."""
     if config.distill is None or trainable.teacher_val_ap is not None:
@@ -124,96 +74,6 @@ def known_teacher_ap(config: Config, trainable: nn.Module) -> float | None:
     from gid.distill.teacher import cached_val_ap
 
     return cached_val_ap(config)
-
-
-def lr_lambda(train: TrainConfig, total_iters: int):
-    """Linear warm-up, then step decay at fractions of training or cosine decay to zero."""
-    milestones = [int(m * total_iters) for m in train.milestones]
-
-    def factor(it: int) -> float:
-        warmup = 1.0
-        if it < train.warmup_iters:
-            alpha = it / train.warmup_iters
-            warmup = train.warmup_factor * (1 - alpha) + alpha
-        if train.schedule == "cosine":
-            return warmup * 0.5 * (1 + math.cos(math.pi * min(it, total_iters) / total_iters))
-        return warmup * train.gamma ** sum(it >= m for m in milestones)
-
-    return factor
-
-
-@dataclass
-class TrainingState:
-    """Everything a run's checkpoint restores, written by :meth:`save` and read back by :meth:`load`.
-
-    The file is a model file (the student's weights, the config, the epoch, the metrics) plus the
-    optimizer, LR schedule and AMP scaler, and for a distillation the adapter and the gradient balance.
-    """
-
-    trainable: nn.Module  # a Distiller or a StudentAlone
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-    balance: Any  # gid.distill.balance's GradientBalance or DynamicBalance; None for fixed weights
-    epoch: int = 0  # epochs trained
-    train_time_s: float = 0.0  # in training steps, over every sitting of the run
-
-    # A checkpoint written without a balance (fixed weights, or a gid before calibration) leaves it as built.
-    _OPTIONAL = ("balance",)
-
-    @property
-    def params(self) -> list[nn.Parameter]:
-        """The parameters trained (the student's and the adapter's)."""
-        return self.optimizer.param_groups[0]["params"]
-
-    def _parts(self) -> dict[str, Any]:
-        """What is saved beside the model, by its key in the file."""
-        parts = {"optimizer": self.optimizer, "scheduler": self.scheduler, "scaler": self.scaler}
-        if self.trainable.adapter is not None:
-            parts["adapter"] = self.trainable.adapter
-        if self.balance is not None:
-            parts["balance"] = self.balance
-        return parts
-
-    def save(self, path: Path, config: Config, num_classes: int, metrics: dict[str, Any]) -> None:
-        training_state = {key: part.state_dict() for key, part in self._parts().items()}
-        save_model(
-            self.trainable.student, config, num_classes, path, epoch=self.epoch,
-            metrics={**metrics, "train_time_s": self.train_time_s}, training_state=training_state,
-        )
-
-    def load(self, path: Path) -> None:
-        saved = read_checkpoint(path)
-        self.trainable.student.load_state_dict(saved["model"])
-        for key, part in self._parts().items():
-            if key in saved or key not in self._OPTIONAL:
-                part.load_state_dict(saved[key])
-        self.epoch = saved["epoch"]
-        self.train_time_s = saved.get("metrics", {}).get("train_time_s", 0.0)
-
-
-def start_training_state(
-    config: Config, trainable: nn.Module, steps_per_epoch: int, device: torch.device
-) -> TrainingState:
-    """A run's state before its first step: SGD over what trains, the LR schedule, the AMP scaler, the balance."""
-    balance = gradient_balance(config, trainable)
-    params = [p for p in trainable.parameters() if p.requires_grad]
-    train = config.train
-    optimizer = torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train, train.epochs * steps_per_epoch))
-    scaler = torch.amp.GradScaler("cuda", enabled=train.amp and device.type == "cuda")
-    return TrainingState(trainable, optimizer, scheduler, scaler, balance)
-
-
-def resume(state: TrainingState, session: Session) -> None:
-    """Load the session's checkpoint into ``state``, if the run has one."""
-    checkpoint = session.resume_from()
-    if checkpoint is None:
-        return
-    with checkpoint.as_directory() as directory:
-        state.load(Path(directory) / CHECKPOINT_FILE)
-    if session.rank == 0:
-        logger.info("resumed from epoch %d checkpoint", state.epoch)
 
 
 def _loader(dataset, batch_size: int, workers: int, shuffle: bool, device: torch.device) -> DataLoader:

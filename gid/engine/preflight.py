@@ -7,13 +7,13 @@ have started, and (in a sweep) once per trial. Everything here is what a worker 
 from __future__ import annotations
 
 import tempfile
-from pathlib import Path
 
 import torch
 
 from gid.config import Config, DataConfig, expanded
 from gid.data import build_dataset
-from gid.engine.loop import build_trainable, out_of_memory_as_user_error
+from gid.engine.loop import build_trainable
+from gid.engine.memory import out_of_memory_as_user_error
 from gid.errors import GidError
 
 

@@ -14,7 +14,8 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from gid.config import Config, validate
-from gid.engine.loop import CHECKPOINT_FILE, PICTURES_DIR, train_loop_per_worker
+from gid.engine.loop import PICTURES_DIR, train_loop_per_worker
+from gid.engine.state import CHECKPOINT_FILE
 from gid.engine.preflight import check_run_inputs, check_writable
 from gid.engine.progress import epoch_lines
 from gid.errors import GidError
