@@ -82,8 +82,8 @@ def test_fixed_mode_trains_at_the_specs_weights_and_never_calibrates(batch, tiny
     default = tiny_distiller("retinanet").train()(*batch)  # before its calibration: the same configured weights
     assert all(torch.equal(default[k], losses[k]) for k in default)
     assert gradient_balance(tiny_config(distill={"teacher": "t.pt", "balance": {"mode": "fixed"}}), model) is None
-    # the product's default calibrates
-    assert isinstance(gradient_balance(tiny_config(distill={"teacher": "t.pt"}), model), GradientBalance)
+    # the product's default measures all run long
+    assert isinstance(gradient_balance(tiny_config(distill={"teacher": "t.pt"}), model), DynamicBalance)
 
 
 def test_an_epoch_shorter_than_the_calibration_calibrates_on_the_steps_it_had(batch):

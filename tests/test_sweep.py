@@ -184,7 +184,7 @@ def test_gids_defaults_are_the_first_trial(finished_sweep):
     _, outcome = finished_sweep
     first = outcome.frameworks[0].study.trials[0].params
     ratios = [first[f"distill.balance.ratios.{term}"] for term in ("feature", "relation", "response")]
-    assert ratios == [1.0, 1.0, 1.0] and first["distill.gism.top_k"] == 10  # the default balance mode: gradient
+    assert ratios == [1.0, 1.0, 3.0] and first["distill.gism.top_k"] == 10  # the default balance: dynamic 1/1/3
     assert first["distill.gism.score_mode"] == "paper" and first["distill.losses"] == "feature,relation,response"
 
 
