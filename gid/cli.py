@@ -1,4 +1,4 @@
-"""The ``gid`` command line: data, train, distill, eval, model; and the commands other packages add.
+"""The gid command line: data, train, distill, eval, model; and the commands other packages add.
 
 gid knows nothing of Tune or MLflow: the search commands (sweep, export, demo) come from the
 ``gid.commands`` entry points (pyproject.toml), each a function that adds its subcommands.
