@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 
 def default_point(space: dict[str, Any]) -> dict[str, Any]:
-    """DistillConfig's defaults (the product's: the spec's values, ratios 1) for every space key whose range
+    """DistillConfig's defaults (the spec's weights, the balance ratios 1/1/3) for every space key whose range
     contains them: the search's first point."""
     defaults = flatten({"distill": DistillConfig(teacher="-").model_dump(mode="json")})
     defaults[LOSSES] = ",".join(TERMS)  # all three
