@@ -28,7 +28,7 @@ from search.config import SweepConfig
 from search.leftovers import Leftovers
 from search.space import LOSSES, to_optuna
 from search.tracking import MlflowTrialCallback, TrialLogger, flatten, sync_results
-from search.trial import run_trial, trains_in_trial, trial_dirname
+from search.trial import run_trial, shown_in_percent, trains_in_trial, trial_dirname
 
 if TYPE_CHECKING:
     from search.sweep import SweepPaths
@@ -129,15 +129,24 @@ def tune_output(sweep: SweepConfig) -> dict[str, Any]:
         return {}
     logs.set_env(TUNE_NEW_OUTPUT_ENV, "0")
     metric = sweep.objective.metric
-    reporter = tune.CLIReporter(
-        metric_columns={"epoch": "epoch", "loss": "loss", metric: metric, "time_total_s": "time (s)"},
+    shown = shown_in_percent(metric)
+    reporter = TrialTable(
+        metric_columns={"epoch": "epoch", "loss": "loss", shown: metric if shown == metric else f"{metric} %", "time_total_s": "time (s)"},
         # One value, to keep the table narrow: the summary and MLflow hold them all (an empty dict would mean all).
         parameter_columns={LOSSES: "losses"},
         max_column_length=len(",".join(TERMS)),
-        max_report_frequency=60,  # its best-trial line takes TuneConfig's metric and mode
+        max_report_frequency=60,
         print_intermediate_tables=True,  # at verbosity 1 the default is no table at all
     )
     return {"verbose": 1, "progress_reporter": reporter}
+
+
+class TrialTable(tune.CLIReporter):
+    """Tune's classic trial table whose best-trial line, like its AP column, reads the objective in percent."""
+
+    def set_search_properties(self, metric: str | None, mode: str | None) -> bool:
+        # Tune hands over TuneConfig's metric; the trials report its percent twin beside it (search.trial).
+        return super().set_search_properties(shown_in_percent(metric) if metric else None, mode)
 
 
 # A trial function that only drives its TorchTrainer leaves the real resources to the Train workers.

@@ -33,7 +33,7 @@ from gid.errors import GidError, first_line
 from search.names import quoted
 from search.space import relevant, with_values
 from search.outcomes import FINISHED, LOST, trial_status
-from search.trial import BASELINE, FINAL, checkpoint_path, trial_config, trial_params
+from search.trial import BASELINE, FINAL, PERCENT_SUFFIX, checkpoint_path, trial_config, trial_params
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ class TrialLogger:
         metrics = [
             Metric(key, float(value), timestamp, epoch)
             for key, value in result.items()
-            if key not in _SKIPPED_METRICS and not key.startswith("config/")
+            if key not in _SKIPPED_METRICS and not key.startswith("config/") and not key.endswith(PERCENT_SUFFIX)
             and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         ]
         tags = [RunTag(f"gid.{k}", v) for k, v in result.items() if k in _TEXT_RESULTS and isinstance(v, str)]

@@ -4,7 +4,7 @@ A trial with one worker trains in its own process and reports to Tune, which kee
 checkpoints in the trial's folder of the experiment (``<experiment>/<trial id>/``) and hands the
 latest back when the trial is restored or retried: no Ray Train run to start, about 10 s less per
 trial. A trial with more workers builds a TorchTrainer (DDP, Ray Train V2) that reports to Tune
-through ``TuneReportCallback``; that Train run is named after the trial id and lives in the
+through ``TuneReportCallback`` (:class:`ReportToTune`); that Train run is named after the trial id and lives in the
 sweep's ``trials/<framework>/`` folder, so a restored trial resumes its own Train checkpoint.
 """
 
@@ -29,6 +29,26 @@ BASELINE = "baseline"  # the MLflow role (and Train run name) of the student tra
 # The finalize stage's Tune trials hold their point under this key: a config label, its source trial and a seed.
 FINAL = "final"
 STUDENT = "student"  # the finalize label of the student alone
+
+
+# Tune's terminal (its trial table and best-trial line) shows AP as a person reads it, in percent with one
+# decimal, under these names; MLflow, the reports and the files keep the fractions (tracking leaves them out).
+PERCENT_SUFFIX = "_percent"
+
+
+def shown_in_percent(metric: str) -> str:
+    """The name Tune's terminal shows ``metric`` under: its percent twin for an AP, else itself."""
+    return f"{metric}{PERCENT_SUFFIX}" if metric.startswith("val_ap") else metric
+
+
+def with_percentages(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``metrics`` and, for each AP among them, its value in percent (one decimal) under :func:`shown_in_percent`."""
+    percent = {
+        shown_in_percent(key): round(100 * value, 1)
+        for key, value in metrics.items()
+        if shown_in_percent(key) != key and isinstance(value, float)
+    }
+    return {**metrics, **percent}
 
 
 def trial_params(config: dict[str, Any]) -> dict[str, Any]:
@@ -81,7 +101,14 @@ class TuneTrial:
 
     def report(self, metrics: dict, directory: str | None) -> None:
         checkpoint = None if directory is None else tune.Checkpoint.from_directory(directory)
-        tune.report(metrics, checkpoint=checkpoint)
+        tune.report(with_percentages(metrics), checkpoint=checkpoint)
+
+
+class ReportToTune(TuneReportCallback):
+    """Tune's report callback for a trial's Train run, with the APs also in percent (as :class:`TuneTrial`)."""
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        super().after_report(run_context, [with_percentages(metrics[0])], checkpoint)
 
 
 def run_trial(params: dict[str, Any], *, base: dict[str, Any], trials_path: str) -> None:
@@ -91,4 +118,4 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], trials_path: str)
         if trains_in_trial(config):
             train_loop(config.to_dict(), TuneTrial())
         else:
-            build_trainer(config, callbacks=[TuneReportCallback()]).fit()
+            build_trainer(config, callbacks=[ReportToTune()]).fit()

@@ -40,3 +40,11 @@ def test_a_framework_without_finished_trials_or_references_still_gets_its_pictur
         figure.savefig(tmp_path / "empty.png")
         with Image.open(tmp_path / "empty.png") as image:
             assert image.format == "PNG" and image.width > 100
+
+
+def test_tunes_terminal_reads_each_ap_in_percent_with_one_decimal_and_nothing_else_changes():
+    from search.trial import shown_in_percent, with_percentages
+
+    reported = {"epoch": 3, "loss": 1.25, "val_ap": 0.12345, "val_ap50": 0.5, "train_time_s": 41.0}
+    assert with_percentages(reported) == {**reported, "val_ap_percent": 12.3, "val_ap50_percent": 50.0}
+    assert shown_in_percent("val_ap") == "val_ap_percent" and shown_in_percent("train_time_s") == "train_time_s"

@@ -94,6 +94,8 @@ def test_sweep_runs_every_trial_and_tracks_them_in_mlflow(finished_sweep, mlflow
     assert sorted(o.framework for o in outcome.frameworks) == sorted(FRAMEWORKS)
     for framework in outcome.frameworks:
         assert len(framework.results) == 2 and not framework.results.errors
+        for result in framework.results:  # Tune's table and best-trial line read the AP in percent, one decimal
+            assert result.metrics["val_ap_percent"] == round(100 * result.metrics["val_ap"], 1)
 
     (parent,) = runs_of(client, MAIN, "sweep")
     assert parent.info.status == "FINISHED" and parent.data.params["trials"] == "2"
@@ -142,6 +144,7 @@ def test_sweep_runs_every_trial_and_tracks_them_in_mlflow(finished_sweep, mlflow
         history = client.get_metric_history(run.info.run_id, "val_ap")
         epochs = EPOCHS if run.data.tags[STATUS_TAG] == "finished" else len(history)
         assert [m.step for m in history] == list(range(1, epochs + 1))
+        assert not [key for key in run.data.metrics if key.endswith("_percent")]  # Tune's terminal twins stay there
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"config.yaml", PORTABLE_CONFIG} <= artifacts
         logged = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text())
