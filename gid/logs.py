@@ -6,14 +6,17 @@ which :func:`worker_env` hands to Ray when it starts.
 
 A command that trains (:func:`command`) keeps its full log in a file, ``gid.log`` in the folder
 the run or sweep starts in (:func:`open_log`); unless ``--verbose``, the terminal then shows
-gid's own lines alone, and Ray's processes keep their output in Ray's session logs.
+gid's own lines alone, and Ray's processes keep their output in Ray's session logs. Such a terminal
+can also show a status line below them, rewritten in place (:func:`show_status`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,12 +30,39 @@ LOG_FILE = "gid.log"
 LIBRARIES = ("ray", "optuna", "mlflow")
 
 
+class _StatusLine:
+    """What :func:`show_status` shows, and where: one for all of gid's loggers, which share the terminal."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.stream = None
+        self.lock = threading.RLock()
+
+
+_status = _StatusLine()
+_CLEAR_LINE = "\r\x1b[K"  # back to the line's start, and erase to its end
+
+
 class _PlainLines(logging.StreamHandler):
-    """The handler :func:`configure` adds: the message alone, on the ``sys.stdout`` of that call."""
+    """The handler :func:`configure` adds: the message alone, on the ``sys.stdout`` of that call.
+
+    A status line shown on that stream is erased before the message and drawn again below it, so the
+    two never share a line.
+    """
 
     def __init__(self) -> None:
         super().__init__(sys.stdout)
         self.setFormatter(logging.Formatter("%(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with _status.lock:
+            status = _status.text if _status.stream is self.stream else ""
+            if status:
+                self.stream.write(_CLEAR_LINE)
+            super().emit(record)
+            if status:
+                self.stream.write(status)
+                self.flush()
 
 
 def configure(level: int | str = logging.INFO) -> None:
@@ -61,6 +91,27 @@ def _configure_one(logger: logging.Logger, level: int | str) -> None:
     logger.addHandler(_PlainLines())
     logger.propagate = False  # one line each, whatever the host application's root logger does
     logger.setLevel(level)
+
+
+def shows_status() -> bool:
+    """Whether :func:`show_status` may be used: gid's lines go to a terminal, and a quiet one (nothing but gid
+    writes to it; a verbose command's Ray output would break into the line)."""
+    return quiet() and sys.stdout.isatty()
+
+
+def show_status(text: str) -> None:
+    """Show ``text`` as the terminal's last line, in place of the one shown before; ``""`` erases it.
+
+    gid's lines still go above it (see :class:`_PlainLines`); the log file never sees it. Only where
+    :func:`shows_status`. The text is cut to the terminal's width: a line that wrapped could not be rewritten.
+    """
+    with _status.lock:
+        if not text and not _status.text:
+            return
+        text = text[: shutil.get_terminal_size().columns - 1]
+        _status.text, _status.stream = text, sys.stdout
+        sys.stdout.write(_CLEAR_LINE + text)
+        sys.stdout.flush()
 
 
 def configure_worker() -> None:

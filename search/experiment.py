@@ -108,7 +108,11 @@ class EpochBudget(tune.Stopper):
 
 
 class TrialEpochLines(tune.Callback):
-    """gid's line per epoch of each trial (Tune runs its callbacks on the driver)."""
+    """gid's line per epoch of each trial (Tune runs its callbacks on the driver).
+
+    Unlike ``gid train``, trials show no progress within an epoch: several train at once, and Tune's
+    table already says, once a minute, which are running and for how long.
+    """
 
     def __init__(self, label: str, epochs: int) -> None:
         self.label, self.epochs = label, epochs  # label: what names the trials' experiment, e.g. the framework

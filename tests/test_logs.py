@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import re
+import select
 import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -18,6 +20,8 @@ from ray import tune
 from search.config import SweepConfig
 from search.experiment import TUNE_NEW_OUTPUT_ENV, tune_output
 
+from gid.engine.progress import ProgressDisplay, progress_line
+from gid.engine.step_progress import ProgressSender, StepProgress
 from gid.logs import (
     LEVEL_ENV,
     LOG_FILE,
@@ -29,6 +33,7 @@ from gid.logs import (
     log_file,
     open_log,
     quiet,
+    shows_status,
     worker_env,
 )
 
@@ -142,6 +147,104 @@ def test_outside_a_command_no_log_file_is_started(tmp_path):
     assert log_file() is None and not (tmp_path / "run").exists()
 
 
+CLEAR = "\r\x1b[K"  # what rewrites a terminal's line: back to its start, erase to its end
+LABEL = "retinanet resnet18"
+EPOCH_2 = {"epoch": 2, "loss": 1.2345, "val_ap": 0.123, "epoch_time_s": 41.0}
+
+
+def read_available(fd: int) -> str:
+    """What was written to the other end of ``fd`` so far."""
+    chunks = []
+    while select.select([fd], [], [], 0.2)[0]:
+        chunks.append(os.read(fd, 65536))
+    return b"".join(chunks).decode()
+
+
+def screen(text: str) -> list[str]:
+    """The lines a terminal shows of ``text``: each as its last rewrite left it."""
+    return [line.rsplit(CLEAR, 1)[-1] for line in text.split("\n")]
+
+
+def test_a_terminal_shows_the_progress_within_an_epoch_on_one_line_rewritten_in_place(
+    restored_loggers, monkeypatch
+):
+    controller, terminal = os.openpty()
+    monkeypatch.setattr(sys, "stdout", os.fdopen(terminal, "w"))
+    monkeypatch.setenv("COLUMNS", "100")
+    configure()
+    with command(verbose=True):
+        assert not shows_status()  # Ray's output would break into the line
+    with command(verbose=False):
+        assert shows_status()
+        display = ProgressDisplay(LABEL, 3, in_place=True)
+        display.progress(StepProgress(epoch=2, done=2, steps=500, images=8, seconds=0.6))
+        display.progress(StepProgress(epoch=2, done=120, steps=500, images=952, seconds=25.0))
+        display.epoch(EPOCH_2)
+        display.progress(StepProgress(epoch=3, done=2, steps=500, images=8, seconds=0.4))  # already, before its line
+        logging.getLogger("search.sweep").info("another line")
+        display.close()
+    sys.stdout.flush()
+    text = read_available(controller).replace("\r\n", "\n")  # the terminal's own newlines
+    os.close(controller)
+
+    epoch_2 = f"{LABEL}  epoch 2/3  loss 1.234  val AP 12.3  (41 s training)"
+    epoch_3_progress = f"{LABEL}  epoch 3/3  step 2/500  20.0 img/s  ETA 3.3 min"
+    assert text == (
+        f"{CLEAR}{LABEL}  epoch 2/3  step 2/500  13.3 img/s  ETA 5.0 min"
+        f"{CLEAR}{LABEL}  epoch 2/3  step 120/500  38.1 img/s  ETA 80 s"
+        f"{CLEAR}{epoch_2}\n"  # the epoch over, its progress is erased and its line takes the place
+        f"{CLEAR}{epoch_3_progress}"
+        f"{CLEAR}another line\n{epoch_3_progress}"  # any other line goes above the progress
+        f"{CLEAR}"  # erased at the end
+    )
+    assert screen(text) == [epoch_2, "another line", ""]
+
+
+def test_elsewhere_the_progress_within_an_epoch_is_a_plain_line_at_most_once_a_minute(restored_loggers, monkeypatch):
+    reader, writer = os.pipe()
+    monkeypatch.setattr(sys, "stdout", os.fdopen(writer, "w"))
+    configure()
+    now = 0.0
+    with command(verbose=False):
+        assert not shows_status()
+        display = ProgressDisplay(LABEL, 3, in_place=False, every_s=60.0, clock=lambda: now)
+        for now, done in [(30, 2), (59, 50), (61, 60), (100, 90), (121, 120), (130, 130)]:
+            display.progress(StepProgress(epoch=2, done=done, steps=500, images=8 * (done - 1), seconds=now - 10))
+        now = 140.0
+        display.epoch(EPOCH_2)
+        for now, done in [(190, 2), (201, 20)]:  # a minute after the epoch line, not after the last progress line
+            display.progress(StepProgress(epoch=3, done=done, steps=500, images=8 * (done - 1), seconds=now - 150))
+        display.close()
+    sys.stdout.flush()
+    lines = read_available(reader).splitlines()
+    os.close(reader)
+
+    assert lines == [
+        f"{LABEL}  epoch 2/3  step 60/500  9.3 img/s  ETA 6.3 min",
+        f"{LABEL}  epoch 2/3  step 120/500  8.6 img/s  ETA 5.9 min",
+        f"{LABEL}  epoch 2/3  loss 1.234  val AP 12.3  (41 s training)",
+        f"{LABEL}  epoch 3/3  step 20/500  3.0 img/s  ETA 21.5 min",
+    ]
+
+
+def test_rank_zero_sends_its_progress_once_the_epochs_rate_is_known_then_every_few_seconds():
+    sent, now = [], 0.0
+    queue = SimpleNamespace(put_nowait=sent.append)
+    sender = ProgressSender(queue, steps=100, workers=2, every_s=5.0, clock=lambda: now)
+    for it in range(10):  # a step a second, batches of 4 images on each of the 2 workers
+        now = 10.0 + it
+        sender.step(0, it, 4)
+    for it in range(3):  # the next epoch starts its count again
+        now = 100.0 + 2 * it
+        sender.step(1, it, 4)
+    assert sent == [
+        StepProgress(epoch=1, done=2, steps=100, images=8, seconds=1.0),
+        StepProgress(epoch=1, done=7, steps=100, images=48, seconds=6.0),
+        StepProgress(epoch=2, done=2, steps=100, images=8, seconds=2.0),
+    ]
+    assert progress_line(LABEL, sent[1], 3) == f"{LABEL}  epoch 1/3  step 7/100  8.0 img/s  ETA 93 s"
+
+
 def gid_train(config, tmp_path: Path, address: str, *flags: str) -> subprocess.CompletedProcess:
     """`gid train` in a process of its own, as a person runs it, on the session's Ray instance."""
     path = tmp_path / f"{config.run.name}.yaml"
@@ -177,6 +280,56 @@ def test_gid_train_shows_a_line_per_epoch_and_keeps_the_full_logs_in_files(ray_l
         f.read_text(errors="replace") for f in Path(ray_logs).glob("worker-*.out") if f.stat().st_mtime >= started
     ]
     assert any("epoch 2/2 iter 8/8 loss" in out for out in worker_output)  # the per-step lines, kept there
+
+
+def gid_train_on_a_terminal(config, tmp_path: Path, address: str) -> tuple[int, str]:
+    """`gid train` as :func:`gid_train` runs it, its output on a pseudo-terminal: its exit code and what it wrote."""
+    path = tmp_path / f"{config.run.name}.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    controller, terminal = os.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gid.cli", "train", str(path), "--address", address],
+        stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    os.close(terminal)
+    output, deadline = bytearray(), time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:
+            if select.select([controller], [], [], 0.5)[0]:
+                try:
+                    chunk = os.read(controller, 65536)
+                except OSError:  # EIO: no process holds the terminal any more
+                    break
+                if not chunk:
+                    break
+                output += chunk
+            elif proc.poll() is not None:  # ended, and all it wrote is read
+                break
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(controller)
+    return proc.wait(timeout=30), output.decode(errors="replace").replace("\r\n", "\n")
+
+
+PROGRESS_LINE = re.compile(
+    re.escape(CLEAR) + r"retinanet resnet18  epoch (\d)/2  step [2-8]/8  \d+\.\d img/s  ETA \d+ s"
+)
+
+
+def test_gid_train_on_a_terminal_shows_the_progress_within_each_epoch_on_one_line(ray_local, tiny_config, tmp_path):
+    config = tiny_config(train={"epochs": 2}, run={"name": "terminal"})
+    returncode, text = gid_train_on_a_terminal(config, tmp_path, ray_local.get_runtime_context().gcs_address)
+    assert returncode == 0, text
+    # Rank 0 sends its progress from each epoch's second step: the line is drawn in both epochs...
+    assert {m[1] for m in PROGRESS_LINE.finditer(text)} == {"1", "2"}
+    # ...and erased before each epoch line, which the terminal then shows whole, and at the end
+    shown = screen(text)
+    assert [m[1] for m in map(EPOCH_LINE.fullmatch, shown) if m] == ["1", "2"]
+    assert not any("img/s" in line for line in shown)
+    assert "pid=" not in text  # still nothing of Ray's
+    log = (Path(config.run.storage_path) / "terminal" / LOG_FILE).read_text()
+    assert EPOCH_LINE.search(log) and "img/s" not in log and "\x1b" not in log  # the log file keeps no status line
 
 
 def test_gid_train_verbose_shows_rays_worker_lines(ray_local, tiny_config, tmp_path):

@@ -21,6 +21,7 @@ from pathlib import Path
 import ray
 import torch
 import torch.distributed as dist
+from ray.util.queue import Queue
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -30,6 +31,7 @@ from gid.engine.evaluation import coco_metrics, format_metrics, predict
 from gid.engine.memory import memory_peak_mb, out_of_memory_as_user_error
 from gid.engine.session import Session, TrainWorker
 from gid.engine.state import CHECKPOINT_FILE, TrainingState, resume, start_training_state
+from gid.engine.step_progress import ProgressSender
 from gid.logs import configure_worker as configure_worker_logging
 from gid.models import build_detector, load_backbone_weights, load_weights
 
@@ -165,11 +167,13 @@ def apply_gradients(
 
 
 def train_one_epoch(
-    model: nn.Module, state: TrainingState, loader: DataLoader, device: torch.device, train: TrainConfig, rank: int
+    model: nn.Module, state: TrainingState, loader: DataLoader, device: torch.device, train: TrainConfig, rank: int,
+    progress: ProgressSender | None = None,
 ) -> tuple[dict[str, float], float | None]:
     """Train ``model`` (``state.trainable``, wrapped for DDP) one pass over ``loader`` and advance ``state`` by an epoch.
 
-    Returns the epoch's mean losses and time, and the wall clock of its first step.
+    Returns the epoch's mean losses and time, and the wall clock of its first step. ``progress`` (rank 0's)
+    is told of each step.
     """
     epoch, balance = state.epoch, state.balance
     if isinstance(loader.sampler, DistributedSampler):
@@ -196,6 +200,8 @@ def train_one_epoch(
                 "epoch %d/%d iter %d/%d loss %.4f lr %.4g (%.2f s/it)", epoch + 1, train.epochs, it + 1,
                 len(loader), running.means()["loss"], state.scheduler.get_last_lr()[0], speed,
             )
+        if progress is not None:
+            progress.step(epoch, it, len(images))
     if balance is not None and balance.end_epoch() and rank == 0:
         logger.info(balance.summary())
     epoch_time_s = time.perf_counter() - started
@@ -233,13 +239,14 @@ def save_and_report(
         session.report(metrics, directory if session.rank == 0 else None)
 
 
-def train_loop_per_worker(config_dict: dict) -> None:
-    """A Ray Train worker's training function."""
-    train_loop(config_dict, TrainWorker())
+def train_loop_per_worker(config_dict: dict, progress_queue: Queue | None = None) -> None:
+    """A Ray Train worker's training function; rank 0 puts its progress within each epoch on ``progress_queue``,
+    the driver's (gid.engine.progress), when one is given."""
+    train_loop(config_dict, TrainWorker(), progress_queue)
 
 
 @out_of_memory_as_user_error()
-def train_loop(config_dict: dict, session: Session) -> None:
+def train_loop(config_dict: dict, session: Session, progress_queue: Queue | None = None) -> None:
     worker_started_at = time.time()  # with the data and model set-up times: where a run's start-up goes
     configure_worker_logging()
     config = Config.model_validate(config_dict)
@@ -272,11 +279,15 @@ def train_loop(config_dict: dict, session: Session) -> None:
     # After the move to the device: the optimizer's loaded state (SGD's momentum) goes where its parameters are.
     resume(state, session)
     # Where the workers run (a trial's workers may span nodes): reported, and tagged in MLflow.
-    worker_nodes = ",".join(_all_gather(ray.get_runtime_context().get_node_id()))
+    nodes = _all_gather(ray.get_runtime_context().get_node_id())
+    worker_nodes = ",".join(nodes)
+    progress = None
+    if progress_queue is not None and rank == 0:
+        progress = ProgressSender(progress_queue, len(train_loader), workers=len(nodes))
 
     first_step_at = None  # wall clock of this sitting's first training step: startup cost, for benchmarks
     while state.epoch < epochs:
-        trained, epoch_first_step_at = train_one_epoch(model, state, train_loader, device, config.train, rank)
+        trained, epoch_first_step_at = train_one_epoch(model, state, train_loader, device, config.train, rank, progress)
         first_step_at = first_step_at or epoch_first_step_at
         metrics = {
             "epoch": state.epoch, **trained, "train_time_s": state.train_time_s, "first_step_at": first_step_at,

@@ -7,17 +7,19 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
+from ray.util.queue import Queue
 
 from gid.config import Config, validate
 from gid.engine.loop import PICTURES_DIR, train_loop_per_worker
 from gid.engine.state import CHECKPOINT_FILE
 from gid.engine.preflight import check_run_inputs, check_writable
-from gid.engine.progress import epoch_lines
+from gid.engine.progress import EpochReports, progress_lines
 from gid.errors import GidError
 from gid.logs import open_log, quiet, worker_env
 from gid.models.checkpoint import read_checkpoint, save_model
@@ -70,13 +72,15 @@ def use_gpu(config: Config) -> bool:
     return config.scaling.use_gpu
 
 
-def build_trainer(config: Config, callbacks: list | None = None) -> TorchTrainer:
+def build_trainer(config: Config, callbacks: list | None = None, progress_queue: Queue | None = None) -> TorchTrainer:
+    """The run's TorchTrainer; rank 0 puts its progress within epochs on ``progress_queue`` (gid.engine.progress)."""
     gpu = use_gpu(config)
     resources = {"CPU": config.scaling.cpus_per_worker}
     if gpu:
         resources["GPU"] = config.scaling.gpus_per_worker
     return TorchTrainer(
-        train_loop_per_worker,
+        # The queue goes with the function, to every worker group Train starts (a restart's too).
+        partial(train_loop_per_worker, progress_queue=progress_queue),
         train_loop_config=config.to_dict(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.scaling.num_workers, use_gpu=gpu, resources_per_worker=resources
@@ -148,8 +152,8 @@ def run_training(config: Config, address: str | None = None) -> TrainingOutcome:
     ensure_ray(address)
     label = f"{config.model.framework} {config.model.backbone}"
     history: list[dict] = []
-    with raise_user_error(), epoch_lines(label, config.train.epochs, history) as reports:
-        result = build_trainer(config, callbacks=[reports]).fit()
+    with raise_user_error(), progress_lines(label, config.train.epochs, history) as queue:
+        result = build_trainer(config, callbacks=[EpochReports(queue)], progress_queue=queue).fit()
     return finish_run(result, history)
 
 
