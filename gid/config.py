@@ -389,7 +389,7 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     err = exc.errors()[0]
     key = ".".join(str(p) for p in err["loc"]) or "(top level)"
     if err["type"] == "extra_forbidden":
-        return f"{source}: unknown key {key!r}; check the spelling (see the README's config reference)"
+        return f"{source}: unknown key {key!r}; check the spelling (see docs/config.md)"
     msg = err["msg"].removeprefix("Value error, ")
     got = err.get("input")
     shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"

@@ -1,20 +1,11 @@
-import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import yaml
 
-from gid.config import DistillConfig, ModelConfig, load_config, validate
+from gid.config import load_config
 from gid.errors import GidError
-from gid.frameworks import FRAMEWORKS
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-#: The README's words for a default of None.
-NONE_IN_WORDS = {"none", "from the data", "VOC's 20", "the config file's name"}
-#: How the README names the frameworks (model.variant's default is each framework's own).
-FRAMEWORK_NAMES = {"RetinaNet": "retinanet", "FCOS": "fcos", "Faster R-CNN": "faster_rcnn"}
 
 
 def write(tmp_path, text: str):
@@ -81,57 +72,3 @@ def test_cli_reports_bad_config_with_exit_code_2_and_no_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gid: error:") and "model.backbone" in lines[0]
-
-
-def readme_config_reference() -> dict[str, str]:
-    """The README's config reference table: each key and the text of its default.
-
-    A row may name several keys (``a.b.c``, then ``.d`` or ``d`` for ``a.b.d``) and give their defaults in order,
-    comma-separated, or one default for them all.
-    """
-    section = README.read_text().split("\n## Config reference\n")[1].split("\n## ")[0]
-    table = {}
-    for line in section.splitlines():
-        if not line.startswith("| `"):
-            continue
-        keys_cell, defaults_cell = (cell.strip() for cell in line.split("|")[1:3])
-        first, *more = re.findall(r"`([^`]+)`", keys_cell)
-        parent = first.rsplit(".", 1)[0]
-        keys = [first] + [key if "." in key.lstrip(".") else f"{parent}.{key.lstrip('.')}" for key in more]
-        defaults = re.split(r",\s*(?![^\[]*\])", defaults_cell) if more else [defaults_cell]  # not inside [...]
-        if len(defaults) == 1:
-            defaults *= len(keys)
-        assert len(defaults) == len(keys), line
-        table.update(zip(keys, defaults))
-    return table
-
-
-def documented_value(text: str):
-    if text in NONE_IN_WORDS:
-        return None
-    value = yaml.safe_load(text.strip("`"))
-    return float(value) if isinstance(value, str) and re.fullmatch(r"\d+(\.\d+)?e-?\d+", value) else value  # 1e-4
-
-
-def leaves(tree: dict, prefix: str = "") -> dict:
-    """A nested dict's values by dotted key."""
-    out = {}
-    for key, value in tree.items():
-        out.update(leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return out
-
-
-def test_the_readme_config_reference_gives_every_key_with_its_real_default():
-    table = readme_config_reference()
-    defaults = leaves(validate({"distill": {"teacher": "t.pt"}}).to_dict())
-    assert sorted(table) == sorted(defaults)  # every key, and no key the config does not have
-
-    assert table.pop("distill.teacher") == "required" and DistillConfig.model_fields["teacher"].is_required()
-    variants = {  # "`v2` RetinaNet, `v1` FCOS and Faster R-CNN"
-        FRAMEWORK_NAMES[name]: variant
-        for variant, names in re.findall(r"`(\w+)` ([^,`]+)", table.pop("model.variant"))
-        for name in names.strip().split(" and ")
-    }
-    assert variants == {framework: ModelConfig(framework=framework).variant for framework in FRAMEWORKS}
-    documented = {key: documented_value(text) for key, text in table.items()}
-    assert documented == {key: defaults[key] for key in documented}

@@ -1,5 +1,5 @@
-"""The README's bring-your-own-detector walk-through, command by command, on small stand-ins of
-torchvision's files (same format: state dicts of torchvision's builders, randomly initialised)."""
+"""The walk-through of docs/models.md (a pretrained teacher in, a deployable student out), command by command, on
+small stand-ins of torchvision's files (same format: state dicts of torchvision's builders, randomly initialised)."""
 
 from __future__ import annotations
 
