@@ -13,7 +13,11 @@ own paths (``run_training`` on Ray Train, ``run_sweep`` + ``export_best`` for th
 * ``--value``: **GID, dynamic balance** (while it is not the default); **student alone, GID's training
   time** (as many epochs as the same seed's GID default run took in training time, on the same schedule
   shape); and **converged** rows, the student alone and GID at the defaults on a ``converge_epochs``
-  schedule (their val AP per epoch plotted beside the teacher's in ``convergence.png``).
+  schedule (their val AP per epoch plotted beside the teacher's in ``convergence.png``);
+* ``--mobile``: a deployable student, **MobileNetV2 from torchvision's ImageNet weights** (``benchmarks/assets.py``)
+  alone and with **GID at the product's defaults** (and **tuned** with ``--sweep-trials``), rows
+  ``mobilenet_student``, ``mobilenet_gid_default``, ``mobilenet_gid_tuned``; every row also gets its parameters
+  and CPU latency per image, measured from its model file as ``gid eval`` measures it, once all training is done.
 
 Every model is COCO-evaluated on the test split, which neither training nor the sweep sees. Rows
 student / GID spec weights / GID default / GID tuned repeat over ``--seeds`` training seeds (mean ± std). Finished runs
@@ -23,11 +27,15 @@ are kept in ``OUT/results.json``, so an interrupted benchmark picks up where it 
     python -m benchmarks.effect --quick --out runs/bench-effect-q  # a smaller table, FCOS only (2 CPUs: 11 min before the spec-weights row; its teacher is too weak to teach)
     python -m benchmarks.effect --dev --out runs/bench-effect-dev  # the development table the defaults are chosen on
     python -m benchmarks.effect --value --out runs/bench-value     # the defaults at equal compute and at convergence
+    python -m benchmarks.effect --mobile --out runs/bench-mobile   # MobileNetV2 from ImageNet, with cost (in the full
+                                                                   # table's folder: its teachers, not trained again)
+    python -m benchmarks.effect --mobile --dev --out runs/bench-mobile-dev  # the same on the development data set
 
 ``--dev`` runs on a data set of another seed and size (``--data-seed`` for more than one), with a
 faster teacher, and compares balance candidates (``CANDIDATES``); the product's default
 ``distill.balance`` is chosen from those tables, never from the benchmark's. It also prints how well val AP after epoch k
-ranks the runs by their final val AP: the evidence for the sweep's ASHA grace period.
+ranks the runs by their final val AP: the evidence for the sweep's ASHA grace period. ``--mobile --dev`` runs the
+MobileNetV2 table on data seed 1: its scale is chosen there, so that the teacher leads the student alone by 3 AP.
 """
 
 from __future__ import annotations
@@ -41,19 +49,23 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import ray
 import torch
 import yaml
 
+from benchmarks.assets import mobilenet_v2_imagenet
 from benchmarks.step_overhead import cpu_name
-from gid.config import BalanceConfig
+from gid.config import BalanceConfig, DataConfig, TrainConfig
+from gid.engine.latency import WARMUP_RUNS, cpu_cost
 from gid.frameworks import FRAMEWORKS
 
 REPO = Path(__file__).resolve().parent.parent
 METRICS = ("ap", "ap50", "ap75", "aps")
 SINGLE_LOSSES = ("feature", "relation", "response")
+BATCH, WARMUP_ITERS = 8, 100  # every run's
 
 
 @dataclass(frozen=True)
@@ -86,6 +98,9 @@ class Scale:
     equal_compute: bool = False  # the student alone for as many epochs as gid_default's training time buys
     converge_epochs: int = 0  # > 0: the student alone and gid_default on this long a schedule (convergence rows)
     converge_seeds: int = 2
+    student_rows: str = ""  # the student rows' name prefix: MOBILE_ROWS for MOBILE's, beside the others in one folder
+    pretrained_student: bool = False  # the student's backbone from torchvision's ImageNet weights (MobileNetV2 only)
+    latency_runs: int = 0  # > 0: every row's params and CPU latency_ms (the median of this many runs) after training
 
 
 FULL = Scale(
@@ -124,6 +139,16 @@ VALUE = replace(
     FULL, sweep_trials=0, single_losses=False, spec_weights=False, equal_compute=True, converge_epochs=12,
     gid_dynamic=BalanceConfig().mode != "dynamic",  # once dynamic is the default, gid_default is it
 )
+MOBILE_ROWS = "mobilenet_"
+LATENCY_THREADS = 1  # every row's latency on as many threads: steadier than more on a machine that runs other work
+# A deployable student: MobileNetV2 from ImageNet on the teacher's FPN levels, its cost beside its AP (gid eval's 20
+# runs). The data and the teacher are FULL's, so the full table's folder lends its teachers.
+MOBILE = replace(
+    FULL, student_backbone="mobilenet_v2", student_rows=MOBILE_ROWS, pretrained_student=True, latency_runs=20,
+    sweep_trials=0, single_losses=False, spec_weights=False,
+)
+# MOBILE on another data set, where its sizes are chosen: the teacher must lead the student alone by 3 AP.
+MOBILE_DEV = replace(MOBILE, data_seed=1, seeds=2)
 # On a GPU the same command trains on more, larger images for longer.
 GPU = replace(
     FULL, train_images=8192, val_images=512, test_images=1024, image_size=256, max_objects=8, min_object_size=12,
@@ -141,6 +166,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--value", action="store_true",
         help="the defaults against the student alone at equal compute and at convergence (no sweeps, no single losses)",
     )
+    p.add_argument(
+        "--mobile", action="store_true",
+        help="the MobileNetV2 student from ImageNet weights, alone and with GID, with parameters and CPU latency "
+        "(with --dev: on the development data set)",
+    )
     p.add_argument("--frameworks", help=f"comma-separated subset of {','.join(FRAMEWORKS)}")
     p.add_argument("--seeds", type=int, help="training seeds of the student / GID rows")
     p.add_argument("--data-seed", type=int, help="the synthetic data set's seed (development tables: one per data set)")
@@ -150,7 +180,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="runs side by side, each on its share of the CPUs (default: one per GPU, else one per CPU)",
     )
     args = p.parse_args(argv)
-    scale = GPU if args.gpu else DEV if args.dev else VALUE if args.value else QUICK if args.quick else FULL
+    if args.mobile and (args.quick or args.gpu or args.value):
+        p.error("--mobile: combine it with --dev only")
+    if args.mobile:
+        scale = MOBILE_DEV if args.dev else MOBILE
+    else:
+        scale = GPU if args.gpu else DEV if args.dev else VALUE if args.value else QUICK if args.quick else FULL
     if args.frameworks:
         chosen = tuple(f.strip() for f in args.frameworks.split(","))
         if not set(chosen) <= set(FRAMEWORKS):
@@ -282,20 +317,29 @@ class Bench:
         self.results = Results(out / "results.json", lanes)
         self.configs = out / "configs"
         self.configs.mkdir(parents=True, exist_ok=True)
+        # fetched once, before any run needs it (the index is asked once per machine: benchmarks.assets)
+        self.student_weights = mobilenet_v2_imagenet() if scale.pretrained_student else None
+
+    def key(self, framework: str, row: str, seed: int | None = 0) -> str:
+        """A student run's key: ``framework/row/seed``, the row with the scale's prefix (no seed: ``framework/row``)."""
+        return f"{framework}/{self.scale.student_rows}{row}" + ("" if seed is None else f"/{seed}")
 
     def base(self, framework: str, role: str) -> dict:
         s = self.scale
         teacher = role == "teacher"
+        model = {
+            "framework": framework,
+            "backbone": s.teacher_backbone if teacher else s.student_backbone,
+            "fpn_channels": s.teacher_fpn if teacher else s.student_fpn,
+        }
+        if not teacher and self.student_weights:  # on the teacher's levels, which GID's losses pair one by one
+            model |= {"backbone_weights": str(self.student_weights), "fpn_levels": "resnet"}
         return {
-            "data": {"root": str(self.out / "data"), "image_size": s.image_size, "batch_size": 8},
-            "model": {
-                "framework": framework,
-                "backbone": s.teacher_backbone if teacher else s.student_backbone,
-                "fpn_channels": s.teacher_fpn if teacher else s.student_fpn,
-            },
+            "data": {"root": str(self.out / "data"), "image_size": s.image_size, "batch_size": BATCH},
+            "model": model,
             "train": {
                 "epochs": s.teacher_epochs if teacher else s.student_epochs, "lr": s.lr, "schedule": "cosine",
-                "warmup_iters": 100, "log_every": 50,
+                "warmup_iters": WARMUP_ITERS, "log_every": 50,
             },
             "run": {"storage_path": str(self.out / "runs")},
             "scaling": {"cpus_per_worker": self.cpus_per_run},
@@ -330,8 +374,9 @@ class Bench:
         """The student alone on as many epochs as the same seed's gid_default run trained for in time (the
         student's own time per epoch from its run), on the same schedule shape: what GID's cost buys plainly."""
         runs = self.results.runs
-        per_epoch = runs[f"{framework}/student/{seed}"]["train_s"] / self.scale.student_epochs
-        epochs = max(self.scale.student_epochs, round(runs[f"{framework}/gid_default/{seed}"]["train_s"] / per_epoch))
+        per_epoch = runs[self.key(framework, "student", seed)]["train_s"] / self.scale.student_epochs
+        gid_s = runs[self.key(framework, "gid_default", seed)]["train_s"]
+        epochs = max(self.scale.student_epochs, round(gid_s / per_epoch))
         config = self.student_config(framework, seed)
         config["train"]["epochs"] = epochs
         return config
@@ -344,11 +389,11 @@ class Bench:
         """A TPE + ASHA sweep on the validation split, the spec's defaults as its first trial."""
         s = self.scale
         tracking = {"tracking_uri": f"sqlite:///{self.out / 'mlflow.db'}", "experiment": "gid-bench-effect"}
-        name = f"effect-{framework}"
+        name = f"effect-{s.student_rows}{framework}"
 
         def launch() -> ray.ObjectRef:
-            base = self.write_config(f"{framework}_gid", self.gid_config(framework))
-            baseline = self.results.runs[f"{framework}/student/0"]["model"]  # the table's own: the sweep trains none
+            base = self.write_config(f"{s.student_rows}{framework}_gid", self.gid_config(framework))
+            baseline = self.results.runs[self.key(framework, "student")]["model"]  # the table's own: the sweep trains none
             sweep = {
                 "name": name,
                 "frameworks": {framework: {"config": str(base), "baseline": baseline}},
@@ -364,14 +409,16 @@ class Bench:
             }
             resume = (self.out / "sweeps" / name).exists()
             best = self.out / "best"
-            return sweep_and_export.remote(sweep, resume, best / framework, best / f"{framework}.yaml")
+            exported = f"{s.student_rows}{framework}"
+            return sweep_and_export.remote(sweep, resume, best / exported, best / f"{exported}.yaml")
 
-        return Job(f"{framework}/sweep", (f"{framework}/teacher/0", f"{framework}/student/0"), self.lanes, launch)
+        needs = (f"{framework}/teacher/0", self.key(framework, "student"))
+        return Job(self.key(framework, "sweep", None), needs, self.lanes, launch)
 
     def tuned_config(self, framework: str, seed: int) -> dict:
         from gid.config import load_config
 
-        exported = load_config(Path(self.results.runs[f"{framework}/sweep"]["config"])).to_dict()
+        exported = load_config(Path(self.results.runs[self.key(framework, "sweep", None)]["config"])).to_dict()
         base = self.base(framework, "student")  # where it runs and on how many threads, like every other row
         exported["train"]["seed"] = seed
         return {**exported, "run": base["run"], "scaling": base["scaling"]}
@@ -382,44 +429,44 @@ class Bench:
         teachers, students, distilled, sweeps, tuned = [], [], [], [], []
         for framework in s.frameworks:
             teacher = f"{framework}/teacher/0"
+            key = partial(self.key, framework)
             teachers.append(self.training(teacher, lambda f=framework: self.base(f, "teacher")))
             for seed in range(s.seeds):
                 students.append(self.training(
-                    f"{framework}/student/{seed}", lambda f=framework, seed=seed: self.student_config(f, seed)
+                    key("student", seed), lambda f=framework, seed=seed: self.student_config(f, seed)
                 ))
                 if s.spec_weights:
                     distilled.append(self.training(
-                        f"{framework}/gid_spec_weights/{seed}",
+                        key("gid_spec_weights", seed),
                         lambda f=framework, seed=seed: self.spec_weights_config(f, seed), (teacher,),
                     ))
                 if s.candidates:
                     distilled += [self.training(
-                        f"{framework}/{candidate}/{seed}",
+                        key(candidate, seed),
                         lambda f=framework, seed=seed, c=candidate: self.candidate_config(f, seed, c), (teacher,),
                     ) for candidate in CANDIDATES]
                 else:
                     distilled.append(self.training(
-                        f"{framework}/gid_default/{seed}", lambda f=framework, seed=seed: self.gid_config(f, seed),
-                        (teacher,),
+                        key("gid_default", seed), lambda f=framework, seed=seed: self.gid_config(f, seed), (teacher,),
                     ))
                 if s.gid_dynamic:
                     distilled.append(self.training(
-                        f"{framework}/gid_dynamic/{seed}",
+                        key("gid_dynamic", seed),
                         lambda f=framework, seed=seed: self.gid_config(f, seed, balance={"mode": "dynamic"}), (teacher,),
                     ))
                 if s.equal_compute:
                     students.append(self.training(
-                        f"{framework}/student_equal_compute/{seed}",
+                        key("student_equal_compute", seed),
                         lambda f=framework, seed=seed: self.equal_compute_config(f, seed),
-                        (f"{framework}/student/{seed}", f"{framework}/gid_default/{seed}"),
+                        (key("student", seed), key("gid_default", seed)),
                     ))
             for seed in range(s.converge_seeds if s.converge_epochs else 0):
                 students.append(self.training(
-                    f"{framework}/converged_student/{seed}",
+                    key("converged_student", seed),
                     lambda f=framework, seed=seed: self.converged_config(self.student_config(f, seed)),
                 ))
                 distilled.append(self.training(
-                    f"{framework}/converged_gid_default/{seed}",
+                    key("converged_gid_default", seed),
                     lambda f=framework, seed=seed: self.converged_config(self.gid_config(f, seed)), (teacher,),
                 ))
             if s.sweep_trials:
@@ -428,12 +475,12 @@ class Bench:
                 for loss in SINGLE_LOSSES:
                     switches = {other: {"enabled": other == loss} for other in SINGLE_LOSSES}
                     distilled.append(self.training(
-                        f"{framework}/{loss}_only/0", lambda f=framework, sw=switches: self.gid_config(f, **sw), (teacher,)
+                        key(f"{loss}_only"), lambda f=framework, sw=switches: self.gid_config(f, **sw), (teacher,)
                     ))
             for seed in range(s.seeds if s.sweep_trials else 0):
                 tuned.append(self.training(
-                    f"{framework}/gid_tuned/{seed}", lambda f=framework, seed=seed: self.tuned_config(f, seed),
-                    (f"{framework}/sweep",),
+                    key("gid_tuned", seed), lambda f=framework, seed=seed: self.tuned_config(f, seed),
+                    (key("sweep", None),),
                 ))
         # Longest teacher first (the framework order puts the fastest learner first), then the rows
         # that test the defaults; the sweeps, which hold every lane, after them.
@@ -469,9 +516,23 @@ class Bench:
             print(f"=== {job.key}: done in {self.results.runs[job.key]['seconds'] / 60:.1f} min; {left} jobs left",
                   flush=True)
 
+    def measure_costs(self) -> None:
+        """Each row's params and CPU latency_ms, as ``gid eval`` measures them on its model file: one row after another
+        once no run trains, every row on the same threads."""
+        from gid.models import load_model
 
-ROWS = (
-    ("teacher", "teacher"),
+        torch.set_num_threads(LATENCY_THREADS)
+        for key, result in list(self.results.runs.items()):
+            if "latency_ms" in result or "model" not in result:
+                continue
+            if not Path(result["model"]).exists():
+                print(f"=== {key}: its model file is gone, its cost is not measured", flush=True)
+                continue
+            model, config, _ = load_model(Path(result["model"]))
+            self.results.add(key, {**result, **cpu_cost(model, config.data.image_size, self.scale.latency_runs)})
+
+
+STUDENT_ROWS = (
     ("student", "student alone"),
     ("gid_spec_weights", "GID, spec weights"),
     ("gid_default", "GID, product defaults"),
@@ -486,10 +547,22 @@ ROWS = (
     *((name, label) for name, (label, _) in CANDIDATES.items()),
     *EARLIER_CANDIDATES.items(),
 )
+#: The teacher, then the student's rows, then the same of the MobileNetV2 student (MOBILE's).
+ROWS = (
+    ("teacher", "teacher"), *STUDENT_ROWS,
+    *((MOBILE_ROWS + row, f"MobileNetV2 from ImageNet, {label}") for row, label in STUDENT_ROWS),
+)
 
 
 #: The student row each row's Δ AP is taken against, where it is not the 3-epoch ``student``.
 COMPARED_WITH = {"converged_student": "converged_student", "converged_gid_default": "converged_student"}
+
+
+def reference_row(row: str, scale: Scale) -> str:
+    """The row ``row``'s Δ AP is taken against: its own student alone (a converged run: the converged one; the
+    teacher: the scale's student)."""
+    prefix = scale.student_rows if row == "teacher" else MOBILE_ROWS if row.startswith(MOBILE_ROWS) else ""
+    return prefix + COMPARED_WITH.get(row.removeprefix(prefix), "student")
 
 
 def measured(runs: dict[str, dict]) -> list[str]:
@@ -508,6 +581,10 @@ def summarise(runs: dict[str, dict], framework: str, row: str) -> dict | None:
     stats["seeds"] = len(found)
     stats["minutes"] = statistics.mean(r["seconds"] for r in found) / 60
     stats["epochs"] = "/".join(sorted({str(r["epochs"]) for r in found if "epochs" in r}, key=int)) or "–"
+    if all("latency_ms" in r for r in found):  # one architecture per row: the same parameters in every run
+        latency = [r["latency_ms"] for r in found]
+        stats["params"] = found[0]["params"]
+        stats["latency_ms"] = (statistics.mean(latency), statistics.stdev(latency) if len(latency) > 1 else None)
     return stats
 
 
@@ -525,6 +602,7 @@ def commit() -> str:
 
 def render(runs: dict[str, dict], scale: Scale, argv: list[str], sittings: list[dict]) -> str:
     s = scale
+    train, data = TrainConfig(), DataConfig()  # the values the runs leave at their defaults
     lines = [
         "### GID effect on the held-out test split",
         "",
@@ -536,30 +614,54 @@ def render(runs: dict[str, dict], scale: Scale, argv: list[str], sittings: list[
         f"- data: synthetic (seed {s.data_seed}), {s.train_images} train / {s.val_images} val / {s.test_images} test images of "
         f"{s.image_size} px, 1–{s.max_objects} objects of {s.min_object_size:g} px to half the image",
         f"- teacher {s.teacher_backbone} FPN {s.teacher_fpn}, {s.teacher_epochs} epochs; student "
-        f"{s.student_backbone} FPN {s.student_fpn}, {s.student_epochs} epochs; SGD lr {s.lr}, cosine, batch 8",
+        f"{s.student_backbone} FPN {s.student_fpn}, {s.student_epochs} epochs; SGD lr {s.lr}, cosine, batch {BATCH}",
+        *([f"- teacher's recipe: {s.teacher_backbone} FPN {s.teacher_fpn} from random weights, {s.teacher_epochs} epochs "
+           f"of SGD lr {s.lr} (momentum {train.momentum}, weight decay {train.weight_decay:g}, gradients clipped at "
+           f"{train.clip_grad_norm:g}), {WARMUP_ITERS} warm-up iterations then cosine, batch {BATCH}, horizontal flips "
+           f"p {data.hflip_prob}",
+           f"- student: {s.student_backbone} from torchvision's ImageNet weights (benchmarks/assets.py), its FPN on the "
+           "teacher's levels (`fpn_levels: resnet`), BatchNorm frozen and its last 3 stages trained (gid's `auto`)"]
+          if s.pretrained_student else []),
+        *([f"- cost: parameters, and CPU latency per {s.image_size} px image: the median of {s.latency_runs} timed calls "
+           f"after {WARMUP_RUNS} warm-ups on {LATENCY_THREADS} thread(s), measured on each model file as `gid eval` "
+           "does, one after another once all training was done"] if s.latency_runs else []),
         *([f"- tuned: TPE + ASHA sweep of {s.sweep_trials} trials on the val split, its top {s.finalize_top} finalized "
            f"over {s.finalize_seeds} seeds, the winner exported and re-trained"] if s.sweep_trials else []),
         *[f"- {key} re-trained in a later sitting (its model file was gone): test AP {100 * r['replaces']['test']['ap']:.2f} "
           f"then, {100 * r['test']['ap']:.2f} now; the rows finished before it learnt from the first"
           for key, r in runs.items() if "replaces" in r],
         "",
-        "| framework | row | seeds | epochs | AP | AP50 | AP75 | APs | train min / run | Δ AP vs student |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| framework | row | seeds | epochs | AP | AP50 | AP75 | APs | "
+        + ("params (M) | CPU ms / image | × faster than teacher | " if s.latency_runs else "")
+        + "train min / run | Δ AP vs student |",
+        "|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * (3 if s.latency_runs else 0) + "---:|---:|",
     ]
     for framework in measured(runs):
+        teacher = summarise(runs, framework, "teacher")
         for row, label in ROWS:
             stats = summarise(runs, framework, row)
             if stats is None:
                 continue
-            reference = COMPARED_WITH.get(row, "student")  # a converged GID run against the converged student
+            reference = reference_row(row, s)
             student = summarise(runs, framework, reference)
             delta = f"{stats['ap'][0] - student['ap'][0]:+.1f}" if student and row != reference else ""
             cells = " | ".join(fmt(*stats[m]) for m in METRICS)
+            if s.latency_runs:
+                cells += " | " + cost_cells(stats, teacher if row != "teacher" else None)
             lines.append(
                 f"| {framework} | {label} | {stats['seeds']} | {stats['epochs']} | {cells} | {stats['minutes']:.1f} "
                 f"| {delta} |"
             )
     return "\n".join(lines + early_ranking(runs, scale)) + "\n"
+
+
+def cost_cells(stats: dict, teacher: dict | None) -> str:
+    """A row's parameters (M), CPU latency (ms) and how many times faster than ``teacher`` (– where not measured)."""
+    if "latency_ms" not in stats:
+        return "– | – | –"
+    latency = stats["latency_ms"][0]
+    faster = f"{teacher['latency_ms'][0] / latency:.1f}×" if teacher and "latency_ms" in teacher else ""
+    return f"{stats['params'] / 1e6:.2f} | {fmt(*stats['latency_ms'])} | {faster}"
 
 
 def early_ranking(runs: dict[str, dict], scale: Scale) -> list[str]:
@@ -642,11 +744,29 @@ def plot_curves(runs: dict[str, dict], path: Path) -> bool:
     return True
 
 
+#: What the runs of one folder share, its data set and its teachers: a sitting in any mode may add rows to a folder
+#: only at the same values (so --mobile takes the full table's teachers, and nothing that differs).
+SHARED = (
+    "train_images", "val_images", "test_images", "image_size", "max_objects", "min_object_size", "data_seed",
+    "teacher_backbone", "teacher_fpn", "teacher_epochs", "lr",
+)
+
+
+def check_folder(out: Path, scale: Scale) -> None:
+    """Stop before a sitting whose data set or teacher differs from the runs already in ``out``."""
+    path = out / "scale.json"
+    before = json.loads(path.read_text()) if path.exists() else {}
+    differs = [name for name in SHARED if name in before and before[name] != getattr(scale, name)]
+    if differs:
+        sys.exit(f"{out} holds runs of another data set or teacher ({', '.join(differs)} differ): pass another --out")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     scale, out = args.scale, args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    check_folder(out, scale)
     (out / "scale.json").write_text(json.dumps(asdict(scale), indent=1))
     from gid.data import make_synthetic
 
@@ -661,6 +781,8 @@ def main(argv: list[str] | None = None) -> None:
     ensure_ray()
     bench = Bench(out, scale, args.lanes)
     bench.run()
+    if scale.latency_runs:
+        bench.measure_costs()
     text = render(bench.results.runs, scale, argv, bench.results.sittings)
     (out / "effect.md").write_text(text)
     plot(bench.results.runs, out / "effect.png")

@@ -115,15 +115,14 @@ def cmd_distill(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from gid.engine.evaluation import evaluate_model_file, format_metrics
-    from gid.engine.latency import cpu_latency, format_cost, parameter_count
+    from gid.engine.latency import cpu_cost, format_cost
 
     if args.latency_runs < 1:
         raise GidError(f"--latency-runs {args.latency_runs}: time at least 1 run")
     overrides = {"root": args.root, "format": args.format}
     evaluated = evaluate_model_file(args.checkpoint, args.split, {k: v for k, v in overrides.items() if v is not None})
     model, data = evaluated.model, evaluated.data
-    latency = cpu_latency(model, data.image_size, args.latency_runs)
-    cost = format_cost(parameter_count(model), latency, data.image_size, args.latency_runs)
+    cost = format_cost(cpu_cost(model, data.image_size, args.latency_runs), data.image_size, args.latency_runs)
     print(f"{args.checkpoint} on {data.root} [{args.split}]: {format_metrics(evaluated.metrics)}; {cost}")
 
 

@@ -188,6 +188,9 @@ class TrainConfig(StrictModel):
     amp: bool = True  # only takes effect on GPU
     seed: int = 0
     eval_every: int = Field(1, ge=1)  # epochs; the last epoch is always evaluated
+    # > 0: the student's params and latency_ms (on the CPU, the median of this many timed runs of one image:
+    # gid.engine.latency), measured after the first epoch and after the last, reported from the first on
+    latency_runs: int = Field(0, ge=0)
     log_every: int = Field(20, ge=1)  # iterations between progress lines
 
     @model_validator(mode="after")

@@ -20,6 +20,8 @@ from gid.config import (
     read_yaml,
     validate,
 )
+from gid.engine.evaluation import COCO_METRICS
+from gid.engine.latency import COST_METRICS
 from gid.errors import GidError
 from search.names import check_sweep_name
 from search.space import Choice, Dimension, default_space, with_values
@@ -47,12 +49,37 @@ class Resources(StrictModel):
         return self
 
 
+#: What every trial reports at every epoch that a sweep may rank by (the loop's metrics and Tune's time_total_s);
+#: besides, each loss term as loss_<term>.
+TRIAL_METRICS = (
+    *(f"val_{name}" for name in COCO_METRICS), "loss", "train_time_s", "time_total_s", "memory_peak_mb", *COST_METRICS,
+)
+
+
 class Objective(StrictModel):
     metric: str = "val_ap"
     mode: Literal["max", "min"] = "max"
-    # Optional second objective for a Pareto front, e.g. "time_total_s" minimised.
+    # Optional second objective for a Pareto front, e.g. "latency_ms" minimised.
     second_metric: str | None = None
     second_mode: Literal["max", "min"] = "min"
+    # Each trial's train.latency_runs: its student's params and CPU latency_ms, timed in the trial's process beside
+    # whatever else runs on its node: enough to tell architectures apart, not a deployment figure (`gid eval` is).
+    latency_runs: int = Field(5, ge=0)
+
+    @model_validator(mode="after")
+    def _metrics_trials_report(self) -> Objective:
+        for key in ("metric", "second_metric"):
+            name = getattr(self, key)
+            if name is None:
+                continue
+            if name not in TRIAL_METRICS and not name.startswith("loss_"):
+                raise ValueError(
+                    f"{key} {name!r} is not a metric every trial reports; choose one of {', '.join(TRIAL_METRICS)} "
+                    "or a loss_<term> of the framework"
+                )
+            if name in COST_METRICS and self.latency_runs == 0:
+                raise ValueError(f"{key} {name} needs latency_runs of 1 or more: with 0 no trial measures its cost")
+        return self
 
 
 class Scheduler(StrictModel):

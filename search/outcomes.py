@@ -51,6 +51,8 @@ class TrialRow:
     error: str = ""
     checkpoint: str | None = None  # the trial's last checkpoint (a distillation's holds its GI pictures)
     train_time_s: float | None = None  # in training steps, over the trial's epochs
+    param_count: int | None = None  # the student's parameters and CPU latency per image (objective.latency_runs)
+    latency_ms: float | None = None
 
 
 def finished(rows: Iterable[TrialRow]) -> list[TrialRow]:

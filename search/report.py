@@ -40,7 +40,7 @@ def trial_rows(outcome: FrameworkOutcome, metric: str) -> list[TrialRow]:
             TrialRow(
                 outcome.framework, metrics.get("trial_id", Path(result.path).name), status, epochs,
                 metrics.get(metric), dict(result.config or {}), error, checkpoint_path(metrics, result.checkpoint),
-                metrics.get("train_time_s"),
+                metrics.get("train_time_s"), metrics.get("params"), metrics.get("latency_ms"),
             )
         )
     return rows
@@ -58,8 +58,8 @@ def summary_markdown(sweep: SweepConfig, outcomes: list[FrameworkOutcome], rows:
         f"Objective: {metric} ({mode}), AP in %.",
         "",
         "| framework | teacher | student alone | GID defaults | best GID | gain | training time vs student alone "
-        "| trials finished / pruned / failed | best trial | best values |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| best trial's student: parameters, CPU latency | trials finished / pruned / failed | best trial | best values |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     warnings = []
     for outcome in outcomes:
@@ -75,7 +75,7 @@ def summary_markdown(sweep: SweepConfig, outcomes: list[FrameworkOutcome], rows:
         lines.append(
             f"| {outcome.framework} | {_percent(teacher_ap)} | {_percent(baseline_ap)} | {_trial_value(defaults)} "
             f"| {_percent(best.value if best else None)} | {'–' if gain is None else f'{100 * gain:+.1f}'} "
-            f"| {_times(best, outcome)} | {counts} "
+            f"| {_times(best, outcome)} | {_cost(best)} | {counts} "
             f"| {best.trial_id if best else '–'} | {values} |"
         )
     if warnings:
@@ -93,6 +93,13 @@ def _times(best: TrialRow | None, outcome: FrameworkOutcome) -> str:
     """The best trial's training time as a multiple of the student alone's: what its gain cost."""
     ratio = time_ratio({"train_time_s": best.train_time_s}, stored_metrics(outcome.baseline)) if best else None
     return "–" if ratio is None else f"{ratio:.1f}×"
+
+
+def _cost(row: TrialRow | None) -> str:
+    """What the trial's student costs to deploy, as its last epoch measured it (none with latency_runs 0)."""
+    if row is None or row.param_count is None or row.latency_ms is None:
+        return "–"
+    return f"{row.param_count / 1e6:.2f} M, {row.latency_ms:.1f} ms"
 
 
 def _trial_value(row: TrialRow | None) -> str:
@@ -117,9 +124,12 @@ def trials_csv(rows: list[TrialRow]) -> str:
     keys = sorted({k for r in rows for k in r.params})
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["framework", "trial_id", "status", "epochs", "objective", *keys, "error"])
+    writer.writerow(["framework", "trial_id", "status", "epochs", "objective", "params", "latency_ms", *keys, "error"])
     for r in rows:
-        writer.writerow([r.framework, r.trial_id, r.status, r.epochs, r.value, *(r.params.get(k) for k in keys), r.error])
+        writer.writerow([
+            r.framework, r.trial_id, r.status, r.epochs, r.value, r.param_count, r.latency_ms,
+            *(r.params.get(k) for k in keys), r.error,
+        ])
     return out.getvalue()
 
 

@@ -41,7 +41,8 @@ def experiment_name(sweep: SweepConfig, framework: str) -> str:
 
 
 def sweep_base(sweep: SweepConfig, written: Config) -> Config:
-    """A framework's base config as its trials run it: paths made absolute, the sweep's trial resources."""
+    """A framework's base config as its trials run it: paths made absolute, the sweep's trial resources, mAP every
+    epoch and the student's cost timed as the objective says."""
     base = written.with_absolute_paths()
     resources = sweep.resources
     scaling = base.scaling.model_copy(
@@ -52,7 +53,8 @@ def sweep_base(sweep: SweepConfig, written: Config) -> Config:
             "gpus_per_worker": resources.gpus_per_worker or 1,
         }
     )
-    train = base.train.model_copy(update={"eval_every": 1})  # the scheduler needs mAP every epoch
+    # the scheduler needs mAP every epoch
+    train = base.train.model_copy(update={"eval_every": 1, "latency_runs": sweep.objective.latency_runs})
     return base.model_copy(update={"scaling": scaling, "train": train})
 
 

@@ -1,8 +1,9 @@
-"""The Ray Train loop on a real local Ray instance: DDP on CPU workers, checkpoints, resume."""
+"""The Ray Train loop on a real local Ray instance: DDP on CPU workers, checkpoints, resume; and the loop in this process."""
 
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import yaml
@@ -10,6 +11,8 @@ import yaml
 from support import EpochLog, EvaluatingRanks
 
 from gid.cli import main
+from gid.engine import loop
+from gid.engine.latency import parameter_count
 from gid.engine.loop import apply_gradients
 from gid.engine.trainer import MODEL_FILE, build_trainer, run_training
 from gid.models import load_model, read_checkpoint
@@ -59,6 +62,42 @@ def test_run_training_exports_a_model_file_and_returns_every_epochs_metrics(ray_
     assert [m["train_time_s"] for m in outcome.history] == [
         outcome.history[0]["epoch_time_s"], outcome.history[0]["epoch_time_s"] + outcome.history[1]["epoch_time_s"]
     ]
+
+
+class InThisProcess:
+    """The loop's session as a one-worker sweep trial's, keeping each epoch's metrics (search.trial.TuneTrial)."""
+
+    rank, device = 0, torch.device("cpu")
+
+    def __init__(self) -> None:
+        self.reports: list[dict] = []
+
+    def resume_from(self) -> None:
+        return None
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def prepare_loader(self, loader):
+        return loader
+
+    def report(self, metrics: dict, directory: str | None) -> None:
+        self.reports.append(dict(metrics))
+
+
+def test_the_students_cost_is_reported_from_the_first_epoch_and_measured_again_after_the_last(tiny_config, monkeypatch):
+    monkeypatch.setattr(loop, "configure_worker_logging", lambda: None)  # leave this process's logging alone
+    monkeypatch.setattr(loop.ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "here"))  # no Ray
+    timed, cpu_cost = [], loop.cpu_cost
+    monkeypatch.setattr(loop, "cpu_cost", lambda model, *args: timed.append((model, *args)) or cpu_cost(model, *args))
+    session = InThisProcess()
+    loop.train_loop(tiny_config("fcos", train={"epochs": 3, "latency_runs": 2}).to_dict(), session)
+    assert [args[1:] for args in timed] == [(64, 2), (64, 2)]  # after epochs 1 and 3: on data.image_size
+    student = timed[0][0]
+    assert all(m["params"] == parameter_count(student) for m in session.reports)
+    latency = [m["latency_ms"] for m in session.reports]
+    assert latency[0] == latency[1] > 0 and latency[2] > 0  # every epoch reports it: a sweep may rank by it
+    assert student.training  # timed in eval mode, handed back in training mode
 
 
 def test_the_lr_schedule_waits_while_amp_skips_overflowed_steps():

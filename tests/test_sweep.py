@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -34,7 +35,7 @@ from search.leftovers import Leftovers
 from search.experiment import TRIAL_DRIVER_RESOURCES, build_scheduler, build_searcher, fit, trial_trainable
 from search.outcomes import best_row
 from search.report import reference_aps, trial_rows, trials_figure
-from search.sweep import run_sweep
+from search.sweep import run_sweep, sweep_base
 from search.trial import FINAL
 from search.tracking import (
     CANDIDATE_TAG,
@@ -126,7 +127,8 @@ def test_sweep_runs_every_trial_and_tracks_them_in_mlflow(finished_sweep, mlflow
         cells = [100 * teacher_ap, 100 * ap, 100 * defaults.value, 100 * best.value]
         gain = f"{100 * (best.value - ap):+.1f}"
         cost = f"{best.train_time_s / read_checkpoint(framework.baseline)['metrics']['train_time_s']:.1f}×"
-        row = f"| {framework.framework} | " + " | ".join(f"{c:.1f}" for c in cells) + f" | {gain} | {cost} |"
+        student = f"{best.param_count / 1e6:.2f} M, {best.latency_ms:.1f} ms"  # objective.latency_runs: 5 by default
+        row = f"| {framework.framework} | " + " | ".join(f"{c:.1f}" for c in cells) + f" | {gain} | {cost} | {student} |"
         assert row in outcome.summary if defaults.status == "finished" else f"| {defaults.status} |" in outcome.summary
 
     runs = child_runs(client, MAIN)
@@ -145,6 +147,9 @@ def test_sweep_runs_every_trial_and_tracks_them_in_mlflow(finished_sweep, mlflow
         epochs = EPOCHS if run.data.tags[STATUS_TAG] == "finished" else len(history)
         assert [m.step for m in history] == list(range(1, epochs + 1))
         assert not [key for key in run.data.metrics if key.endswith("_percent")]  # Tune's terminal twins stay there
+        # the student's cost, pruned trials' too: measured after the first epoch and again after the last
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "latency_ms")] == list(range(1, epochs + 1))
+        assert run.data.metrics["latency_ms"] > 0 and run.data.metrics["params"] > 1e6
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"config.yaml", PORTABLE_CONFIG} <= artifacts
         logged = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text())
@@ -274,6 +279,22 @@ def test_export_takes_the_best_in_the_direction_the_sweep_optimised(ray_local, w
     assert len({row.value for row in rows}) == 2  # two different losses: the direction decides
     (exported,) = export_best(tmp_path / "best", tracking_uri=mlflow_server, experiment="gid-test", sweep=name, metric="loss")
     assert exported.trial_id == best_row(rows, "min").trial_id
+
+
+def test_cpu_latency_is_a_second_objective_optuna_gets_from_every_trial(ray_local, workspace, mlflow_server, tmp_path):
+    """Tune checks from the first epoch that each result holds every objective: the cost is in each one, and the study
+    gets each trial's AP and latency, ASHA's pruned trials too (at their last epoch)."""
+    path = write_sweep(
+        workspace, "pareto", mlflow_server, frameworks=["fcos"], trials=2, storage_path=str(tmp_path / "sweeps"),
+        objective={"metric": "val_ap", "second_metric": "latency_ms", "latency_runs": 2},
+    )
+    (framework,) = run_sweep(load_sweep(path)).frameworks
+    assert not framework.results.errors
+    assert framework.study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
+    told = [t for t in framework.study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    rows = trial_rows(framework, "val_ap")
+    assert sorted(t.values[1] for t in told) == sorted(r.latency_ms for r in rows) and len(told) == 2
+    assert all(latency > 0 for latency in (r.latency_ms for r in rows))
 
 
 def test_a_trial_stopped_early_frees_its_train_workers_for_the_next(ray_local, workspace):
@@ -546,6 +567,8 @@ def test_asha_may_stop_trials_only_in_the_last_third_of_their_schedule_by_defaul
         ({"finalize": {"overrides": ["train.epochs=0"]}}, "with finalize.overrides: train.epochs"),
         ({"finalize": {"seeds": 0}}, "finalize.seeds"),
         ({"scheduler": {"grace_period": 0}}, "grace_period must be 'auto' or at least 1"),
+        ({"objective": {"second_metric": "latency"}}, "second_metric 'latency' is not a metric every trial reports"),
+        ({"objective": {"second_metric": "latency_ms", "latency_runs": 0}}, "latency_ms needs latency_runs of 1 or more"),
     ],
 )
 def test_bad_sweep_files_fail_before_any_compute(workspace, tmp_path, change, expected):
@@ -554,3 +577,10 @@ def test_bad_sweep_files_fail_before_any_compute(workspace, tmp_path, change, ex
         sweep = load_sweep(path)
         for framework in sweep.frameworks:
             sweep.base_config(framework)
+
+
+def test_trials_time_their_students_cost_as_the_sweep_file_says(workspace):
+    sweep = load_sweep(write_sweep(workspace, "cost", "sqlite:///unused.db", objective={"latency_runs": 3}))
+    assert sweep_base(sweep, sweep.base_config("fcos")).train.latency_runs == 3
+    default = load_sweep(write_sweep(workspace, "cost", "sqlite:///unused.db"))
+    assert sweep_base(default, default.base_config("fcos")).train.latency_runs == 5  # whatever the base config says

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 
@@ -9,6 +10,8 @@ import torch
 from torch import nn
 
 WARMUP_RUNS = 3  # untimed: the first calls allocate memory and choose kernels
+#: The names a run, a sweep trial and the benchmarks report a model's cost under (cpu_cost).
+COST_METRICS = ("params", "latency_ms")
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -40,9 +43,16 @@ def cpu_latency(model: nn.Module, image_size: int, runs: int) -> float:
     return statistics.median(times)
 
 
-def format_cost(parameters: int, seconds: float, image_size: int, runs: int) -> str:
+def cpu_cost(model: nn.Module, image_size: int, runs: int) -> dict[str, float]:
+    """``params`` and ``latency_ms`` (cpu_latency's median, in ms) of ``model``; one on a GPU is timed as a CPU copy."""
+    on_cpu = all(tensor.device.type == "cpu" for tensor in (*model.parameters(), *model.buffers()))
+    timed = model if on_cpu else copy.deepcopy(model).cpu()
+    return {"params": parameter_count(model), "latency_ms": 1000 * cpu_latency(timed, image_size, runs)}
+
+
+def format_cost(cost: dict[str, float], image_size: int, runs: int) -> str:
     threads = torch.get_num_threads()
     return (
-        f"{parameters / 1e6:.2f} M parameters, {1000 * seconds:.1f} ms per {image_size} px image on the CPU "
+        f"{cost['params'] / 1e6:.2f} M parameters, {cost['latency_ms']:.1f} ms per {image_size} px image on the CPU "
         f"({threads} thread{'s' if threads > 1 else ''}, median of {runs} runs)"
     )

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from gid.config import Config, TrainConfig
 from gid.data import DetectionDataset, build_dataset, collate
 from gid.engine.evaluation import coco_metrics, format_metrics, predict
+from gid.engine.latency import cpu_cost
 from gid.engine.memory import memory_peak_mb, out_of_memory_as_user_error
 from gid.engine.session import Session, TrainWorker
 from gid.engine.state import CHECKPOINT_FILE, TrainingState, resume, start_training_state
@@ -286,6 +287,7 @@ def train_loop(config_dict: dict, session: Session, progress_queue: Queue | None
         progress = ProgressSender(progress_queue, len(train_loader), workers=len(nodes))
 
     first_step_at = None  # wall clock of this sitting's first training step: startup cost, for benchmarks
+    cost: dict[str, float] = {}  # the student's params and CPU latency (train.latency_runs), once measured
     while state.epoch < epochs:
         trained, epoch_first_step_at = train_one_epoch(model, state, train_loader, device, config.train, rank, progress)
         first_step_at = first_step_at or epoch_first_step_at
@@ -304,5 +306,10 @@ def train_loop(config_dict: dict, session: Session, progress_queue: Queue | None
                 metrics.update({f"val_{k}": v for k, v in val.items()})
                 metrics["eval_time_s"] = time.perf_counter() - evaluating
                 logger.info("epoch %d/%d val %s", state.epoch, epochs, format_metrics(val))
+        if config.train.latency_runs and rank == 0 and (last or not cost):
+            # On the CPU, the deployed student's cost whatever trains it; measured after the first epoch too, as a sweep
+            # objective must be in every epoch's report, and on the final weights (they set how many boxes reach NMS).
+            cost = cpu_cost(trainable.student, config.data.image_size, config.train.latency_runs)
+        metrics.update(cost)
         pictures_of = val_set if last and config.distill is not None else None  # what GISM picked, once
         save_and_report(session, state, config, num_classes, metrics, pictures_of)
