@@ -15,6 +15,12 @@
 #   GID_WORKERS_PER_TRIAL, GID_CPUS_PER_WORKER, GID_GPUS_PER_WORKER, GID_MAX_CONCURRENT_TRIALS
 #                        the sweep file's resources.* (e.g. GID_GPUS_PER_WORKER=0.5: two trials per GPU)
 #   RAY_ADDRESS          the cluster; default `auto` (the cluster of this node; `ray job submit` sets it)
+#   RAY_AUTH_MODE        default token: every recipe's cluster checks a token on every request, so its driver
+#                        must send one (clusters/README.md, "Who can use the cluster"); `disabled` only for a
+#                        cluster started without token authentication
+#   RAY_AUTH_TOKEN_PATH  the file holding the cluster's token; default ~/.ray/auth_token (where the launcher
+#                        configs and the `ray start` recipe put it on every node; on KubeRay the operator sets
+#                        RAY_AUTH_TOKEN instead). This script never reads the token, so `bash -x` shows none.
 #   GID_WORKDIR          folder to run in (default: the checkout holding this script)
 #   PYTHON               interpreter with gid-search installed (default: python)
 set -euo pipefail
@@ -28,6 +34,9 @@ shift
 
 cd "${GID_WORKDIR:-$(dirname "${BASH_SOURCE[0]}")/..}"
 
+# Token authentication, as the cluster's nodes run it; the token stays where Ray reads it from.
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
+
 args=(--address auto)
 storage=${GID_STORAGE_PATH:-${GID_BUCKET:+${GID_BUCKET%/}/sweeps}}
 [[ -n $storage ]] && args+=(--set "storage_path=$storage")
@@ -36,5 +45,5 @@ storage=${GID_STORAGE_PATH:-${GID_BUCKET:+${GID_BUCKET%/}/sweeps}}
 [[ -n ${GID_GPUS_PER_WORKER:-} ]] && args+=(--set "resources.gpus_per_worker=$GID_GPUS_PER_WORKER")
 [[ -n ${GID_MAX_CONCURRENT_TRIALS:-} ]] && args+=(--set "resources.max_concurrent_trials=$GID_MAX_CONCURRENT_TRIALS")
 
-echo "gid sweep $sweep in $PWD: storage ${storage:-(sweep file)}, MLflow ${MLFLOW_TRACKING_URI:-(sweep file or local store)}"
+echo "gid sweep $sweep in $PWD: storage ${storage:-(sweep file)}, MLflow ${MLFLOW_TRACKING_URI:-(sweep file or local store)}, Ray auth $RAY_AUTH_MODE"
 exec "${PYTHON:-python}" -m gid.cli sweep "$sweep" "${args[@]}" "$@"

@@ -192,6 +192,31 @@ def open_log(folder: Path) -> None:
     logging.getLogger(__name__).info("full log: %s", _command.log_file)
 
 
+@contextmanager
+def native_stderr_to_log() -> Iterator[None]:
+    """In a quiet terminal, what the block writes to the process's stderr (file descriptor 2) goes to the log file.
+
+    For native code that writes there itself: Ray's C++ client logs to stderr until it has a session to log
+    into, so a driver that cannot connect to a cluster (a refused token, nothing at the address) would print
+    a warning per try, up to twenty of them, before gid's one line. Elsewhere (``--verbose``, no log file yet),
+    nothing changes. Not around code that starts processes: they would keep the log file as their stderr.
+    """
+    target = log_file()
+    if not quiet() or target is None:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(target, "ab") as log:  # appended beside the log's own records (both append)
+            os.dup2(log.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _restore(logger: logging.Logger, handlers: list[logging.Handler], propagate: bool) -> None:
     logger.handlers[:] = handlers
     logger.propagate = propagate

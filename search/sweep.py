@@ -155,11 +155,12 @@ def run_sweep(
         ensure_teacher_val_ap(base)  # once per sweep: its trials read it (gid.distill.teacher)
     tracking = sweep.tracking
     client, experiment_id = connect(tracking.tracking_uri, tracking.experiment, tracking.artifact_location)
+    # Ray before the sweep's run: a cluster that refuses this client (its token) leaves no run in MLflow.
+    ensure_ray(address)
     settings = sweep.model_dump(mode="json", exclude={"space"})
     logged_spaces = {fw: {key: d.model_dump(mode="json") for key, d in space.items()} for fw, space in spaces.items()}
     sweep_run = parent_run(client, experiment_id, sweep.name, paths.sweep_id(resume), paths.root, settings, logged_spaces)
     record_invocation(client, sweep_run, resume, overrides or [])
-    ensure_ray(address)
     outcomes = []
     for framework, base in bases.items():
         where = trials_path(paths, base, experiment_name(sweep, framework))

@@ -1,8 +1,9 @@
-"""clusters/: the launcher configs and KubeRay manifests are valid, and a sweep runs on a real
-two-node Ray cluster on this machine, logging to a real MLflow server, its trials spanning both nodes.
+"""clusters/: the launcher configs and KubeRay manifests are valid and turn Ray's token authentication on,
+and a sweep runs on a real two-node Ray cluster on this machine that demands a token, logging to a real
+MLflow server, its trials spanning both nodes; clients without the token are refused in one line.
 
-The two-node cluster is separate from the session's in-process Ray instance (``ray_local``): this
-process starts its nodes without connecting to them, and the sweep's driver is a subprocess, as on
+The two-node cluster is separate from the session's in-process Ray instance (``ray_local``): a process
+of its own keeps its nodes (tests/loopback_cluster.py), and the sweep's driver is a subprocess, as on
 a real cluster where `gid sweep` connects to a running head.
 """
 
@@ -12,11 +13,14 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import shutil
 import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import jsonschema
@@ -27,9 +31,12 @@ from mlflow.tracking import MlflowClient
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.util import get_node_ip_address
 
+from gid import logs
+from gid.cli import main
 from gid.config import validate
 from gid.engine.state import CHECKPOINT_FILE
-from gid.engine.trainer import build_trainer
+from gid.engine.trainer import build_trainer, driver_env_vars, ensure_ray
+from gid.errors import GidError
 from gid.models import build_detector, save_model
 from search.config import SweepConfig
 from search.sweep import sweep_base
@@ -84,8 +91,9 @@ def test_launcher_config_is_valid_for_ray_and_complete(cloud, ray_schema):
         assert credentials in worker["node_config"]  # GPU nodes write checkpoints to the bucket
     assert config["idle_timeout_minutes"] > 0
 
-    # The checkout on every node, installed with the pinned versions; the inputs from the bucket.
-    assert config["file_mounts"] == {"~/gid-search": "."}
+    # The checkout on every node, installed with the pinned versions; the inputs from the bucket; the
+    # cluster's token from the user's machine (test_launcher_configs_run_every_node_with_token_authentication).
+    assert config["file_mounts"] == {"~/gid-search": ".", "~/.ray/auth_token": "~/.ray/auth_token"}
     setup = config["setup_commands"]
     assert any(re.search(r"pip install .*-c constraints\.txt -e \.", command) for command in setup)
     assert any("bucket_copy.py" in command and "$GID_BUCKET/inputs" in command for command in setup)
@@ -171,6 +179,313 @@ def test_kuberay_manifests_have_what_kuberay_needs():
     assert "pip install --no-cache-dir -c constraints.txt -e ." in dockerfile
 
 
+# --- token authentication in every recipe ------------------------------------------------------
+
+AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+TOKEN_ON = "RAY_AUTH_MODE=token"
+
+
+@pytest.mark.parametrize("cloud", sorted(LAUNCHER_CONFIGS))
+def test_launcher_configs_run_every_node_with_token_authentication(cloud):
+    config = yaml.safe_load((CLUSTERS / cloud / "cluster.yaml").read_text())
+    # Every process of every node's container: Ray, the sweep's driver, `ray exec` commands.
+    assert f"-e {TOKEN_ON}" in config["docker"]["run_options"]
+    # And each `ray start` says so itself, the head's and the workers'.
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        starts = [c for c in commands if "ray start" in c]
+        assert starts and all(f"{TOKEN_ON} ray start" in " ".join(c.split()) for c in starts), starts
+    # The token comes from the user's machine to Ray's default path on every node, never from the checkout.
+    local = config["file_mounts"]["~/.ray/auth_token"]
+    assert local.startswith(("~/", "/")) and not Path(local).expanduser().resolve().is_relative_to(REPO)
+
+
+def test_the_kuberay_cluster_turns_token_authentication_on_and_holds_no_token():
+    documents = kuberay_documents()
+    (cluster,) = [d for d in documents["raycluster.yaml"] if d["kind"] == "RayCluster"]
+    assert cluster["spec"]["authOptions"] == {"mode": "token"}  # the operator makes the token and hands it out
+    templates = [cluster["spec"]["headGroupSpec"]["template"]] + [g["template"] for g in cluster["spec"]["workerGroupSpecs"]]
+    for template in templates:
+        for container in template["spec"]["containers"]:
+            for item in container.get("env", []):
+                assert item["name"] != "RAY_AUTH_TOKEN" or "value" not in item, container["name"]  # a Secret, never a literal
+    (job,) = [d for d in documents["rayjob.yaml"] if d["kind"] == "RayJob"]
+    assert not set(yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]) & set(AUTH_ENV)
+    # authOptions needs KubeRay 1.5.1: the walk-through says so, and how to check.
+    readme = (CLUSTERS / "kuberay" / "README.md").read_text()
+    assert "1.5.1" in readme and "kubectl get secret gid" in readme
+
+
+def markdown_commands(text: str) -> list[list[str]]:
+    """The shell lines of a Markdown page, a list per fenced block or inline code span."""
+    blocks = [block.splitlines() for block in re.findall(r"^```(?:bash|sh)?\n(.*?)^```", text, re.S | re.M)]
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    return blocks + [[span] for span in re.findall(r"`([^`\n]+)`", prose)]
+
+
+def test_every_ray_start_in_the_walk_throughs_runs_with_token_authentication():
+    starts = 0
+    for page in sorted(CLUSTERS.rglob("*.md")):
+        for block in markdown_commands(page.read_text()):
+            exported = False
+            for line in block:
+                exported = exported or line.strip().startswith(f"export {TOKEN_ON}")
+                if re.search(r"\bray start --", line):  # a command, not `ray start` named in a sentence
+                    starts += 1
+                    assert exported or f"{TOKEN_ON} ray start" in line, f"{page.relative_to(REPO)}: {line}"
+    assert starts >= 3  # clusters/local: the head, a worker, a second node on one machine
+
+
+def test_run_sweep_turns_token_authentication_on_and_never_shows_the_token(tmp_path):
+    """The client side: the driver runs with RAY_AUTH_MODE=token and the token where it was, and the script,
+    even traced with `bash -x`, never prints it."""
+    token = secrets.token_hex(32)
+    seen = tmp_path / "seen"
+    fake_python = tmp_path / "python"  # stands in for the interpreter run-sweep.sh starts `gid sweep` with
+    fake_python.write_text(
+        "#!/bin/sh\n"
+        f'{{ echo "mode=$RAY_AUTH_MODE"; [ "$RAY_AUTH_TOKEN" = "$EXPECTED" ] && echo "token kept"; echo "args=$*"; }} > {seen}\n'
+    )
+    fake_python.chmod(0o755)
+
+    def run_sweep(**env: str) -> subprocess.CompletedProcess:
+        base = {k: v for k, v in os.environ.items() if k not in AUTH_ENV and not k.startswith("GID_")}
+        return subprocess.run(
+            ["bash", "-x", str(CLUSTERS / "run-sweep.sh"), "sweep.yaml", "--address", "10.0.0.5:6379"],
+            env={**base, "PYTHON": str(fake_python), "GID_WORKDIR": str(tmp_path), "EXPECTED": token, **env},
+            capture_output=True, text=True, timeout=60,
+        )
+
+    done = run_sweep(RAY_AUTH_TOKEN=token)
+    assert done.returncode == 0, done.stderr
+    args = "args=-m gid.cli sweep sweep.yaml --address auto --address 10.0.0.5:6379"
+    assert seen.read_text().splitlines() == ["mode=token", "token kept", args]
+    assert token not in done.stdout + done.stderr  # the trace included
+    assert "Ray auth token" in done.stdout
+    # A cluster started without token authentication: the user says so, the script leaves it.
+    assert run_sweep(RAY_AUTH_MODE="disabled").returncode == 0
+    assert seen.read_text().splitlines()[0] == "mode=disabled"
+
+
+def test_no_token_is_committed():
+    # Token files stay out of the repository (and out of what the launcher configs sync, which skips what .gitignore lists).
+    ignored = (REPO / ".gitignore").read_text().splitlines()
+    assert "auth_token" in ignored and "*.token" in ignored
+    texts = {path: path.read_text(errors="replace") for path in sorted(CLUSTERS.rglob("*")) if path.is_file()}
+    texts.update({path: path.read_text() for path in (REPO / "README.md", *(REPO / "docs" / n for n in ("ray-workarounds.md", "reliability.md")))})
+    for path, text in texts.items():
+        name = path.relative_to(REPO)
+        assert not re.search(r"\b[0-9a-f]{64}\b", text), f"{name}: a 64-hex-digit string, what Ray's tokens look like"
+        assert not re.search(r"RAY_AUTH_TOKEN=(?![\"']?\$)\S", text), f"{name}: RAY_AUTH_TOKEN set to a literal"
+        assert not re.search(r"auth_token=(?![\"']?\$|/dev/stdin)\S", text), f"{name}: a token given on a command line"
+    # This machine's own token, if it has one, is in no file of the project.
+    source = os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token"
+    with contextlib.suppress(OSError):
+        mine = Path(source).read_text().strip()
+        if len(mine) >= 16:
+            shipped = [p for folder in ("clusters", "gid", "search", "tests", "docs", "configs") for p in (REPO / folder).rglob("*")]
+            leaked = [str(p) for p in shipped if p.is_file() and mine.encode() in p.read_bytes()]
+            assert not leaked, f"this machine's Ray token is in {leaked}"
+
+
+# --- gid's side: a client the cluster refuses ---------------------------------------------------
+
+REFUSED_BY_THE_CLUSTER = (
+    "Failed to connect to GCS. Last connection error: Traceback (most recent call last):\n"
+    '  File ".../ray/_private/node.py", line 1001, in _init_gcs_client\n'
+    "ray.exceptions.AuthenticationError: Unauthenticated: InvalidAuthToken: Authentication token is missing or incorrect"
+)
+
+
+def refused(message: str = REFUSED_BY_THE_CLUSTER) -> ConnectionError:
+    """What ray.init raises when the cluster's GCS refused the connection: a ConnectionError whose cause holds Ray's reason."""
+    try:
+        raise RuntimeError(message)
+    except RuntimeError as cause:
+        error = ConnectionError("Failed to connect to Ray cluster at 10.0.0.5:6379")
+        error.__cause__ = cause
+        return error
+
+
+@pytest.fixture
+def ray_init_fails(monkeypatch, tmp_path):
+    """ensure_ray with a fake ray.init that raises the given exception (after writing to stderr as Ray's C++
+    client does), as when the question before it (check_token) got no answer; no Ray starts. The client's
+    token environment starts empty, with a home of its own."""
+    import ray as ray_module
+
+    for name in AUTH_ENV + ("RAY_ADDRESS",):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(ray_module, "is_initialized", lambda: False)
+    monkeypatch.setattr("gid.engine.trainer.check_token", lambda address: None)
+
+    def fail_with(exc: BaseException) -> None:
+        def init(*args, **kwargs):
+            os.write(2, b"[2026-01-01 00:00:00,000 W 1 1] gcs_client.cc:205: Failed to get cluster ID from GCS server: Unauthenticated\n")
+            raise exc
+
+        monkeypatch.setattr(ray_module, "init", init)
+
+    return fail_with
+
+
+def token_file(path: Path, token: str | None = None) -> tuple[Path, str]:
+    token = token or secrets.token_hex(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(token + "\n")
+    return path, token
+
+
+def test_a_client_without_a_token_is_told_to_set_one(ray_init_fails):
+    ray_init_fails(refused())
+    with pytest.raises(GidError) as error:
+        ensure_ray("10.0.0.5:6379")
+    message = str(error.value)
+    assert message.startswith("the Ray cluster at 10.0.0.5:6379 requires a token and this client sends none: set RAY_AUTH_MODE=token")
+    assert "RAY_AUTH_TOKEN_PATH" in message and 'clusters/README.md, "Who can use the cluster"' in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("source", ["RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN", "default path"])
+def test_a_client_with_another_token_is_told_where_its_token_came_from_never_the_token(ray_init_fails, monkeypatch, tmp_path, source):
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    path, token = token_file(tmp_path / ("wrong.token" if source == "RAY_AUTH_TOKEN_PATH" else "home/.ray/auth_token"))
+    if source == "RAY_AUTH_TOKEN_PATH":
+        monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(path))
+    elif source == "RAY_AUTH_TOKEN":
+        monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+    ray_init_fails(refused())
+    with pytest.raises(GidError) as error:
+        ensure_ray("10.0.0.5:6379")
+    message = str(error.value)
+    origin = {"RAY_AUTH_TOKEN_PATH": f"RAY_AUTH_TOKEN_PATH={path}", "RAY_AUTH_TOKEN": "RAY_AUTH_TOKEN", "default path": str(path)}[source]
+    assert message.startswith(f"the Ray cluster at 10.0.0.5:6379 refused this client's token (from {origin})")
+    assert token not in message
+
+
+@pytest.mark.parametrize("token_path", ["missing", "unset"])
+def test_token_mode_without_a_token_is_one_line_naming_where_ray_looked(ray_init_fails, monkeypatch, tmp_path, token_path):
+    from ray.exceptions import AuthenticationError
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    missing = tmp_path / "nowhere" / "auth_token"
+    if token_path == "missing":
+        monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(missing))
+    # What Ray 2.60 raises before connecting (ray._private.authentication.authentication_token_setup).
+    ray_init_fails(AuthenticationError("Token authentication is enabled but no authentication token was found"))
+    with pytest.raises(GidError) as error:
+        ensure_ray("10.0.0.5:6379")
+    where = (f"RAY_AUTH_TOKEN_PATH={missing} is missing or empty" if token_path == "missing"
+             else f"no RAY_AUTH_TOKEN, no RAY_AUTH_TOKEN_PATH and no {tmp_path / 'home' / '.ray' / 'auth_token'}")
+    assert str(error.value).startswith(f"RAY_AUTH_MODE=token but this client has no Ray token ({where})")
+
+
+@pytest.mark.parametrize("reason", [
+    "Failed to connect to GCS. Last connection error: failed to connect to all addresses; last error: UNKNOWN",
+    "Unauthenticated: WrongClusterID: Perhaps the client is accessing GCS after it has restarted.",
+])
+def test_other_connection_failures_are_not_taken_for_a_refused_token(ray_init_fails, reason):
+    ray_init_fails(exc := refused(reason))
+    with pytest.raises(ConnectionError) as error:
+        ensure_ray("10.0.0.5:6379")
+    assert error.value is exc
+
+
+def test_gid_refused_by_a_cluster_prints_one_line_exits_2_and_keeps_rays_output_in_its_log(ray_init_fails, tiny_config, tmp_path, capfd):
+    config = tiny_config()
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    ray_init_fails(refused())
+    code = main(["train", str(path), "--address", "10.0.0.5:6379"])
+    out, err = capfd.readouterr()
+    assert code == 2 and "Traceback" not in out + err
+    (line,) = err.strip().splitlines()  # Ray's C++ warning went to the log file, not the terminal
+    assert line.startswith("gid: error: the Ray cluster at 10.0.0.5:6379 requires a token")
+    log = Path(config.run.storage_path) / config.run.name / logs.LOG_FILE
+    assert "Failed to get cluster ID from GCS server" in log.read_text()
+
+
+@pytest.fixture
+def fake_gcs():
+    """A stand-in for a token-protected GCS on this machine's address (not Ray: a gRPC server answering the one
+    read check_token makes as Ray's GCS does); ``fake_gcs(token)`` sets the token it takes, ``fake_gcs(None,
+    refusal)`` makes it refuse every request with ``refusal``. Yields a function that sets them and returns its address."""
+    from concurrent import futures
+
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    state: dict = {}
+
+    class InternalKV(gcs_service_pb2_grpc.InternalKVGcsServiceServicer):
+        def InternalKVGet(self, request, context):
+            sent = dict(context.invocation_metadata()).get("authorization")
+            if state["refusal"] or sent != f"Bearer {state['token']}":
+                # What Ray's C++ server answers (src/ray/rpc/server_call.h, Ray 2.60's _raylet.so).
+                context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                              state["refusal"] or "InvalidAuthToken: Authentication token is missing or incorrect")
+            return gcs_service_pb2.InternalKVGetReply(value=b"session_test")
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    gcs_service_pb2_grpc.add_InternalKVGcsServiceServicer_to_server(InternalKV(), server)
+    host = get_node_ip_address()  # what Ray resolves 127.0.0.1 to, as it does for a cluster's address
+    port = server.add_insecure_port(f"{host}:0")
+    server.start()
+
+    def configure(token: str | None, refusal: str | None = None) -> str:
+        state.update(token=token, refusal=refusal)
+        return f"{host}:{port}"
+
+    yield configure
+    server.stop(grace=None)
+
+
+def check_token_in_a_client(address: str, tmp_path: Path, **env: str) -> str:
+    """check_token as a fresh process runs it (Ray reads RAY_AUTH_MODE once per process), with only ``env`` for auth."""
+    code = "import sys\nfrom gid.engine.ray_auth import check_token\nprint(check_token(sys.argv[1]))"
+    base = {k: v for k, v in os.environ.items() if k not in AUTH_ENV and k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True, timeout=120,
+                          env={**base, "PYTHONPATH": str(REPO), "HOME": str(tmp_path / "home"), **env})
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_check_token_asks_the_cluster_once_with_the_token_ray_would_send(fake_gcs, tmp_path):
+    path, token = token_file(tmp_path / "cluster.token")
+    address = fake_gcs(token)
+    # With the cluster's token: nothing to say, ray.init goes on.
+    assert check_token_in_a_client(address, tmp_path, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(path)) == "None"
+    # Without RAY_AUTH_MODE=token, Ray sends no token to an address it is given, even one in ~/.ray/auth_token.
+    token_file(tmp_path / "home" / ".ray" / "auth_token", token)
+    line = check_token_in_a_client(address, tmp_path)
+    assert line.startswith(f"the Ray cluster at {address} requires a token and this client sends none")
+    # Another token.
+    other, other_token = token_file(tmp_path / "other.token")
+    line = check_token_in_a_client(address, tmp_path, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(other))
+    assert line.startswith(f"the Ray cluster at {address} refused this client's token (from RAY_AUTH_TOKEN_PATH={other})")
+    assert other_token not in line and token not in line
+    # Token mode without a token: refused before asking.
+    line = check_token_in_a_client(address, tmp_path, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(tmp_path / "none"))
+    assert line.startswith(f"RAY_AUTH_MODE=token but this client has no Ray token (RAY_AUTH_TOKEN_PATH={tmp_path / 'none'} is missing")
+
+
+def test_check_token_leaves_other_answers_to_ray_init(fake_gcs, tmp_path):
+    # The same gRPC status for a cluster that restarted under a client: not a token matter.
+    address = fake_gcs(None, "WrongClusterID: Perhaps the client is accessing GCS after it has restarted.")
+    assert check_token_in_a_client(address, tmp_path) == "None"
+    # Nothing listening there: ray.init reports it as it always has.
+    assert check_token_in_a_client(f"{get_node_ip_address()}:{free_port()}", tmp_path) == "None"
+
+
+def test_gid_hands_rays_workers_no_token(monkeypatch):
+    token = secrets.token_hex(32)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", "/somewhere/auth_token")
+    env_vars = driver_env_vars()  # the runtime_env of every job gid starts or joins
+    assert not set(env_vars) & set(AUTH_ENV) and token not in json.dumps(env_vars)
+
+
 # --- resources and helpers ---------------------------------------------------------------------
 
 
@@ -240,6 +555,12 @@ def test_head_state_survives_a_new_head(tmp_path):
 # --- a sweep on a real two-node cluster --------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class MlflowOnHead:
+    uri: str
+    home: Path  # its database, artifacts and log
+
+
 @pytest.fixture(scope="module")
 def mlflow_on_head(tmp_path_factory):
     """clusters/mlflow-server.sh as the launcher configs run it on the head: a real server on 127.0.0.1."""
@@ -249,56 +570,86 @@ def mlflow_on_head(tmp_path_factory):
     script = str(CLUSTERS / "mlflow-server.sh")
     started = subprocess.run(["bash", script, "start"], env=env, capture_output=True, text=True, timeout=180)
     assert started.returncode == 0, started.stdout + started.stderr
-    yield f"http://127.0.0.1:{env['MLFLOW_PORT']}"
+    yield MlflowOnHead(f"http://127.0.0.1:{env['MLFLOW_PORT']}", home)
     subprocess.run(["bash", script, "stop"], env=env, capture_output=True, timeout=60)
 
 
-@contextlib.contextmanager
-def ray_temp_dir(path: str):
-    """Ray's temp folder (sessions, and the "current cluster" file a plain ray.init() connects to)."""
-    previous = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = path
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("RAY_TMPDIR", None)
-        else:
-            os.environ["RAY_TMPDIR"] = previous
+@dataclass(frozen=True)
+class LoopbackCluster:
+    address: str  # the GCS: host:port
+    dashboard: str  # host:port of the dashboard, which serves the Jobs API
+    node_ids: list[str]  # the head's first
+    token_path: Path  # the cluster's token, where a node's ~/.ray/auth_token would be
+    token: str
+
+
+def write_token(path: Path) -> str:
+    """A token as `ray get-auth-token --generate` makes one (ray._private.authentication), in a file only its owner reads."""
+    token = secrets.token_hex(32)
+    path.write_text(token)
+    path.chmod(0o600)
+    return token
+
+
+def client_env(**more: str) -> dict[str, str]:
+    """This process's environment with nothing of Ray's token authentication or cluster address, plus ``more``:
+    a client starts from nothing it did not choose (this session's in-process Ray sets RAY_AUTH_MODE here)."""
+    env = {k: v for k, v in os.environ.items() if k not in AUTH_ENV and k != "RAY_ADDRESS"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    return {**env, **more}
 
 
 @pytest.fixture(scope="module")
-def two_nodes():
-    """A head and a worker node, one CPU each, on this machine; the test process does not connect.
+def two_nodes(tmp_path_factory):
+    """A head and a worker node, one CPU each, on this machine, which demand a token as every recipe's do
+    (RAY_AUTH_MODE=token, the token in a file); the test process does not connect.
 
-    The nodes keep their files in a temp folder of their own: a plain ray.init() elsewhere on the
-    machine (this session's in-process instance, other test runs) must not find and join them.
+    tests/loopback_cluster.py keeps the nodes, in a process whose environment holds the token: Ray reads it
+    once per process, and this one keeps the session's in-process Ray. The nodes keep their files in a
+    temp folder of their own: a plain ray.init() elsewhere on the machine (this session's in-process
+    instance, other test runs) must not find and join them.
     """
-    from ray.cluster_utils import Cluster
-
+    token_path = tmp_path_factory.mktemp("cluster-token") / "auth_token"
+    token = write_token(token_path)
     port = free_port()
-    address = f"{get_node_ip_address()}:{port}"
-    # Ray processes that look the cluster up themselves (e.g. Train's placement group cleaner) find it.
-    node = {"num_cpus": 1, "object_store_memory": 300 * 1024**2, "env_vars": {"RAY_ADDRESS": address}}
-    temp_dir = tempfile.mkdtemp(prefix="gid-ray-", dir="/tmp")  # short: Ray's socket paths must fit
-    cluster = None
+    settings = {"address": f"{get_node_ip_address()}:{port}", "port": port, "dashboard_port": free_port(), "agent_port": free_port()}
+    temp_dir = Path(tempfile.mkdtemp(prefix="gid-ray-", dir="/tmp"))  # short: Ray's socket paths must fit
+    ready, log_path = temp_dir / "ready.json", temp_dir / "cluster.log"
+    env = client_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path), RAY_TMPDIR=str(temp_dir))
+    with log_path.open("w") as log:
+        keeper = subprocess.Popen(
+            [sys.executable, str(Path(__file__).parent / "loopback_cluster.py"), json.dumps(settings), str(ready)],
+            stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env,
+        )
     try:
-        with ray_temp_dir(temp_dir):
-            cluster = Cluster(
-                initialize_head=True, connect=False,
-                head_node_args={**node, "gcs_server_port": port, "include_dashboard": True,
-                                "dashboard_host": "127.0.0.1", "dashboard_port": free_port(),
-                                "dashboard_agent_listen_port": free_port()},
-            )
-            cluster.add_node(**node)
-            cluster.wait_for_nodes()
-        assert cluster.address == address
-        yield cluster
+        deadline = time.monotonic() + 180
+        while not ready.exists():
+            if keeper.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the two-node cluster did not start:\n{log_path.read_text()[-6000:]}")
+            time.sleep(0.5)
+        started = json.loads(ready.read_text())
+        yield LoopbackCluster(started["address"], started["dashboard"], started["node_ids"], token_path, token)
     finally:
-        with ray_temp_dir(temp_dir):
-            if cluster is not None:
-                cluster.shutdown()
+        with contextlib.suppress(OSError):
+            keeper.stdin.close()  # the keeper shuts the cluster down
+        try:
+            keeper.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            keeper.kill()  # its nodes' reaper ends the Ray processes it started
+            keeper.wait(timeout=30)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def assert_token_nowhere(token: str, *places: Path | str) -> None:
+    """Neither ``token`` nor any file under the ``places`` (files or folders) holds the token."""
+    needle = token.encode()
+    for place in places:
+        if isinstance(place, str):
+            assert token not in place, "the token is in the output"
+            continue
+        files = [place] if place.is_file() else [p for p in place.rglob("*") if p.is_file()]
+        leaked = [str(path) for path in files if needle in path.read_bytes()]
+        assert not leaked, f"the token is in {leaked}"
 
 
 @pytest.fixture(scope="module")
@@ -324,35 +675,36 @@ def cluster_sweep(synth_root, tmp_path_factory) -> Path:
 
 
 def test_ray_job_submit_hands_the_sweep_its_environment(two_nodes, tmp_path):
-    """The recipe of clusters/local/README.md: `ray job submit --runtime-env-json` reaches run-sweep.sh."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("RAY_ADDRESS", None)
+    """The recipe of clusters/local/README.md: `ray job submit --runtime-env-json` reaches run-sweep.sh, from a
+    shell with the token; without it the cluster takes no job."""
     runtime_env = {"env_vars": {"GID_STORAGE_PATH": str(tmp_path / "shared"), "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}}
-    submitted = subprocess.run(
-        ["ray", "job", "submit", "--address", f"http://{two_nodes.webui_url}", "--runtime-env-json", json.dumps(runtime_env),
-         "--", "bash", "-c", 'echo "storage=$GID_STORAGE_PATH mlflow=$MLFLOW_TRACKING_URI"'],
-        env=env, capture_output=True, text=True, timeout=120,
-    )
+    command = ["ray", "job", "submit", "--address", f"http://{two_nodes.dashboard}", "--runtime-env-json", json.dumps(runtime_env),
+               "--", "bash", "-c", 'echo "storage=$GID_STORAGE_PATH mlflow=$MLFLOW_TRACKING_URI"']
+    with_token = client_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(two_nodes.token_path))
+    submitted = subprocess.run(command, env=with_token, capture_output=True, text=True, timeout=120)
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     assert f"storage={tmp_path / 'shared'} mlflow=http://127.0.0.1:5000" in submitted.stdout
+    assert_token_nowhere(two_nodes.token, submitted.stdout + submitted.stderr)
+
+    anyone = subprocess.run(command, env=client_env(), capture_output=True, text=True, timeout=120)
+    assert anyone.returncode != 0 and "storage=" not in anyone.stdout  # the Jobs API answered 401
 
 
 def test_a_sweep_runs_on_a_two_node_cluster_with_trials_spanning_both_nodes(two_nodes, mlflow_on_head, cluster_sweep, tmp_path):
     shared = tmp_path / "shared"  # stands in for the bucket: one path every node reaches
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "PYTHONPATH": str(REPO),
-        "PYTHON": sys.executable,
-        "GID_WORKDIR": str(cluster_sweep),
-        "GID_STORAGE_PATH": str(shared),
-        "MLFLOW_TRACKING_URI": mlflow_on_head,
+    env = client_env(
+        PYTHONPATH=str(REPO),
+        PYTHON=sys.executable,
+        GID_WORKDIR=str(cluster_sweep),
+        GID_STORAGE_PATH=str(shared),
+        MLFLOW_TRACKING_URI=mlflow_on_head.uri,
         # Each node has one CPU: a trial's two DDP workers (0.75 CPU each) cannot share a node.
-        "GID_WORKERS_PER_TRIAL": "2",
-        "GID_CPUS_PER_WORKER": "0.75",
-        "GID_MAX_CONCURRENT_TRIALS": "1",
-    }
-    env.pop("RAY_ADDRESS", None)
+        GID_WORKERS_PER_TRIAL="2",
+        GID_CPUS_PER_WORKER="0.75",
+        GID_MAX_CONCURRENT_TRIALS="1",
+        # The client's token, where the cluster's is; run-sweep.sh turns RAY_AUTH_MODE=token on itself.
+        RAY_AUTH_TOKEN_PATH=str(two_nodes.token_path),
+    )
     log = tmp_path / "driver.log"
     with log.open("w") as out:
         driver = subprocess.run(
@@ -361,7 +713,7 @@ def test_a_sweep_runs_on_a_two_node_cluster_with_trials_spanning_both_nodes(two_
         )
     assert driver.returncode == 0, log.read_text()[-6000:]
 
-    client = MlflowClient(mlflow_on_head)
+    client = MlflowClient(mlflow_on_head.uri)
     experiment = client.get_experiment_by_name("gid-clusters")
     runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = 'two-nodes'")
     (parent,) = [r for r in runs if r.data.tags[ROLE_TAG] == "sweep"]
@@ -369,7 +721,7 @@ def test_a_sweep_runs_on_a_two_node_cluster_with_trials_spanning_both_nodes(two_
     assert parent.info.status == "FINISHED" and parent.data.params["storage_path"] == str(shared)
     assert parent.data.params["resources.workers_per_trial"] == "2"
     assert len(trials) == 2
-    nodes = {two_nodes.head_node.node_id, *(n.node_id for n in two_nodes.worker_nodes)}
+    nodes = set(two_nodes.node_ids)
     assert len(nodes) == 2
     for run in trials:
         assert run.info.status == "FINISHED" and run.data.tags[STATUS_TAG] == "finished"
@@ -386,3 +738,36 @@ def test_a_sweep_runs_on_a_two_node_cluster_with_trials_spanning_both_nodes(two_
         checkpoints = [path for path in train_run.glob("checkpoint_*") if path.is_dir()]
         assert checkpoints and all((path / CHECKPOINT_FILE).is_file() for path in checkpoints)
     assert (shared / "two-nodes" / "report" / "summary.md").is_file()
+
+    # The token is in no file gid wrote (its log, results, the report, MLflow's store) and in no output.
+    assert_token_nowhere(two_nodes.token, log, shared, cluster_sweep, mlflow_on_head.home)
+
+
+@pytest.mark.parametrize("client", ["without a token", "with another token"])
+def test_a_client_without_the_clusters_token_is_refused_in_one_line(two_nodes, mlflow_on_head, cluster_sweep, tmp_path, client):
+    """Anyone who reaches the head's port, with gid but not the token, runs nothing: one line, exit code 2, and
+    no trace of the sweep in MLflow; a token from elsewhere fares no better."""
+    name = "refused-" + client.replace(" ", "-")
+    shared = tmp_path / "shared"
+    env = client_env(PYTHONPATH=str(REPO), PYTHON=sys.executable, GID_WORKDIR=str(cluster_sweep), GID_STORAGE_PATH=str(shared),
+                     MLFLOW_TRACKING_URI=mlflow_on_head.uri)
+    if client == "without a token":  # gid itself, no RAY_AUTH_MODE: nothing sent
+        command = [sys.executable, "-m", "gid.cli", "sweep", "sweep.yaml", "--set", f"storage_path={shared}"]
+        expected = f"gid: error: the Ray cluster at {two_nodes.address} requires a token and this client sends none"
+    else:  # run-sweep.sh, which turns token authentication on, with the token of another cluster
+        env["RAY_AUTH_TOKEN_PATH"] = str(tmp_path / "other.token")
+        write_token(Path(env["RAY_AUTH_TOKEN_PATH"]))
+        command = ["bash", str(CLUSTERS / "run-sweep.sh"), "sweep.yaml"]
+        expected = f"gid: error: the Ray cluster at {two_nodes.address} refused this client's token (from RAY_AUTH_TOKEN_PATH="
+    done = subprocess.run([*command, "--address", two_nodes.address, "--set", f"name={name}"], cwd=cluster_sweep, env=env,
+                          capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output[-6000:]
+    assert "Traceback" not in output
+    (line,) = done.stderr.strip().splitlines()  # one line; what Ray printed is in gid.log
+    assert line.startswith(expected) and 'clusters/README.md, "Who can use the cluster"' in line
+    assert (shared / name / logs.LOG_FILE).is_file()
+    tracking = MlflowClient(mlflow_on_head.uri)
+    experiment = tracking.get_experiment_by_name("gid-clusters")
+    assert experiment is None or not tracking.search_runs([experiment.experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{name}'")
+    assert_token_nowhere(two_nodes.token, output, shared, mlflow_on_head.home)

@@ -108,3 +108,36 @@ def test_tunes_default_output_still_prints_tables_per_trial_and_the_classic_one_
     assert get_air_verbosity(1) == AirVerbosity.DEFAULT == TuneTerminalReporter._start_end_verbosity
     monkeypatch.setenv(TUNE_NEW_OUTPUT_ENV, "0")
     assert get_air_verbosity(1) is None  # the classic reporter, which takes progress_reporter
+
+
+def test_a_driver_refused_for_its_token_fails_in_ray_init_as_gid_expects():
+    # gid/engine/trainer.py::ensure_ray and gid/engine/ray_auth.py: token mode without a token fails before
+    # connecting, with AuthenticationError (a subprocess: Ray reads the mode once per process; no Ray starts).
+    import inspect
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    check = ("from ray._private.authentication.authentication_token_setup import ensure_token_if_auth_enabled\n"
+             "from ray.exceptions import AuthenticationError\n"
+             "try:\n    ensure_token_if_auth_enabled(None, create_token_if_missing=False)\n"
+             "except AuthenticationError as e:\n    print('refused:', e.message)\n")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120,
+                          env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": "/nonexistent/auth_token"})
+    assert "refused: RAY_AUTH_TOKEN_PATH is set but file cannot be opened or is empty" in done.stdout, done.stderr
+    # A refused connection is retried by Ray's GCS connect loop, which catches everything, before ray.init gives up
+    # with a ConnectionError from it (the C++ client's warnings on stderr meanwhile: gid sends fd 2 to gid.log),
+    # so check_token asks first; the private names it uses are still there.
+    from ray._private import node, worker
+    from ray._private.grpc_utils import init_grpc_channel
+    from ray._private.ray_constants import KV_NAMESPACE_SESSION
+    from ray._private.services import canonicalize_bootstrap_address
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    assert "except Exception" in inspect.getsource(node.Node._init_gcs_client)
+    init = inspect.getsource(worker.init)
+    assert "raise ConnectionError(" in init and "Failed to connect to Ray cluster at" in init
+    assert callable(init_grpc_channel) and callable(canonicalize_bootstrap_address) and KV_NAMESPACE_SESSION
+    assert {"key", "namespace"} <= set(gcs_service_pb2.InternalKVGetRequest.DESCRIPTOR.fields_by_name)
+    assert hasattr(gcs_service_pb2_grpc.InternalKVGcsServiceStub, "__init__")

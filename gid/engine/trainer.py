@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -20,8 +21,9 @@ from gid.engine.loop import PICTURES_DIR, train_loop_per_worker
 from gid.engine.state import CHECKPOINT_FILE
 from gid.engine.preflight import check_run_inputs, check_writable
 from gid.engine.progress import EpochReports, progress_lines
+from gid.engine.ray_auth import check_token, refusal
 from gid.errors import GidError
-from gid.logs import open_log, quiet, worker_env
+from gid.logs import native_stderr_to_log, open_log, quiet, worker_env
 from gid.models.checkpoint import read_checkpoint, save_model
 
 logger = logging.getLogger(__name__)
@@ -43,20 +45,40 @@ class TrainingOutcome:
 RAY_ENV_VARS = {"RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
+def driver_env_vars() -> dict[str, str]:
+    """The environment gid hands Ray's workers (the job's runtime_env): switches and gid's log level, never a
+    secret. Ray's own variables (RAY_AUTH_MODE, the token) reach its processes from each node's environment."""
+    return {**RAY_ENV_VARS, **worker_env()}
+
+
 def ensure_ray(address: str | None = None) -> None:
     """Connect to ``address``, or start an embedded local Ray instance once per process.
 
     The local instance includes Ray's dashboard (on 127.0.0.1 only): Train's placement group
     cleanup needs its state API to free the workers of a trial stopped early. In a quiet terminal
     (``gid.logs``) Ray's processes keep their output in Ray's logs, and its driver-side records
-    go to the command's log file only.
+    go to the command's log file only, what Ray's C++ client prints while connecting to a cluster
+    among them. A cluster that refuses this client's token (or lack of one) is a :class:`GidError`:
+    one line saying what to set, found before ``ray.init`` retries (``gid.engine.ray_auth``).
     """
     if ray.is_initialized():
         return
-    ray.init(
-        address=address, runtime_env={"env_vars": {**RAY_ENV_VARS, **worker_env()}},
-        log_to_driver=not quiet(), configure_logging=not quiet(),
-    )
+    connecting = address is not None or bool(os.environ.get("RAY_ADDRESS"))
+    try:
+        # Not around a local start: the processes it starts would keep the log file as their stderr.
+        with native_stderr_to_log() if connecting else nullcontext():
+            if connecting and (refused := check_token(address)) is not None:
+                raise GidError(refused)
+            ray.init(
+                address=address, runtime_env={"env_vars": driver_env_vars()},
+                log_to_driver=not quiet(), configure_logging=not quiet(),
+            )
+    except GidError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - only a refused token is translated; anything else goes on as it was
+        if (message := refusal(exc, address)) is not None:
+            raise GidError(message) from None
+        raise
     logger.info("Ray's logs, the workers' output among them: %s", ray_logs())
 
 
