@@ -17,6 +17,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     outcome = run_sweep(sweep, resume=args.resume, address=args.address, overrides=args.overrides)
     print("\n" + outcome.summary)
     print(f"summary, trials.csv and plots: {outcome.report_dir}")
+    print_exported(outcome.exported)
     print(f"MLflow runs: {outcome.runs_link}")
     print_log_paths()
 
@@ -26,11 +27,23 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     exported = export_best(
         args.out, tracking_uri=args.tracking_uri, experiment=args.mlflow_experiment, sweep=args.sweep,
-        metric=args.metric, top=args.top,
+        metric=args.metric, top=args.top, register=args.register,
     )
+    print_exported(exported)
+
+
+def print_exported(exported: list) -> None:
+    """A line per exported config (with its student's MLflow model version, if registered), then the report."""
+    from search.export import final_champion
+
+    champion = final_champion(exported)
     for e in exported:
-        print(f"{e.framework} #{e.rank}: AP {100 * e.metrics.get('val_ap', 0):.1f} -> {e.path}")
-    print(f"report: {args.out / 'README.md'}")
+        line = f"{e.framework} #{e.rank}: AP {100 * e.metrics.get('val_ap', 0):.1f} -> {e.path}"
+        if e.registered is not None:
+            line += f"; MLflow model {e.registered.uri}" + (" (champion)" if e.registered.version == champion else "")
+        print(line)
+    if exported:
+        print(f"where each came from: {exported[0].path.parent / 'README.md'}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -60,6 +73,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     export.add_argument(
         "--metric", default="val_ap",
         help="ranking metric (default val_ap), in the direction the sweep's objective.mode gives it, else maximised",
+    )
+    export.add_argument(
+        "--register", default=None, metavar="NAME",
+        help="also register each framework's best student as a version of MLflow model NAME; its alias champion "
+        "moves to a version only when it ranks better by --metric (docs/registry.md)",
     )
     export.set_defaults(func=cmd_export)
 

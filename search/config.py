@@ -23,7 +23,7 @@ from gid.config import (
 from gid.engine.evaluation import COCO_METRICS
 from gid.engine.latency import COST_METRICS
 from gid.errors import GidError
-from search.names import check_sweep_name
+from search.names import check_model_name, check_sweep_name
 from search.space import Choice, Dimension, default_space, with_values
 
 
@@ -137,6 +137,13 @@ class Tracking(StrictModel):
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else MLflow's local default store
     experiment: str = "gid-sweeps"
     artifact_location: str | None = None  # where a new experiment keeps artifacts (default: MLflow's)
+    # At the end: export the winners' configs and register their students as this MLflow model (search.registry).
+    registered_model: str | None = None
+
+    @field_validator("registered_model")
+    @classmethod
+    def _usable_model_name(cls, name: str | None) -> str | None:
+        return name if name is None else check_model_name(name)
 
 
 class SweepConfig(StrictModel):
@@ -161,6 +168,15 @@ class SweepConfig(StrictModel):
     @classmethod
     def _usable_name(cls, name: str) -> str:
         return check_sweep_name(name)
+
+    @model_validator(mode="after")
+    def _registered_students_are_readable(self) -> SweepConfig:
+        if self.tracking.registered_model and "://" in self.storage_path:
+            raise ValueError(
+                "tracking.registered_model: registering reads the winners' checkpoints from storage_path, a bucket "
+                f"here ({self.storage_path}); it needs a local or mounted folder"
+            )
+        return self
 
     @field_validator("space")
     @classmethod

@@ -1,4 +1,5 @@
-"""`gid export`: the best trials' configs from MLflow as distill YAML files that run as they are."""
+"""`gid export`: the best trials' configs from MLflow as distill YAML files that run as they are, and with
+``--register`` each framework's best student as an MLflow model version (search.registry)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import yaml
 
 from gid.config import Config, set_value, validate
 from gid.errors import GidError
-from search.names import quoted
+from search.names import check_model_name, quoted
 from search.tracking import (
     CANDIDATE_TAG,
     FRAMEWORK_TAG,
@@ -30,6 +31,7 @@ from search.tracking import (
     tag_filter,
 )
 from search.outcomes import FINISHED, ranked
+from search.registry import CHAMPION, Registered, register_student
 from search.trial import FINAL, STUDENT
 
 
@@ -43,6 +45,7 @@ class ExportedConfig:
     run_id: str
     metrics: dict[str, float]  # the mean over seeds when finalized
     seeds: int = 1
+    registered: Registered | None = None  # the student's MLflow model version, with --register
 
 
 def sweep_id(client, experiment_id: str, sweep: str) -> str:
@@ -84,9 +87,9 @@ def objective_mode(client, experiment_id: str, sweep_ids: set[str], metric: str)
     return modes.pop() if modes else "max"
 
 
-def best_runs(client, experiment_id: str, metric: str, sweep: str | None, top: int) -> dict[str, list[Best]]:
-    """Per framework, the ``top`` configurations best by ``metric`` in the sweep's objective direction: the
-    finalize stage's by their mean over seeds where a sweep has one, else the finished (not pruned) trials."""
+def best_runs(client, experiment_id: str, metric: str, sweep: str | None, top: int) -> tuple[dict[str, list[Best]], str]:
+    """Per framework, the ``top`` configurations best by ``metric`` in the sweep's objective direction (returned
+    too): the finalize stage's by their mean over seeds where a sweep has one, else the finished (not pruned) trials."""
     tags = {STATUS_TAG: FINISHED}
     if sweep:
         tags[SWEEP_ID_TAG] = sweep_id(client, experiment_id, sweep)
@@ -101,7 +104,7 @@ def best_runs(client, experiment_id: str, metric: str, sweep: str | None, top: i
         if framework not in per_framework:
             best_first = ranked(runs, mode, key=lambda run: run.data.metrics[metric])
             per_framework[framework] = [Best(run, run.data.metrics) for run in best_first]
-    return {framework: found[:top] for framework, found in sorted(per_framework.items())}
+    return {framework: found[:top] for framework, found in sorted(per_framework.items())}, mode
 
 
 def _finished_runs(client, experiment_id: str, tags: dict[str, str], metric: str) -> dict[str, list]:
@@ -139,17 +142,26 @@ def exported_config(client, run, name: str) -> Config:
 
 
 def export_best(
-    out_dir: Path, *, tracking_uri: str | None, experiment: str, sweep: str | None, metric: str = "val_ap", top: int = 1
+    out_dir: Path, *, tracking_uri: str | None, experiment: str, sweep: str | None, metric: str = "val_ap", top: int = 1,
+    register: str | None = None,
 ) -> list[ExportedConfig]:
+    """Write the best configs to ``out_dir``; with ``register``, each framework's best (its finalized winner where
+    the sweep had a finalize stage) also registers the student it trained as a version of that MLflow model."""
     if top < 1:
         raise GidError(f"--top {top}: export at least 1 config per framework")
+    # before MLflow is touched
     if sweep is not None:
-        try:  # before MLflow is touched
+        try:
             quoted(sweep)
         except ValueError as exc:
             raise GidError(f"--sweep {exc}") from None
+    if register is not None:
+        try:
+            check_model_name(register)
+        except ValueError as exc:
+            raise GidError(f"--register {exc}") from None
     client, experiment_id = connect(tracking_uri, experiment, create=False)
-    found = best_runs(client, experiment_id, metric, sweep, top)
+    found, mode = best_runs(client, experiment_id, metric, sweep, top)
     if not found:
         which = f"sweep {sweep!r} in " if sweep else ""
         raise GidError(f"no finished trials with {metric} in {which}MLflow experiment {experiment!r}")
@@ -164,9 +176,17 @@ def export_best(
             config = exported_config(client, run, name)
             evidence = f"finalized: mean of {best.seeds} seeds, this file has seed {config.train.seed}; " if best.seeds > 1 else ""
             header = f"# Best #{rank} {framework} config of sweep {run_sweep} ({evidence}trial {trial}, MLflow run {run.info.run_id}).\n"
-            path.write_text(header + f"# Run it with: gid distill {path}\n" + yaml.safe_dump(config.to_dict(), sort_keys=False))
+            body = f"# Run it with: gid distill {path}\n" + yaml.safe_dump(config.to_dict(), sort_keys=False)
+            registered = None
+            if register is not None and rank == 1:  # the version holds the file as written here, less this line
+                registered = register_student(
+                    client, register, run, best.metrics, best.seeds, metric=metric, mode=mode, config_name=path.name,
+                    config_text=header + body,
+                )
+                header += f"# The student the trial trained is MLflow model {register} version {registered.version}: {registered.uri}\n"
+            path.write_text(header + body)
             metrics = {k: v for k, v in best.metrics.items() if k.startswith("val_")}
-            exported.append(ExportedConfig(framework, rank, path, run_sweep, trial, run.info.run_id, metrics, best.seeds))
+            exported.append(ExportedConfig(framework, rank, path, run_sweep, trial, run.info.run_id, metrics, best.seeds, registered))
     (out_dir / "README.md").write_text(export_report(exported, experiment))
     return exported
 
@@ -180,10 +200,30 @@ def export_report(exported: list[ExportedConfig], experiment: str) -> str:
         "",
         "AP is the mean over the finalize stage's seeds where the sweep had one (seeds > 1).",
         "",
-        "| file | framework | rank | sweep | trial | MLflow run | seeds | AP | AP50 | AP75 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| file | framework | rank | sweep | trial | MLflow run | seeds | AP | AP50 | AP75 | MLflow model |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    champion = final_champion(exported)
     for e in exported:
         ap = [f"{100 * e.metrics[k]:.1f}" if k in e.metrics else "–" for k in ("val_ap", "val_ap50", "val_ap75")]
-        lines.append(f"| {e.path.name} | {e.framework} | {e.rank} | {e.sweep} | {e.trial_id} | {e.run_id} | {e.seeds} | {' | '.join(ap)} |")
+        model = "–"
+        if e.registered is not None:
+            model = f"`{e.registered.uri}`" + (f" ({CHAMPION})" if e.registered.version == champion else "")
+        lines.append(
+            f"| {e.path.name} | {e.framework} | {e.rank} | {e.sweep} | {e.trial_id} | {e.run_id} | {e.seeds} | {' | '.join(ap)} | {model} |"
+        )
+    if champion is not None:
+        name = next(e.registered.name for e in exported if e.registered is not None)
+        lines += [
+            "",
+            f"`mlflow.pytorch.load_model(\"models:/{name}@{CHAMPION}\")` returns the {CHAMPION}, version {champion}, as a",
+            "torchvision detector; each version also holds its TorchScript file, its torchvision state dict and its",
+            "config (`extra_files/`).",
+        ]
     return "\n".join(lines) + "\n"
+
+
+def final_champion(exported: list[ExportedConfig]) -> str | None:
+    """The version ``champion`` names once the export's last student is registered (None: it registered none)."""
+    registered = [e.registered for e in exported if e.registered is not None]
+    return registered[-1].champion if registered else None

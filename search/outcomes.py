@@ -10,12 +10,15 @@ import statistics
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import optuna
 from ray import tune
 
 from gid.config import Config
+
+if TYPE_CHECKING:
+    from search.export import ExportedConfig
 
 # What became of a trial: the one rule for MLflow's tags, the sweep summary and `gid export`.
 FINISHED, PRUNED, FAILED = "finished", "pruned", "failed"
@@ -100,3 +103,4 @@ class SweepOutcome:
     report_dir: Path  # summary.md, trials.csv and plots
     parent_run_id: str
     runs_link: str  # the MLflow experiment's runs table, with the sweep's nested trials
+    exported: list[ExportedConfig] = field(default_factory=list)  # with tracking.registered_model: the winners

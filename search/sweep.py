@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +25,14 @@ from gid.errors import GidError, first_line
 from gid.logs import open_log
 from gid.models import read_checkpoint
 from search.config import SweepConfig
+from search.export import ExportedConfig, export_best
 from search.experiment import EpochBudget, build_scheduler, build_searcher, default_point, run_experiment
 from search.finalize import candidates, final_points, final_scores, final_seeds
 from search.outcomes import FinalScore, FrameworkOutcome, SweepOutcome
 from search.report import trial_rows, write_sweep_report
 from search.space import STUDENT_ALONE
 from search.storage import SweepPaths
-from search.tracking import TrialLogger, connect, parent_run, record_invocation, runs_link
+from search.tracking import TrialLogger, connect, parent_run, record_invocation, redact, runs_link
 from search.trial import BASELINE, FINAL, trains_in_trial, trial_config
 
 logger = logging.getLogger(__name__)
@@ -173,4 +175,28 @@ def run_sweep(
         client.set_terminated(sweep_run.parent_run_id, status="FINISHED")
     except Exception as exc:  # noqa: BLE001 - the report is on disk either way
         logger.warning("MLflow unreachable (%s); the report is in %s", first_line(exc), report_dir)
-    return SweepOutcome(outcomes, summary, report_dir, sweep_run.parent_run_id, runs_link(client.tracking_uri, experiment_id))
+    exported = register_winners(sweep, paths, sweep_run.id) if tracking.registered_model else []
+    return SweepOutcome(
+        outcomes, summary, report_dir, sweep_run.parent_run_id, runs_link(client.tracking_uri, experiment_id), exported
+    )
+
+
+def register_winners(sweep: SweepConfig, paths: SweepPaths, sweep_id: str) -> list[ExportedConfig]:
+    """``tracking.registered_model``: what `gid export --register` does, at the end of the sweep: each framework's
+    winner exported to ``<sweep folder>/export`` and the student it trained registered. A failure leaves the
+    sweep's results as they are, with the command that registers them later."""
+    tracking, out, metric = sweep.tracking, paths.local / "export", sweep.objective.metric
+    try:
+        return export_best(
+            out, tracking_uri=tracking.tracking_uri, experiment=tracking.experiment, sweep=sweep_id, metric=metric,
+            register=tracking.registered_model,
+        )
+    except Exception as exc:  # noqa: BLE001 - the sweep's results are in MLflow either way
+        where = f" --tracking-uri {shlex.quote(redact(tracking.tracking_uri))}" if tracking.tracking_uri else ""
+        logger.warning(
+            "registering the winners failed (%s); register them later: gid export --sweep %s --metric %s --register %s "
+            "--mlflow-experiment %s%s --out %s",
+            first_line(exc), sweep_id, metric, tracking.registered_model, shlex.quote(tracking.experiment), where,
+            shlex.quote(str(out)),
+        )
+        return []

@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 SWEEP_TAG, SWEEP_ID_TAG, STORAGE_TAG = "gid.sweep", "gid.sweep_id", "gid.storage"
 FRAMEWORK_TAG, TRIAL_TAG, ROLE_TAG = "gid.framework", "gid.trial_id", "gid.role"
 STATUS_TAG, ERROR_TAG = "gid.status", "gid.error"
+# A trial's last checkpoint (its folder): the student it trained, which registering reads (search.registry).
+CHECKPOINT_TAG = "gid.checkpoint"
 # A finalize run: which configuration it re-trains (its label, the sweep trial it came from) and its seed.
 CANDIDATE_TAG, SOURCE_TAG, SEED_TAG = "gid.candidate", "gid.source_trial", "gid.seed"
 INVOCATION_TAG = "gid.invocation"  # gid.invocation.<n>: the n-th start or --resume of a sweep, with its --set values
@@ -261,10 +263,13 @@ class TrialLogger:
     def finish(
         self, trial_id: str, trial: dict[str, Any], last_result: dict[str, Any], checkpoint: str | None, error: str | None
     ) -> None:
-        """Tag the trial's status (finished, pruned or failed, with its reason) and close its run."""
+        """Tag the trial's status (finished, pruned or failed, with its reason) and its last checkpoint, and
+        close its run."""
         run_id = self.run_for(trial_id, trial)
         status = trial_status(error is not None, int(last_result.get("epoch", 0)), self.epochs)
         tags = [RunTag(STATUS_TAG, status)] + ([RunTag(ERROR_TAG, error[:5000])] if error is not None else [])
+        if checkpoint:
+            tags.append(RunTag(CHECKPOINT_TAG, redact(checkpoint)))
         self.client.log_batch(run_id, tags=tags)
         # The last checkpoint of a distillation holds its GI pictures (local or mounted storage).
         if checkpoint and (Path(checkpoint) / PICTURES_DIR).is_dir():

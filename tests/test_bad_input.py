@@ -255,6 +255,9 @@ CASES = [
     ("sweep name with a slash", lambda c: c.sweep({"name": "team/run"}), "'team/run' is not a usable sweep name"),
     ("sweep name with a double quote", lambda c: c.sweep({"name": 'say "hi"'}), "is not a usable sweep name; use letters"),
     ("export name with both quotes", lambda c: ["export", "--out", str(c.tmp / "best"), "--sweep", "bob's \"run\"", "--tracking-uri", f"sqlite:///{c.tracking_db}"], "--sweep bob's \"run\" holds both quote characters"),
+    ("sweep registered model name with a slash", lambda c: c.sweep({"tracking": {"tracking_uri": f"sqlite:///{c.tracking_db}", "registered_model": "team/detector"}}), "'team/detector' is not a usable registered model name; use letters, digits and _ . -"),
+    ("sweep registering from a bucket", lambda c: c.sweep({"storage_path": "s3://bucket/sweeps", "tracking": {"tracking_uri": f"sqlite:///{c.tracking_db}", "registered_model": "detector"}}), "registering reads the winners' checkpoints from storage_path, a bucket here (s3://bucket/sweeps)"),
+    ("export register name with a colon", lambda c: ["export", "--out", str(c.tmp / "best"), "--register", "models:detector", "--tracking-uri", f"sqlite:///{c.tracking_db}"], "--register 'models:detector' is not a usable registered model name"),
     ("sweep storage under a file", lambda c: c.sweep({"storage_path": str(c.files["a_file"] / "sweeps")}), "is a file, not a folder; set storage_path"),
 ]
 

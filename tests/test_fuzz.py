@@ -201,7 +201,7 @@ SWEEP = {
     "name": "fuzz",
     "frameworks": {"retinanet": {"config": "FOLDER/base.yaml", "overrides": ["train.epochs=1"]}},
     "trials": 1,
-    "tracking": {"tracking_uri": "sqlite:///FOLDER/mlflow.db", "experiment": "gid-fuzz"},
+    "tracking": {"tracking_uri": "sqlite:///FOLDER/mlflow.db", "experiment": "gid-fuzz", "registered_model": "gid-fuzz"},
     "storage_path": "FOLDER/sweeps",
     **SWEEP_EXTRAS,
 }
@@ -303,18 +303,21 @@ URIS = [
     sweep=st.none() | odd_text,
     experiment=st.none() | odd_text,
     out=st.sampled_from(["out", "model.pt/out", ""]),
+    register=st.none() | odd_text,
 )
-@example(uri="nonsense://x", top=None, metric=None, sweep=None, experiment=None, out="out")  # found: a traceback
-@example(uri="sqlite:///..", top=None, metric=None, sweep=None, experiment=None, out="out")  # found: a traceback
-@example(uri="file:///nowhere/mlruns", top=None, metric=None, sweep=None, experiment=None, out="out")  # a traceback
-@example(uri="sqlite:////nowhere/mlflow.db", top=None, metric=None, sweep=None, experiment=None, out="out")  # made /nowhere
-@example(uri="sqlite:///x.db", top="abc", metric=None, sweep=None, experiment=None, out="out")  # argparse: 4 lines
-@example(uri="sqlite:///x.db", top="0", metric=None, sweep=None, experiment=None, out="out")
-def test_fuzzed_export_options(world, capsys, uri, top, metric, sweep, experiment, out):
+@example(uri="nonsense://x", top=None, metric=None, sweep=None, experiment=None, out="out", register=None)  # found: a traceback
+@example(uri="sqlite:///..", top=None, metric=None, sweep=None, experiment=None, out="out", register=None)  # found: a traceback
+@example(uri="file:///nowhere/mlruns", top=None, metric=None, sweep=None, experiment=None, out="out", register=None)  # a traceback
+@example(uri="sqlite:////nowhere/mlflow.db", top=None, metric=None, sweep=None, experiment=None, out="out", register=None)  # made /nowhere
+@example(uri="sqlite:///x.db", top="abc", metric=None, sweep=None, experiment=None, out="out", register=None)  # argparse: 4 lines
+@example(uri="sqlite:///x.db", top="0", metric=None, sweep=None, experiment=None, out="out", register=None)
+@example(uri="sqlite:///x.db", top=None, metric=None, sweep=None, experiment=None, out="out", register="a\u2028b")
+def test_fuzzed_export_options(world, capsys, uri, top, metric, sweep, experiment, out, register):
     with tempfile.TemporaryDirectory(dir=world["root"]) as folder:
         (Path(folder) / "model.pt").write_bytes(b"a file")
         argv = ["export", "--out", str(Path(folder) / out), "--tracking-uri", uri]
-        for flag, value in (("--top", top), ("--metric", metric), ("--sweep", sweep), ("--mlflow-experiment", experiment)):
+        options = (("--top", top), ("--metric", metric), ("--sweep", sweep), ("--mlflow-experiment", experiment), ("--register", register))
+        for flag, value in options:
             if value is not None:
                 argv += [flag, value]
         event(outcome(argv, capsys))

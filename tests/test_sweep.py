@@ -12,8 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import optuna
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 import ray
@@ -21,10 +23,12 @@ import ray.train
 from ray import tune
 from ray.train.torch import TorchTrainer
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from torchvision.models.detection import FCOS
 import yaml
 
 from gid.config import load_config
 from gid.distill.teacher import cached_val_ap
+from gid.engine.evaluation import evaluate_model_file
 from gid.engine.state import CHECKPOINT_FILE
 from gid.engine.trainer import run_training
 from gid.errors import GidError
@@ -34,11 +38,13 @@ from search.export import export_best
 from search.leftovers import Leftovers
 from search.experiment import TRIAL_DRIVER_RESOURCES, build_scheduler, build_searcher, fit, trial_trainable
 from search.outcomes import best_row
+from search.registry import CHAMPION, SEEDS_TAG, VALUE_TAG
 from search.report import reference_aps, trial_rows, trials_figure
 from search.sweep import run_sweep, sweep_base
 from search.trial import FINAL
 from search.tracking import (
     CANDIDATE_TAG,
+    CHECKPOINT_TAG,
     ERROR_TAG,
     FRAMEWORK_TAG,
     INVOCATION_TAG,
@@ -52,7 +58,7 @@ from search.tracking import (
     TRIAL_TAG,
     tag_filter,
 )
-from support import free_port, lines_of, write_base_configs, write_sweep
+from support import free_port, lines_of, synth_batch, write_base_configs, write_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 FRAMEWORKS = ("retinanet", "fcos")
@@ -216,6 +222,32 @@ def test_export_writes_the_best_finished_configs_that_run(finished_sweep, worksp
 
     config = load_config(exported[0].path, ["train.epochs=1", f"run.storage_path={tmp_path / 'runs'}"])
     assert math.isfinite(run_training(config).metrics["loss"])
+
+
+def test_export_registers_the_best_students_as_the_detectors_gid_eval_loads(
+    finished_sweep, mlflow_server, synth_root, tmp_path, monkeypatch
+):
+    name = "bobs-detector"
+    exported = export_best(tmp_path / "best", tracking_uri=mlflow_server, experiment="gid-test", sweep=MAIN, register=name)
+    assert [(e.framework, e.registered.version) for e in exported] == [("fcos", "1"), ("retinanet", "2")]
+    # the champion: the better by val_ap (of equals, the first registered, which a tie does not displace)
+    expected = max(exported, key=lambda e: e.metrics["val_ap"])
+    client = MlflowClient(mlflow_server)
+    assert client.get_registered_model(name).aliases == {CHAMPION: expected.registered.version}
+    version = client.get_model_version(name, expected.registered.version)
+    assert version.run_id == expected.run_id and f"models:/{name}/{version.version}" in expected.path.read_text()
+    model_file = Path(version.tags[CHECKPOINT_TAG]) / CHECKPOINT_FILE  # the trial's last checkpoint, as Tune kept it
+    assert read_checkpoint(model_file)["metrics"]["val_ap"] == pytest.approx(expected.metrics["val_ap"])
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    champion = mlflow.pytorch.load_model(f"models:/{name}@{CHAMPION}")
+    images, _ = synth_batch(synth_root, 2)
+    with torch.no_grad():
+        ours = evaluate_model_file(model_file, "val").model.eval()(images)  # the model `gid eval` measures
+        theirs = champion(images)
+    for mine, other in zip(ours, theirs, strict=True):
+        for key in ("boxes", "scores", "labels"):
+            torch.testing.assert_close(other[key], mine[key], rtol=0, atol=0)
 
 
 @pytest.fixture(scope="module")
@@ -432,12 +464,16 @@ def test_an_epoch_budget_ends_the_sweep_once_spent(ray_local, workspace, mlflow_
     assert sorted(int((r.metrics or {}).get("epoch", 0)) for r in framework.results) == sorted(epochs)
 
 
-def test_finalize_retrains_the_best_over_seeds_and_export_takes_its_winner(ray_local, workspace, mlflow_server, tmp_path):
+def test_finalize_retrains_the_best_over_seeds_and_export_takes_its_winner(
+    ray_local, workspace, mlflow_server, tmp_path, monkeypatch
+):
     path = write_sweep(
         workspace, "final", mlflow_server, frameworks=["fcos"], trials=2, scheduler={"type": "none"},
         finalize={"top": 1, "seeds": 2, "overrides": ["train.epochs=1"]},
+        tracking={"tracking_uri": mlflow_server, "experiment": "gid-test", "registered_model": "final-fcos"},
     )
-    (framework,) = run_sweep(load_sweep(path)).frameworks
+    outcome = run_sweep(load_sweep(path))
+    (framework,) = outcome.frameworks
     client = MlflowClient(mlflow_server)
     trials = {r.data.tags[TRIAL_TAG]: r.data.metrics["val_ap"] for r in child_runs(client, "final")}
     best_trial = framework.final[0].source  # the best trial (of equals, the one Tune listed first)
@@ -460,10 +496,25 @@ def test_finalize_retrains_the_best_over_seeds_and_export_takes_its_winner(ray_l
     assert exported.trial_id == best_trial and exported.seeds == 2
     assert exported.metrics["val_ap"] == pytest.approx(mean)
     assert load_config(exported.path).train.epochs == 1  # the configuration as finalized
-    # resuming a finished sweep re-trains nothing
-    (again,) = run_sweep(load_sweep(path), resume=True).frameworks
+
+    # tracking.registered_model: at the sweep's end, the winner's config exported into the sweep's folder and the
+    # student of its first seed registered, ranked by the mean
+    (registered,) = outcome.exported
+    assert registered.path.parent == (workspace / "sweeps" / "final" / "export").resolve()
+    assert registered.trial_id == best_trial and (registered.registered.version, registered.registered.champion) == ("1", "1")
+    version = client.get_model_version("final-fcos", "1")
+    assert (version.tags[SOURCE_TAG], version.tags[SEED_TAG], version.tags[SEEDS_TAG]) == (best_trial, "1", "2")
+    assert float(version.tags[VALUE_TAG]) == pytest.approx(mean)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    assert type(mlflow.pytorch.load_model(f"models:/final-fcos@{CHAMPION}")) is FCOS
+
+    # resuming a finished sweep re-trains nothing, and registers nothing twice
+    resumed = run_sweep(load_sweep(path), resume=True)
+    (again,) = resumed.frameworks
     assert [(s.label, s.scores) for s in again.final] == [(s.label, s.scores) for s in framework.final]
     assert len(runs_of(client, "final", FINAL)) == 4
+    assert [e.registered.version for e in resumed.exported] == ["1"]
+    assert len(client.search_model_versions("name = 'final-fcos'")) == 1
 
 
 def checkpoint_files(folder: Path) -> list[tuple[str, int]]:
