@@ -148,8 +148,7 @@ class Distiller(nn.Module):
                 losses["loss_response_roi_cls"] = weights["response_cls"] * roi_cls
                 losses["loss_response_roi_reg"] = weights["response_reg"] * roi_reg
 
-        stats = gism_stats(gis, gt_boxes)
-        return {**losses, **{f"gism_{k}": torch.tensor(v) for k, v in stats.items()}}
+        return {**losses, **{f"gism_{k}": v for k, v in gism_stats(gis, gt_boxes).items()}}
 
     def general_instances(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> list[GeneralInstances]:
         """GISM's choice for a batch, boxes in the detector's input frame (for pictures and checks)."""
