@@ -1,13 +1,17 @@
-"""Host synchronisations: the counter counts what makes a GPU's host wait."""
+"""Host synchronisations: the counter counts what makes a GPU's host wait, and a GID step's own stay few."""
 
 from collections import Counter
 
+import pytest
 import torch
 from torchvision.models.detection._utils import Matcher
 
-from benchmarks.host_syncs import SyncCounter
+from benchmarks.host_syncs import TARGET, SyncCounter, count_step_syncs
+from gid.distill import Distiller
 from gid.engine.loop import total_loss
+from gid.frameworks import FRAMEWORKS
 from gid.frameworks.view import iou_foreground
+from support import SIZE, tiny_detector
 
 CPU = torch.device("cpu")
 
@@ -45,3 +49,18 @@ def test_each_sync_is_put_down_to_the_gid_or_torchvision_line_that_made_it():
     for sync in matcher:
         assert sync.owner == "torchvision" and sync.where.startswith("torchvision/models/detection/_utils.py:")
         assert sync.caller.startswith("gid/frameworks/view.py:") and sync.caller.endswith(" iou_foreground")
+
+
+@pytest.mark.parametrize("framework", list(FRAMEWORKS))
+def test_an_ordinary_gid_step_makes_at_most_three_host_syncs_in_gids_own_code(framework, tiny_config, batch):
+    # steps 0 and 3 measure the balance, step 4 logs: steps 1, 2 and 5 are ordinary
+    config = tiny_config(framework, train={"log_every": 5}, distill={"teacher": "unused.pt", "balance": {"every_steps": 3}})
+    torch.manual_seed(0)
+    teacher = tiny_detector(framework, backbone="resnet34", fpn_channels=128)
+    distiller = Distiller(teacher, tiny_detector(framework), config.distill, SIZE)
+    steps = count_step_syncs(distiller, config, [batch] * 6, CPU)
+    assert [step.kind for step in steps[1:-1]] == ["balance", "ordinary", "ordinary", "balance", "logging", "ordinary"]
+    for step in steps:
+        if step.kind == "ordinary":
+            gid = [sync.source for sync in step.syncs if sync.owner == "gid"]
+            assert len(gid) <= TARGET, f"step {step.index}: {gid}"
