@@ -23,8 +23,8 @@ SEMI_POSITIVE_IOU = 0.7
 NEGATIVE_IOU = 0.3
 GT_OVERLAP_IOU = 0.5
 
-#: Candidates per image the first NMS round looks at (see _first_nms_survivors); any value gives
-#: the same result.
+#: Candidates per image the first NMS round looks at on a CPU (see _first_nms_survivors); any value
+#: gives the same result.
 _NMS_FIRST_PREFIX = 128
 
 
@@ -133,12 +133,13 @@ def _first_nms_survivors(
     sorted by decreasing score (torchvision's NMS sorts stably, so ties keep their order), -1
     after the survivors of an image that has fewer. Greedy NMS keeps a box unless a better kept box
     overlaps it, so whether a box is kept depends only on the boxes before it: the first k survivors
-    among the first n candidates are the first k of all. They are looked for in a prefix of every
-    image's candidates, grown only while some image has fewer than k survivors in it, instead of
-    suppressing all ``pre_nms_top_k`` candidates against each other.
+    among the first n candidates are the first k of all. On a CPU, whose cost grows with the number
+    of candidates, they are looked for in a prefix of every image's candidates, grown only while some
+    image has fewer than k survivors in it. Elsewhere all candidates are searched at once: a GPU's cost
+    is the number of kernels, not their width, and each further prefix would be a host synchronisation.
     """
     threshold = _below_or_at(iou_threshold, boxes.dtype)
-    prefix = max(_NMS_FIRST_PREFIX, 8 * k)
+    prefix = max(_NMS_FIRST_PREFIX, 8 * k) if boxes.device.type == "cpu" else boxes.shape[1]
     while True:
         survivors = _greedy_nms(boxes[:, :prefix], eligible[:, :prefix], threshold, k)
         # GISM's one host synchronisation per prefix: how many survivors each image has in it.
