@@ -404,22 +404,34 @@ def render(results: dict[str, list[Step]], args: argparse.Namespace) -> str:
         "| framework | steps | " + " | ".join(OWNERS) + " |",
         "|---|---|" + "---:|" * len(OWNERS),
     ]
-    for framework, steps in results.items():
-        for kind in ("ordinary", "logging", "balance", "logging, balance", EPOCH_START, EPOCH_END):
-            chosen = [step for step in steps if step.kind == kind]
-            if chosen:
-                numbers = "" if isinstance(chosen[0].index, str) else f" ({', '.join(str(s.index) for s in chosen)})"
-                counts = [per_step([step.count(owner) for step in chosen]) for owner in OWNERS]
-                lines.append(f"| {framework} | {kind}{numbers} | " + " | ".join(counts) + " |")
-    lines += ["", f"Target: gid's own syncs ≤ {TARGET} per ordinary step. Where they come from, per ordinary step:"]
-    for framework, steps in results.items():
-        ordinary = [step for step in steps if step.kind == "ordinary"]
+    kinds = {framework: _by_kind(steps) for framework, steps in results.items()}
+    for framework, by_kind in kinds.items():
+        for label, chosen in by_kind.items():
+            counts = [per_step([step.count(owner) for step in chosen]) for owner in OWNERS]
+            lines.append(f"| {framework} | {label} | " + " | ".join(counts) + " |")
+    lines += [
+        "", f"Target: gid's own syncs ≤ {TARGET} per ordinary step. Where they come from, per step "
+        "(gid's for every kind of step, the others' for the ordinary steps):",
+    ]
+    for framework, by_kind in kinds.items():
         lines.append(f"- {framework}")
-        for owner in OWNERS:
-            found = sources(ordinary, owner)
-            if found:
-                lines += [f"  {owner}:", *found]
+        for label, chosen in by_kind.items():
+            owners = OWNERS if chosen[0].kind == "ordinary" else OWNERS[:1]
+            for owner in owners:
+                found = sources(chosen, owner)
+                lines += [f"  {owner}, {label}:", *found] if found else []
     return "\n".join(lines)
+
+
+def _by_kind(steps: list[Step]) -> dict[str, list[Step]]:
+    """The steps of each kind, under a label that lists their indices."""
+    by_kind: dict[str, list[Step]] = {}
+    for kind in ("ordinary", "logging", "balance", "logging, balance", EPOCH_START, EPOCH_END):
+        chosen = [step for step in steps if step.kind == kind]
+        if chosen:
+            numbers = "" if isinstance(chosen[0].index, str) else f" ({', '.join(str(s.index) for s in chosen)})"
+            by_kind[kind + numbers] = chosen
+    return by_kind
 
 
 def main(argv: list[str] | None = None) -> None:
