@@ -99,7 +99,9 @@ _CALL_SYNCS = {
 _FROM_DATA = {torch.tensor, torch.as_tensor}  # a copy to the device when one is named
 
 #: gid code that runs only where a backward on the CPU follows (on a GPU, torchvision's ops run instead).
-_CPU_ONLY = {(code.co_filename, code.co_name) for code in (roi_align_by_matmul.__code__, MatmulMultiScaleRoIAlign.forward.__code__)}
+_CPU_ONLY = {
+    (code.co_filename, code.co_name) for code in (roi_align_by_matmul.__code__, MatmulMultiScaleRoIAlign.forward.__code__)
+}
 
 _GID = str(Path(gid.__file__).parent) + "/"
 _TORCHVISION = str(Path(torchvision.__file__).parent) + "/"
@@ -203,9 +205,10 @@ class _CallCounter(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         op = _CALL_SYNCS.get(func)
-        # a device given as a torch.device may be the one the tensor is on already: only a named one counts
-        if func is torch.Tensor.to and isinstance(_target_device(args, kwargs), str) and not _non_blocking(args, kwargs):
-            op = "to(device)"
+        if func is torch.Tensor.to:
+            # a device given as a torch.device may be the one the tensor is on already: only a named one counts
+            if isinstance(_target_device(args, kwargs), str) and not _non_blocking(args, kwargs):
+                op = "to(device)"
         elif func in _FROM_DATA and kwargs.get("device") is not None and not torch.is_tensor(args[0]):
             op = "tensor from data"
         if op is not None:
@@ -245,7 +248,8 @@ class SyncCounter:
             torch.cuda.set_sync_debug_mode("warn")
         else:
             # anomaly mode keeps each backward node's forward stack, so syncs in backward find their line
-            self._modes = [torch.autograd.set_detect_anomaly(True, check_nan=False), _CallCounter(self), _AtenCounter(self)]
+            anomaly = torch.autograd.set_detect_anomaly(True, check_nan=False)
+            self._modes = [anomaly, _CallCounter(self), _AtenCounter(self)]
             for mode in self._modes:
                 mode.__enter__()
         return self
@@ -348,7 +352,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--student-backbone", default="resnet18")
     parser.add_argument("--student-fpn", type=int, default=64)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--amp", action="store_true", help="autocast and gradient scaling (a GPU's default), on any device")
+    parser.add_argument(
+        "--amp", action="store_true", help="autocast and gradient scaling (a GPU's default), on any device"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (the counts do not depend on it)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)

@@ -54,7 +54,8 @@ def test_each_sync_is_put_down_to_the_gid_or_torchvision_line_that_made_it():
 @pytest.mark.parametrize("framework", list(FRAMEWORKS))
 def test_an_ordinary_gid_step_makes_at_most_three_host_syncs_in_gids_own_code(framework, tiny_config, batch):
     # steps 0 and 3 measure the balance, step 4 logs: steps 1, 2 and 5 are ordinary
-    config = tiny_config(framework, train={"log_every": 5}, distill={"teacher": "unused.pt", "balance": {"every_steps": 3}})
+    distill = {"teacher": "unused.pt", "balance": {"every_steps": 3}}
+    config = tiny_config(framework, train={"log_every": 5}, distill=distill)
     torch.manual_seed(0)
     teacher = tiny_detector(framework, backbone="resnet34", fpn_channels=128)
     distiller = Distiller(teacher, tiny_detector(framework), config.distill, SIZE)

@@ -235,11 +235,11 @@ def gism_stats(gis: list[GeneralInstances], gt_boxes: list[Tensor]) -> dict[str,
     device, which the host reads only when it logs them.
     """
     total = sum(len(gi.boxes) for gi in gis)  # shapes: known on the host
-    counts = {
-        "gi_gt_overlap": sum((_max_iou(gi.boxes, gt) >= GT_OVERLAP_IOU).sum() for gi, gt in zip(gis, gt_boxes)),
-        "gi_from_teacher": sum(gi.from_teacher.sum() for gi in gis),
+    overlapping = sum((_max_iou(gi.boxes, gt) >= GT_OVERLAP_IOU).sum() for gi, gt in zip(gis, gt_boxes))
+    from_teacher = sum(gi.from_teacher.sum() for gi in gis)
+    # float64 quotients rounded to float32: the values torch.tensor(a / b) made of Python's quotients
+    return {
+        "gis_per_image": gis[0].boxes.new_full((), total / len(gis), dtype=torch.float64).float(),
+        "gi_gt_overlap": (overlapping.double() / max(total, 1)).float(),
+        "gi_from_teacher": (from_teacher.double() / max(total, 1)).float(),
     }
-    gis_per_image = gis[0].boxes.new_full((), total / len(gis), dtype=torch.float64)
-    # float64 quotients of the counts, then float32: what torch.tensor(a / b) makes of Python's quotient
-    fractions = {name: count.double() / max(total, 1) for name, count in counts.items()}
-    return {name: value.float() for name, value in {"gis_per_image": gis_per_image, **fractions}.items()}

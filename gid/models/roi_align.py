@@ -41,7 +41,8 @@ class MatmulMultiScaleRoIAlign(MultiScaleRoIAlign):
             levels = torch.zeros(sum(map(len, boxes)), dtype=torch.int64, device=maps[0].device)
         else:
             levels = self.map_levels(boxes)
-        return pool_by_level(maps, self.scales, ByLevel.of(levels, len(maps)), boxes, self.output_size[0], aligned=False)
+        by_level = ByLevel.of(levels, len(maps))
+        return pool_by_level(maps, self.scales, by_level, boxes, self.output_size[0], aligned=False)
 
 
 def with_matmul_poolers(model: nn.Module) -> nn.Module:
@@ -80,14 +81,14 @@ class ByLevel:
         order = torch.argsort(levels, stable=True)
         counts = (levels == torch.arange(num_levels, device=levels.device)[:, None]).sum(dim=1)
         in_order = (order[1:] > order[:-1]).all()
-        *counts, in_order = torch.cat([counts, in_order[None]]).tolist()  # the host needs the shapes
-        return cls(order, counts, bool(in_order))
+        read = torch.cat([counts, in_order[None]]).tolist()  # the shapes and the order, in one host synchronisation
+        return cls(order, read[:-1], bool(read[-1]))
 
 
 def pool_by_level(
     maps: list[Tensor], scales: list[float], by_level: ByLevel, boxes: list[Tensor], roi_size: int, aligned: bool
 ) -> Tensor:
-    """Pool each box from ``maps[level]`` at that map's scale, its level as ``by_level`` groups it; rows in box order."""
+    """Pool each box from the map of its level in ``by_level``, at that map's scale; rows in box order."""
     image_index = torch.cat([torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)])
     rois = torch.cat([image_index, torch.cat(boxes)], dim=1).detach()  # boxes are constants
     per_level = rois[by_level.order].split(by_level.counts)
