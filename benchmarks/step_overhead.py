@@ -52,6 +52,7 @@ from gid.config import BalanceConfig, DataConfig, DistillConfig, ModelConfig
 from gid.data import build_dataset, collate, make_synthetic
 from gid.distill import Distiller
 from gid.distill.balance import DynamicBalance
+from gid.distill.pooling import InstancePooler
 from gid.engine.loop import apply_gradients
 from gid.frameworks import FRAMEWORKS, view_for
 from gid.models import build_detector
@@ -188,13 +189,14 @@ def instrument(distiller: Distiller, clock: Clock, stack: ExitStack) -> None:
         ("select_general_instances", "gism.select"),
         ("filter_instances", "gism.select"),
         ("gism_stats", "gism.stats"),
-        ("pool_instances", "pool"),
         ("feature_loss", "loss.feature"),
         ("relation_loss", "loss.relation"),
         ("response_loss", "response.loss"),
         ("roi_response_loss", "roi.loss"),
     ):
         patch(distiller_module, function, name)
+    for method in ("__init__", "__call__"):  # the boxes' levels, then each model's pooling
+        patch(InstancePooler, method, "pool")
 
 
 def make_batch(image_size: int, batch_size: int, seed: int, device: torch.device):

@@ -19,7 +19,7 @@ from gid.distill.losses import (
     response_loss,
     roi_response_loss,
 )
-from gid.distill.pooling import pool_instances
+from gid.distill.pooling import InstancePooler
 from gid.distill.terms import TERMS, enabled_terms
 from gid.errors import GidError
 from gid.frameworks import view_for
@@ -122,12 +122,11 @@ class Distiller(nn.Module):
 
         if self.adapter is not None:
             adapted = [self.adapter(level) for level in dense.features]
-            pool = dict(
-                first_level=dense.first_level, boxes=boxes, roi_size=c.feature.roi_size,
-                canonical_size=self.canonical_size, canonical_level=c.feature.canonical_level,
+            pool = InstancePooler(
+                boxes, dense.first_level, len(dense.features), c.feature.roi_size, self.canonical_size,
+                c.feature.canonical_level,
             )
-            pooled_student = pool_instances(adapted, **pool)
-            pooled_teacher = pool_instances(teacher_dense.features, **pool)
+            pooled_student, pooled_teacher = pool(adapted), pool(teacher_dense.features)
             if c.feature.enabled:
                 losses["loss_feature"] = weights["feature"] * feature_loss(pooled_teacher, pooled_student)
             if c.relation.enabled:
@@ -148,8 +147,7 @@ class Distiller(nn.Module):
                 losses["loss_response_roi_cls"] = weights["response_cls"] * roi_cls
                 losses["loss_response_roi_reg"] = weights["response_reg"] * roi_reg
 
-        stats = gism_stats(gis, gt_boxes)
-        return {**losses, **{f"gism_{k}": torch.tensor(v) for k, v in stats.items()}}
+        return {**losses, **{f"gism_{k}": v for k, v in gism_stats(gis, gt_boxes).items()}}
 
     def general_instances(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> list[GeneralInstances]:
         """GISM's choice for a batch, boxes in the detector's input frame (for pictures and checks)."""

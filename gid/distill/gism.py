@@ -6,6 +6,7 @@ ground truth, except in the ablation filter and the logging statistics at the en
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,8 +23,8 @@ SEMI_POSITIVE_IOU = 0.7
 NEGATIVE_IOU = 0.3
 GT_OVERLAP_IOU = 0.5
 
-#: Candidates per image the first NMS round looks at (see _first_nms_survivors); any value gives
-#: the same result.
+#: Candidates per image the first NMS round looks at on a CPU (see _first_nms_survivors); any value
+#: gives the same result.
 _NMS_FIRST_PREFIX = 128
 
 
@@ -81,10 +82,7 @@ def select_general_instances(
     widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
     eligible = (widths >= min_box_size) & (heights >= min_box_size) & (scores >= config.min_score)
 
-    survivor = _first_nms_survivors(boxes, eligible, config.nms_iou, config.top_k)
-    found = survivor >= 0
-    # The final host synchronisation (NMS has one per prefix it tries): each image's number of GIs.
-    counts = found.sum(dim=1).tolist()
+    survivor, counts = _first_nms_survivors(boxes, eligible, config.nms_iou, config.top_k)
     position = survivor.clamp(min=0)
     picked = [
         boxes.gather(1, position[..., None].expand(-1, -1, 4)),
@@ -92,8 +90,8 @@ def select_general_instances(
         index.gather(1, position),
         from_teacher.gather(1, position),
     ]
-    per_image = [tensor[found].split(counts) for tensor in picked]  # survivors come first in each row
-    return [GeneralInstances(*fields) for fields in zip(*per_image)]
+    # Survivors come first in each row: an image's GIs are the first `count` of its row.
+    return [GeneralInstances(*(tensor[i, :count] for tensor in picked)) for i, count in enumerate(counts)]
 
 
 def _decode_candidates(
@@ -120,28 +118,34 @@ def _decode_candidates(
 
 def _clip_to_images(boxes: Tensor, image_sizes: list[tuple[int, int]]) -> Tensor:
     """``clip_boxes_to_image`` of every image's boxes ``[B, N, 4]`` to its own (height, width)."""
-    limits = torch.tensor([[w, h, w, h] for h, w in image_sizes], dtype=boxes.dtype, device=boxes.device)
-    return boxes.clamp(min=0).minimum(limits[:, None, :])
+    # Made on the host and copied without waiting: a blocking copy would wait for the device's queue.
+    limits = torch.tensor([[w, h, w, h] for h, w in image_sizes], dtype=boxes.dtype)
+    return boxes.clamp(min=0).minimum(limits.to(boxes.device, non_blocking=True)[:, None, :])
 
 
-def _first_nms_survivors(boxes: Tensor, eligible: Tensor, iou_threshold: float, k: int) -> Tensor:
-    """Positions ``[B, k]`` of the first k survivors of NMS over the ``eligible`` boxes of each row.
+def _first_nms_survivors(
+    boxes: Tensor, eligible: Tensor, iou_threshold: float, k: int
+) -> tuple[Tensor, list[int]]:
+    """Positions ``[B, k]`` of the first k survivors of NMS over the ``eligible`` boxes of each row, and
+    how many each row has.
 
     Equals ``nms(boxes[i][eligible[i]], scores, iou_threshold)[:k]`` image by image for boxes
     sorted by decreasing score (torchvision's NMS sorts stably, so ties keep their order), -1
-    where an image has fewer survivors. Greedy NMS keeps a box unless a better kept box overlaps
-    it, so whether a box is kept depends only on the boxes before it: the first k survivors among
-    the first n candidates are the first k of all. They are looked for in a prefix of every
-    image's candidates, grown only while some image has fewer than k survivors in it, instead of
-    suppressing all ``pre_nms_top_k`` candidates against each other.
+    after the survivors of an image that has fewer. Greedy NMS keeps a box unless a better kept box
+    overlaps it, so whether a box is kept depends only on the boxes before it: the first k survivors
+    among the first n candidates are the first k of all. On a CPU, whose cost grows with the number
+    of candidates, they are looked for in a prefix of every image's candidates, grown only while some
+    image has fewer than k survivors in it. Elsewhere all candidates are searched at once: a GPU's cost
+    is the number of kernels, not their width, and each further prefix would be a host synchronisation.
     """
     threshold = _below_or_at(iou_threshold, boxes.dtype)
-    prefix = max(_NMS_FIRST_PREFIX, 8 * k)
+    prefix = max(_NMS_FIRST_PREFIX, 8 * k) if boxes.device.type == "cpu" else boxes.shape[1]
     while True:
         survivors = _greedy_nms(boxes[:, :prefix], eligible[:, :prefix], threshold, k)
-        # One sync per prefix: is it long enough for every image?
-        if prefix >= boxes.shape[1] or bool((survivors[:, -1] >= 0).all()):
-            return survivors
+        # GISM's one host synchronisation per prefix: how many survivors each image has in it.
+        counts = (survivors >= 0).sum(dim=1).tolist()
+        if prefix >= boxes.shape[1] or all(count == survivors.shape[1] for count in counts):
+            return survivors, counts
         prefix *= 4
 
 
@@ -169,6 +173,7 @@ def _greedy_nms(boxes: Tensor, eligible: Tensor, threshold: float, k: int) -> Te
     return survivors
 
 
+@functools.cache  # the same few thresholds on every step
 def _below_or_at(threshold: float, dtype: torch.dtype) -> float:
     """The largest ``dtype`` value t <= ``threshold``: for x of that dtype, x > t iff x > threshold.
 
@@ -223,16 +228,18 @@ def filter_instances(
 
 
 @torch.no_grad()
-def gism_stats(gis: list[GeneralInstances], gt_boxes: list[Tensor]) -> dict[str, float]:
+def gism_stats(gis: list[GeneralInstances], gt_boxes: list[Tensor]) -> dict[str, Tensor]:
     """Logging only: GIs per image, fraction with IoU >= 0.5 to a GT box, fraction from the teacher.
 
-    The two fractions are over all GIs of the batch and 0 when there are none.
+    The two fractions are over all GIs of the batch and 0 when there are none. Scalars on the GIs'
+    device, which the host reads only when it logs them.
     """
-    total = sum(len(gi.boxes) for gi in gis)
-    overlapping = sum(int((_max_iou(gi.boxes, gt) >= GT_OVERLAP_IOU).sum()) for gi, gt in zip(gis, gt_boxes))
-    from_teacher = sum(int(gi.from_teacher.sum()) for gi in gis)
+    total = sum(len(gi.boxes) for gi in gis)  # shapes: known on the host
+    overlapping = sum((_max_iou(gi.boxes, gt) >= GT_OVERLAP_IOU).sum() for gi, gt in zip(gis, gt_boxes))
+    from_teacher = sum(gi.from_teacher.sum() for gi in gis)
+    # float64 quotients rounded to float32: the values torch.tensor(a / b) made of Python's quotients
     return {
-        "gis_per_image": total / len(gis) if gis else 0.0,
-        "gi_gt_overlap": overlapping / total if total else 0.0,
-        "gi_from_teacher": from_teacher / total if total else 0.0,
+        "gis_per_image": gis[0].boxes.new_full((), total / len(gis), dtype=torch.float64).float(),
+        "gi_gt_overlap": (overlapping.double() / max(total, 1)).float(),
+        "gi_from_teacher": (from_teacher.double() / max(total, 1)).float(),
     }

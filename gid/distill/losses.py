@@ -52,7 +52,8 @@ def _rkd_distances(features: Tensor) -> Tensor:
     off_diagonal = ~torch.eye(len(features), dtype=torch.bool, device=features.device)
     distances = distances * off_diagonal
     positive = distances > 0
-    mean = distances[positive].sum() / positive.sum().clamp(min=1)
+    # where, not distances[positive]: a boolean index has a shape that the host must wait for
+    mean = torch.where(positive, distances, 0).sum() / positive.sum().clamp(min=1)
     return distances / mean.clamp(min=torch.finfo(distances.dtype).tiny)
 
 
@@ -100,18 +101,21 @@ def response_loss(
     scale independent of T; T = 1 is plain BCE against the teacher's probabilities.
     L_reg = sum_{masked r} |b_s - b_t|_1 / N_m on the regression outputs in the detector's own
     encoding, plus, with centerness (FCOS), sum_{masked r} BCE(sigmoid(c_s), sigmoid(c_t)) / N_m.
+    Every anchor is computed and the masked ones summed: selecting them would give tensors whose
+    shape the host must wait for.
     """
-    num_masked = max(1, int(mask.sum()))
-    teacher_probs = torch.sigmoid(teacher.cls_logits.detach()[mask] / temperature)
-    student_logits = student.cls_logits[mask] / temperature
-    cls = F.binary_cross_entropy_with_logits(student_logits, teacher_probs, reduction="sum")
-    cls = cls * temperature**2 / num_masked
+    masked = mask[..., None]
+    num_masked = mask.sum().clamp(min=1)
+    teacher_probs = torch.sigmoid(teacher.cls_logits.detach() / temperature)
+    cls = F.binary_cross_entropy_with_logits(student.cls_logits / temperature, teacher_probs, reduction="none")
+    cls = torch.where(masked, cls, 0).sum() * temperature**2 / num_masked
 
-    reg = (student.bbox_regression[mask] - teacher.bbox_regression.detach()[mask]).abs().sum()
+    reg = torch.where(masked, student.bbox_regression - teacher.bbox_regression.detach(), 0).abs().sum()
     if student.centerness is not None:
-        reg = reg + F.binary_cross_entropy_with_logits(
-            student.centerness[mask], torch.sigmoid(teacher.centerness.detach()[mask]), reduction="sum"
+        centerness = F.binary_cross_entropy_with_logits(
+            student.centerness, torch.sigmoid(teacher.centerness.detach()), reduction="none"
         )
+        reg = reg + torch.where(masked, centerness, 0).sum()
     return cls, reg / num_masked
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import ray
@@ -122,17 +121,23 @@ def _detections_on_rank_zero(records: list[dict]) -> list[dict] | None:
 
 
 class _RunningMean:
+    """Each step's values summed on their device: the host waits for them only when it reads the means."""
+
     def __init__(self) -> None:
-        self.sums: dict[str, float] = defaultdict(float)
+        self.sums: dict[str, Tensor] = {}
         self.count = 0
 
-    def add(self, values: dict[str, torch.Tensor]) -> None:
+    def add(self, values: dict[str, Tensor]) -> None:
         for name, value in values.items():
-            self.sums[name] += float(value)
+            value = value.detach().double()  # float64, as the sums of Python floats were
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
         self.count += 1
 
     def means(self) -> dict[str, float]:
-        return {name: total / max(self.count, 1) for name, total in self.sums.items()}
+        if not self.sums:
+            return {}
+        totals = torch.stack(list(self.sums.values())).tolist()  # one host synchronisation for all
+        return {name: total / max(self.count, 1) for name, total in zip(self.sums, totals)}
 
 
 def total_loss(losses: dict[str, Tensor], epoch: int, it: int) -> Tensor:
@@ -160,10 +165,14 @@ def apply_gradients(
     if clip_grad_norm is not None:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+    # AMP skips the optimizer's step when the gradients are inf/NaN. Whether it stepped is learnt from the
+    # optimizer's own hook: reading the scale before and after would make the host wait for the device twice.
+    stepped = []
+    hook = optimizer.register_step_post_hook(lambda *_: stepped.append(True))
     scaler.step(optimizer)
-    scale = scaler.get_scale()
+    hook.remove()
     scaler.update()
-    if scaler.get_scale() >= scale:  # AMP lowers the scale when it skips a step for inf/NaN gradients
+    if stepped:
         scheduler.step()
 
 
@@ -194,7 +203,7 @@ def train_one_epoch(
         if balance is not None and balance.observe(losses, state.params) and rank == 0:
             logger.info(balance.summary())
         apply_gradients(loss, state.optimizer, state.scaler, state.scheduler, state.params, train.clip_grad_norm)
-        running.add({"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}})
+        running.add({"loss": loss, **losses})
         if rank == 0 and (it + 1) % train.log_every == 0:
             speed = (time.perf_counter() - started) / (it + 1)
             logger.info(

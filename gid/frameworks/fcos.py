@@ -89,8 +89,7 @@ def fcos_matched_idxs(
     # among several matches the smallest box wins
     areas = (gt_boxes[:, 2] - gt_boxes[:, 0]) * (gt_boxes[:, 3] - gt_boxes[:, 1])
     best, matched = (match.to(torch.float32) * (1e8 - areas[None, :])).max(dim=1)
-    matched[best < 1e-5] = -1
-    return matched
+    return matched.masked_fill_(best < 1e-5, -1)  # not matched[best < 1e-5]: no host synchronisation
 
 
 class FCOSFramework(Framework):

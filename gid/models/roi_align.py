@@ -11,6 +11,7 @@ back (:func:`with_torchvision_poolers`).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,8 @@ class MatmulMultiScaleRoIAlign(MultiScaleRoIAlign):
             levels = torch.zeros(sum(map(len, boxes)), dtype=torch.int64, device=maps[0].device)
         else:
             levels = self.map_levels(boxes)
-        return pool_by_level(maps, self.scales, levels, boxes, self.output_size[0], aligned=False)
+        by_level = ByLevel.of(levels, len(maps))
+        return pool_by_level(maps, self.scales, by_level, boxes, self.output_size[0], aligned=False)
 
 
 def with_matmul_poolers(model: nn.Module) -> nn.Module:
@@ -65,24 +67,38 @@ def _replace_poolers(model: nn.Module, chosen: Callable[[nn.Module], bool], kind
     return model
 
 
+@dataclass(frozen=True)
+class ByLevel:
+    """Boxes grouped by the level of the map each is pooled from; found once, used for any maps."""
+
+    order: Tensor  # the boxes' indices level by level, each level's in box order
+    counts: list[int]  # boxes per level
+    in_order: bool  # whether ``order`` is 0, 1, 2, ...
+
+    @classmethod
+    def of(cls, levels: Tensor, num_levels: int) -> ByLevel:
+        """Group boxes by ``levels [N]`` (0 to num_levels - 1), with one host synchronisation."""
+        order = torch.argsort(levels, stable=True)
+        counts = (levels == torch.arange(num_levels, device=levels.device)[:, None]).sum(dim=1)
+        in_order = (order[1:] > order[:-1]).all()
+        read = torch.cat([counts, in_order[None]]).tolist()  # the shapes and the order, in one host synchronisation
+        return cls(order, read[:-1], bool(read[-1]))
+
+
 def pool_by_level(
-    maps: list[Tensor], scales: list[float], levels: Tensor, boxes: list[Tensor], roi_size: int, aligned: bool
+    maps: list[Tensor], scales: list[float], by_level: ByLevel, boxes: list[Tensor], roi_size: int, aligned: bool
 ) -> Tensor:
-    """Pool each box from ``maps[levels[box]]`` at that map's scale; rows in box order."""
+    """Pool each box from the map of its level in ``by_level``, at that map's scale; rows in box order."""
     image_index = torch.cat([torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)])
     rois = torch.cat([image_index, torch.cat(boxes)], dim=1).detach()  # boxes are constants
-
-    pooled, order = [], []
-    for offset, (feature_map, scale) in enumerate(zip(maps, scales)):
-        index = torch.nonzero(levels == offset).squeeze(1)
-        pooled.append(fast_roi_align(feature_map, rois[index].to(feature_map.dtype), roi_size, scale, aligned))
-        order.append(index)
+    per_level = rois[by_level.order].split(by_level.counts)
+    pooled = torch.cat([
+        fast_roi_align(feature_map, level_rois.to(feature_map.dtype), roi_size, scale, aligned)
+        for feature_map, scale, level_rois in zip(maps, scales, per_level)
+    ])
     # Rows come out level by level; put them back in box order. They often already are (all boxes on
     # one level): then the gather, and its backward, would only copy every pooled feature.
-    pooled, order = torch.cat(pooled), torch.cat(order)
-    if bool((order[1:] > order[:-1]).all()):
-        return pooled
-    return pooled[torch.argsort(order)]
+    return pooled if by_level.in_order else pooled[torch.argsort(by_level.order)]
 
 
 #: Largest map (H * W) on which roi_align_by_matmul is the faster one on CPU: its cost grows with
