@@ -38,7 +38,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="GID steps timed (after one warm-up)")
     p.add_argument("--framework", default="fcos")
     p.add_argument("--threads", type=int, default=2)
-    return p.parse_args(argv)
+    p.add_argument("--device", default="cpu", help="where the GID steps run: cpu or cuda")
+    p.add_argument("--amp", action="store_true", help="float16 autocast + gradient scaling, as on GPUs (cuda only)")
+    args = p.parse_args(argv)
+    if args.amp and not args.device.startswith("cuda"):
+        p.error("--amp needs --device cuda (the training loop uses AMP on GPUs only)")
+    return args
 
 
 def loader_rate(dataset, batch_size: int, workers: int, batches: int) -> float:
@@ -53,21 +58,30 @@ def loader_rate(dataset, batch_size: int, workers: int, batches: int) -> float:
 
 def step_rate(args: argparse.Namespace, dataset) -> float:
     """Images per second of a GID training step (forward, then the training loop's backward and SGD step) on
-    batches already in memory."""
+    batches already on the device."""
+    device = torch.device(args.device)
     teacher = build_detector(ModelConfig(framework=args.framework, backbone="resnet50", fpn_channels=128),
                              args.image_size, dataset.num_classes)
     student = build_detector(ModelConfig(framework=args.framework), args.image_size, dataset.num_classes)
-    distiller = Distiller(teacher, copy.deepcopy(student), DistillConfig(teacher="unused"), args.image_size).train()
+    distiller = Distiller(teacher, copy.deepcopy(student), DistillConfig(teacher="unused"), args.image_size)
+    distiller = distiller.to(device).train()
     params = [p for p in distiller.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
-    scaler, constant_lr = torch.amp.GradScaler(enabled=False), torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
-    batch = collate([dataset[i] for i in range(args.batch_size)])
+    scaler = torch.amp.GradScaler(enabled=args.amp)
+    constant_lr = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
+    images, targets = collate([dataset[i] for i in range(args.batch_size)])
+    images = [image.to(device) for image in images]
+    targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     for step in range(args.steps + 1):
+        sync()
         started = time.perf_counter()
-        losses = distiller(*batch)
-        loss = sum(v for k, v in losses.items() if k.startswith("loss_"))
+        with torch.autocast(device.type, dtype=torch.float16, enabled=args.amp):
+            losses = distiller(images, targets)
+            loss = sum(v for k, v in losses.items() if k.startswith("loss_"))
         apply_gradients(loss, optimizer, scaler, constant_lr, params, clip_grad_norm=None)
+        sync()
         if step:  # the first step pays for lazy initialisation
             times.append(time.perf_counter() - started)
     return args.batch_size / statistics.median(times)
@@ -93,8 +107,9 @@ def main(argv: list[str] | None = None) -> None:
         "|---:|---:|---:|",
     ]
     lines += [f"| {w} | {rate:.0f} | {rate / consumed:.1f}× |" for w, rate in rates.items()]
+    where = f"on {torch.cuda.get_device_name()}{' with AMP' if args.amp else ''}" if args.device.startswith("cuda") else "here"
     lines += ["", f"A GID training step ({args.framework}, ResNet-50 teacher, ResNet-18 student) consumes "
-              f"{consumed:.1f} images/s here."]
+              f"{consumed:.1f} images/s {where}."]
     print("\n".join(lines))
 
 

@@ -23,7 +23,8 @@ A breakdown of the GID step follows, from timers this script wraps around the Di
 (the library itself has no timing code): student and teacher forward, GISM selection,
 feature/relation pooling and losses, response mask and loss, the Faster R-CNN RoI response,
 backward, and the rest of the training loop's step (zero_grad, clipping, optimizer, LR schedule).
-A part called inside another timed part counts for the outer one.
+A part called inside another timed part counts for the outer one. With ``--busy N`` on a GPU it also
+gives the share of N GID steps' wall time in which the GPU runs a kernel (low: the step waits on the host).
 
     python -m benchmarks.step_overhead --image-size 128 --batch-size 8 --iters 10 --warmup 3 --out results.md
 """
@@ -58,6 +59,7 @@ from gid.frameworks import FRAMEWORKS, view_for
 from gid.models import build_detector
 
 TARGET_RATIO = 1.15
+TARGET_BUSY = 0.70  # of a GID step's wall time, on a GPU
 TARGET_BALANCE_COST = 0.05  # of a GID step, per step, at the default every_steps
 REPO = Path(__file__).resolve().parent.parent
 
@@ -104,6 +106,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--every-steps", type=int, default=BalanceConfig().every_steps,
         help="distill.balance.every_steps the dynamic balance's cost per step is given for (default: the product's)",
     )
+    p.add_argument(
+        "--busy", type=int, default=0, metavar="N",
+        help="also run N GID steps under torch.profiler and give the share of their wall time the GPU spends in "
+        "kernels (cuda only; on a CPU the steps run and the share is not applicable)",
+    )
     p.add_argument("--out", type=Path, help="append the Markdown results to this file")
     p.add_argument(
         "--profile", type=int, default=0, metavar="N",
@@ -115,8 +122,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.frameworks) - set(FRAMEWORKS)
     if unknown:
         p.error(f"unknown framework(s) {sorted(unknown)}; choose from {', '.join(FRAMEWORKS)}")
-    if args.iters < 1 or args.warmup < 0 or args.threads < 1:
-        p.error("--iters and --threads must be >= 1, --warmup >= 0")
+    if args.iters < 1 or args.warmup < 0 or args.threads < 1 or args.busy < 0:
+        p.error("--iters and --threads must be >= 1, --warmup and --busy >= 0")
     if args.amp and not args.device.startswith("cuda"):
         p.error("--amp needs --device cuda (the training loop uses AMP on GPUs only)")
     return args
@@ -324,6 +331,7 @@ def bench_framework(framework: str, args: argparse.Namespace, batch, device: tor
             gid_clock.close_iteration(record)
 
     profile_rows = profile_extra_ops(steps, args.profile) if args.profile else []
+    busy = device_busy(gid_step, args.busy, device) if args.busy else None
     student_clock.close_iteration(False)
     gid_clock.close_iteration(False)
 
@@ -353,6 +361,7 @@ def bench_framework(framework: str, args: argparse.Namespace, batch, device: tor
         "gis_per_image": statistics.median(gis_per_image) if gis_per_image else 0.0,
         "finite": finite,
         "profile": profile_rows,
+        "busy": busy,
     }
 
 
@@ -375,6 +384,34 @@ def profile_extra_ops(
     extra = [(key, per_step["gid"].get(key, 0.0) - base.get(key, 0.0), per_step["gid"].get(key, 0.0))
              for key in set(base) | set(per_step["gid"])]
     return sorted(extra, key=lambda row: -row[1])[:rows]
+
+
+def device_busy(step: Callable[[], None], iters: int, device: torch.device) -> float | None:
+    """The share of ``iters`` steps' wall time in which the GPU runs a kernel (overlapping kernels counted once);
+    None on a CPU, where there is no device to wait for."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    clock = Clock(device)
+    with profile(activities=activities) as prof:
+        start = clock.now()
+        for _ in range(iters):
+            step()
+        wall_us = (clock.now() - start) * 1e6
+    if device.type != "cuda":
+        return None
+    kernels = sorted(
+        (event.time_range.start, event.time_range.end)
+        for event in prof.events()
+        if event.device_type == torch.autograd.DeviceType.CUDA
+    )
+    busy_us, covered_until = 0.0, float("-inf")
+    for start_us, end_us in kernels:  # the union of the kernels' intervals
+        start_us = max(start_us, covered_until)
+        if end_us > start_us:
+            busy_us += end_us - start_us
+            covered_until = end_us
+    return busy_us / wall_us
 
 
 def commit() -> str:
@@ -442,6 +479,19 @@ def render(results: list[dict], args: argparse.Namespace, device: torch.device) 
         f"Times are medians (the ratio of the minima uses each column's fastest iteration). Target: ratio ≤ "
         f"{TARGET_RATIO}.",
         "",
+    ]
+    if args.busy:
+        lines += [
+            f"GPU busy during {args.busy} GID steps (kernel time over wall time, torch.profiler; target ≥ "
+            f"{100 * TARGET_BUSY:.0f} %): "
+            + ", ".join(
+                f"{r['framework']} " + (f"**{100 * r['busy']:.0f} %**" + flag(r["busy"] >= TARGET_BUSY)
+                                        if r["busy"] is not None else "not applicable on a CPU")
+                for r in results
+            ),
+            "",
+        ]
+    lines += [
         f"Dynamic balance (`distill.balance.mode: dynamic`): one measurement, and its cost per step at "
         f"`every_steps: {args.every_steps}` as a share of the GID step (target ≤ {100 * TARGET_BALANCE_COST:.0f} %).",
         "",

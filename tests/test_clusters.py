@@ -32,7 +32,6 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.util import get_node_ip_address
 
 from gid import logs
-from gid.cli import main
 from gid.config import validate
 from gid.engine.state import CHECKPOINT_FILE
 from gid.engine.trainer import build_trainer, driver_env_vars
@@ -298,23 +297,24 @@ def token_file(path: Path, token: str | None = None) -> tuple[Path, str]:
 # A client with a token the cluster refuses, or none: on the real loopback cluster, below
 # (test_a_client_without_the_clusters_token_is_refused_in_one_line).
 @pytest.mark.parametrize("token_path", ["missing", "unset"])
-def test_token_mode_without_a_token_is_one_line_naming_where_ray_looked_before_any_connection(monkeypatch, tiny_config, tmp_path, capfd, token_path):
-    for name in AUTH_ENV + ("RAY_ADDRESS",):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+def test_token_mode_without_a_token_is_one_line_naming_where_ray_looked_before_any_connection(tiny_config, tmp_path, token_path):
+    env = {k: v for k, v in os.environ.items() if k not in AUTH_ENV + ("RAY_ADDRESS",)}
+    env.update(HOME=str(tmp_path / "home"), RAY_AUTH_MODE="token")
     missing = tmp_path / "nowhere" / "auth_token"
     if token_path == "missing":
-        monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(missing))
+        env["RAY_AUTH_TOKEN_PATH"] = str(missing)
     config = tiny_config()
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(config.to_dict()))
-    code = main(["train", str(path), "--address", f"127.0.0.1:{free_port()}"])  # nothing there: never asked
-    out, err = capfd.readouterr()
+    # A process of its own, as a user's gid is: in this one a test before may have started Ray already.
+    done = subprocess.run(
+        [sys.executable, "-m", "gid.cli", "train", str(path), "--address", f"127.0.0.1:{free_port()}"],  # nothing there
+        env=env, capture_output=True, text=True, timeout=120,
+    )
     where = (f"RAY_AUTH_TOKEN_PATH={missing} is missing or empty" if token_path == "missing"
              else f"no RAY_AUTH_TOKEN, no RAY_AUTH_TOKEN_PATH and no {tmp_path / 'home' / '.ray' / 'auth_token'}")
-    assert code == 2 and "Traceback" not in out + err
-    (line,) = err.strip().splitlines()
+    assert done.returncode == 2 and "Traceback" not in done.stdout + done.stderr
+    (line,) = done.stderr.strip().splitlines()
     assert line.startswith(f"gid: error: RAY_AUTH_MODE=token but this client has no Ray token ({where})")
 
 
