@@ -139,6 +139,8 @@ class Tracking(StrictModel):
     artifact_location: str | None = None  # where a new experiment keeps artifacts (default: MLflow's)
     # At the end: export the winners' configs and register their students as this MLflow model (search.registry).
     registered_model: str | None = None
+    # MLflow's system metrics on each trial's run, sampled this often in the trial's process (0: off; search.system_metrics).
+    system_metrics_interval_s: float = Field(10, ge=0)
 
     @field_validator("registered_model")
     @classmethod

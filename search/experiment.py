@@ -27,6 +27,7 @@ from gid import logs
 from search.config import SweepConfig
 from search.leftovers import Leftovers
 from search.space import LOSSES, to_optuna
+from search.system_metrics import SystemMetrics
 from search.tracking import MlflowTrialCallback, TrialLogger, flatten, sync_results
 from search.trial import run_trial, shown_in_percent, trains_in_trial, trial_dirname
 
@@ -167,10 +168,9 @@ def trial_resources(base: Config) -> dict[str, float]:
     return {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
 
 
-def trial_trainable(base: Config, trials_path: str):
-    return tune.with_resources(
-        tune.with_parameters(run_trial, base=base.to_dict(), trials_path=trials_path), trial_resources(base)
-    )
+def trial_trainable(base: Config, trials_path: str, system_metrics: SystemMetrics | None = None):
+    trial = tune.with_parameters(run_trial, base=base.to_dict(), trials_path=trials_path, system_metrics=system_metrics)
+    return tune.with_resources(trial, trial_resources(base))
 
 
 def trial_run_config(base: Config) -> dict[str, Any]:
@@ -222,7 +222,7 @@ def run_experiment(
     its trials train in all; ``label`` names its trials in the epoch lines.
     """
     base = trials.base
-    trainable = trial_trainable(base, trials.trials_path)
+    trainable = trial_trainable(base, trials.trials_path, trials.system_metrics(sweep.tracking.system_metrics_interval_s))
     experiment_path = paths.join(name)
     if resume and tune.Tuner.can_restore(experiment_path):
         tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=False)

@@ -32,6 +32,7 @@ from gid.engine.loop import PICTURES_DIR
 from gid.errors import GidError, first_line
 from search.names import quoted
 from search.space import relevant, with_values
+from search.system_metrics import SystemMetrics
 from search.outcomes import FINISHED, LOST, trial_status
 from search.trial import BASELINE, FINAL, PERCENT_SUFFIX, checkpoint_path, trial_config, trial_params
 
@@ -106,6 +107,15 @@ def connect(
     except Exception as exc:  # noqa: BLE001 - any failure here means "cannot track"
         raise GidError(f"cannot use MLflow at {redact(client.tracking_uri)}: {first_line(exc)}") from None
     return client, experiment_id
+
+
+def absolute(tracking_uri: str) -> str:
+    """A SQLite store's URI with an absolute path: Ray starts a trial's process in another folder."""
+    if tracking_uri.startswith("sqlite:///") and not tracking_uri.startswith("sqlite:////"):
+        path, query = tracking_uri.removeprefix("sqlite:///").partition("?")[::2]
+        if path and path != ":memory:":
+            return f"sqlite:///{Path(path).resolve()}" + (f"?{query}" if query else "")
+    return tracking_uri
 
 
 def check_store_exists(tracking_uri: str) -> None:
@@ -216,6 +226,12 @@ class TrialLogger:
 
     def _tags(self, **more: str) -> dict[str, str]:
         return {SWEEP_ID_TAG: self.sweep.id, FRAMEWORK_TAG: self.framework, ROLE_TAG: self.role, **more}
+
+    def system_metrics(self, interval_s: float) -> SystemMetrics | None:
+        """Where a trial of these finds its run, to sample the system into (None: ``interval_s`` 0, off)."""
+        if not interval_s:
+            return None
+        return SystemMetrics(absolute(self.client.tracking_uri), self.experiment_id, self._tags(), TRIAL_TAG, interval_s)
 
     def run_for(self, trial_id: str, trial: dict[str, Any]) -> str:
         if trial_id in self._runs:

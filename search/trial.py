@@ -24,6 +24,7 @@ from gid.config import Config, set_value
 from gid.engine.loop import train_loop
 from gid.engine.trainer import build_trainer, raise_user_error
 from search.space import with_values
+from search.system_metrics import SystemMetrics, monitored
 
 BASELINE = "baseline"  # the MLflow role (and Train run name) of the student trained alone, when the sweep trains it
 # The finalize stage's Tune trials hold their point under this key: a config label, its source trial and a seed.
@@ -111,11 +112,16 @@ class ReportToTune(TuneReportCallback):
         super().after_report(run_context, [with_percentages(metrics[0])], checkpoint)
 
 
-def run_trial(params: dict[str, Any], *, base: dict[str, Any], trials_path: str) -> None:
+def run_trial(
+    params: dict[str, Any], *, base: dict[str, Any], trials_path: str, system_metrics: SystemMetrics | None = None
+) -> None:
+    """Train one trial; ``system_metrics``: where its MLflow run is, to sample the system into while it trains in
+    this process (a multi-worker trial's Train workers run elsewhere: they are not sampled)."""
     trial_id = tune.get_context().get_trial_id()
     config = trial_config(base, trial_params(params), trial_id, trials_path)
     with raise_user_error():
         if trains_in_trial(config):
-            train_loop(config.to_dict(), TuneTrial())
+            with monitored(system_metrics, trial_id):
+                train_loop(config.to_dict(), TuneTrial())
         else:
             build_trainer(config, callbacks=[ReportToTune()]).fit()

@@ -293,9 +293,11 @@ def write_base_configs(synth_root: Path, root: Path, frameworks, epochs: int = 2
 
 
 def write_sweep(
-    root: Path, name: str, tracking_uri: str, frameworks=("retinanet", "fcos"), baselines: bool = True, **extra
+    root: Path, name: str, tracking_uri: str, frameworks=("retinanet", "fcos"), baselines: bool = True,
+    system_metrics_interval_s: float = 0, **extra
 ) -> Path:
-    """A small sweep file; ``baselines``: name the untrained students as the baselines, so the sweep trains none."""
+    """A small sweep file; ``baselines``: name the untrained students as the baselines, so the sweep trains none.
+    System metrics are off unless asked for: a sample's thread is one more on two busy cores."""
     sweep = {
         "name": name,
         "frameworks": {
@@ -306,7 +308,7 @@ def write_sweep(
         "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": 2},
         "scheduler": {"type": "asha", "grace_period": 1},
         "sampler": {"type": "tpe", "seed": 0},
-        "tracking": {"tracking_uri": tracking_uri, "experiment": "gid-test"},
+        "tracking": {"tracking_uri": tracking_uri, "experiment": "gid-test", "system_metrics_interval_s": system_metrics_interval_s},
         "storage_path": str(root / "sweeps"),
         **extra,
     }

@@ -91,7 +91,7 @@ def child_runs(client: MlflowClient, sweep: str) -> list:
 def finished_sweep(ray_local, workspace, mlflow_server):
     # no baselines given: the sweep trains each framework's student alone itself
     overrides = ["trials=2"]  # the file says 3; the sweep's MLflow run records the invocation as given
-    sweep = load_sweep(write_sweep(workspace, MAIN, mlflow_server, baselines=False), overrides)
+    sweep = load_sweep(write_sweep(workspace, MAIN, mlflow_server, baselines=False, system_metrics_interval_s=1), overrides)
     return sweep, run_sweep(sweep, overrides=overrides)
 
 
@@ -156,6 +156,10 @@ def test_sweep_runs_every_trial_and_tracks_them_in_mlflow(finished_sweep, mlflow
         # the student's cost, pruned trials' too: measured after the first epoch and again after the last
         assert [m.step for m in client.get_metric_history(run.info.run_id, "latency_ms")] == list(range(1, epochs + 1))
         assert run.data.metrics["latency_ms"] > 0 and run.data.metrics["params"] > 1e6
+        # what the trial used of the machine, sampled every second in the process that trained it
+        cpu = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+        assert cpu and [m.step for m in cpu] == list(range(len(cpu))) and all(0 <= m.value <= 100 for m in cpu)
+        assert run.data.metrics["system/system_memory_usage_megabytes"] > 0
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"config.yaml", PORTABLE_CONFIG} <= artifacts
         logged = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text())
