@@ -120,6 +120,18 @@ def reference_aps(outcome: FrameworkOutcome) -> tuple[float | None, float | None
     return teacher_val_ap(outcome.base), stored_val_ap(outcome.baseline)
 
 
+def headline_metrics(sweep: SweepConfig, outcomes: list[FrameworkOutcome]) -> dict[str, float]:
+    """The summary's numbers as the sweep's own metrics, so MLflow's runs table compares sweeps: per framework the
+    teacher's and the student alone's val AP and the best trial's objective (``<framework>/best_<metric>``)."""
+    metric, mode, metrics = sweep.objective.metric, sweep.objective.mode, {}
+    for outcome in outcomes:
+        teacher_ap, baseline_ap = reference_aps(outcome)
+        best = best_row(trial_rows(outcome, metric), mode)
+        found = {"teacher_val_ap": teacher_ap, "student_val_ap": baseline_ap, f"best_{metric}": best and best.value}
+        metrics.update({f"{outcome.framework}/{name}": value for name, value in found.items() if value is not None})
+    return metrics
+
+
 def trials_csv(rows: list[TrialRow]) -> str:
     keys = sorted({k for r in rows for k in r.params})
     out = io.StringIO()

@@ -29,10 +29,10 @@ from search.export import ExportedConfig, export_best
 from search.experiment import EpochBudget, build_scheduler, build_searcher, default_point, run_experiment
 from search.finalize import candidates, final_points, final_scores, final_seeds
 from search.outcomes import FinalScore, FrameworkOutcome, SweepOutcome
-from search.report import trial_rows, write_sweep_report
+from search.report import headline_metrics, trial_rows, write_sweep_report
 from search.space import STUDENT_ALONE
 from search.storage import SweepPaths
-from search.tracking import TrialLogger, connect, parent_run, record_invocation, redact, runs_link
+from search.tracking import TrialLogger, connect, log_metrics, parent_run, record_invocation, redact, runs_link
 from search.trial import BASELINE, FINAL, trains_in_trial, trial_config
 
 logger = logging.getLogger(__name__)
@@ -171,6 +171,7 @@ def run_sweep(
     summary, report_dir = write_sweep_report(sweep, outcomes, paths.local)
     try:
         client.log_artifacts(sweep_run.parent_run_id, str(report_dir), "report")
+        log_metrics(client, sweep_run.parent_run_id, headline_metrics(sweep, outcomes))
         client.set_tag(sweep_run.parent_run_id, MLFLOW_RUN_NOTE, summary)  # shown as the run's description
         client.set_terminated(sweep_run.parent_run_id, status="FINISHED")
     except Exception as exc:  # noqa: BLE001 - the report is on disk either way

@@ -145,6 +145,12 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> Non
         client.log_batch(run_id, params=items[start : start + 100])
 
 
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float]) -> None:
+    """Metrics of a run as a whole (step 0), e.g. the sweep's headline figures; a later call (a resume) updates them."""
+    now = int(datetime.now(timezone.utc).timestamp() * 1000)
+    client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()])
+
+
 def tag_filter(tags: dict[str, str]) -> str:
     return " and ".join(f"tags.`{key}` = {quoted(value)}" for key, value in tags.items())
 

@@ -135,6 +135,10 @@ def test_sweep_runs_every_trial_and_tracks_them_in_mlflow(finished_sweep, mlflow
         cost = f"{best.train_time_s / read_checkpoint(framework.baseline)['metrics']['train_time_s']:.1f}×"
         student = f"{best.param_count / 1e6:.2f} M, {best.latency_ms:.1f} ms"  # objective.latency_runs: 5 by default
         row = f"| {framework.framework} | " + " | ".join(f"{c:.1f}" for c in cells) + f" | {gain} | {cost} | {student} |"
+        # the same figures as the sweep run's metrics, for MLflow's runs table to compare sweeps by
+        fw = framework.framework
+        headline = {f"{fw}/teacher_val_ap": teacher_ap, f"{fw}/student_val_ap": ap, f"{fw}/best_val_ap": best.value}
+        assert {key: parent.data.metrics[key] for key in headline} == pytest.approx(headline)
         assert row in outcome.summary if defaults.status == "finished" else f"| {defaults.status} |" in outcome.summary
 
     runs = child_runs(client, MAIN)
