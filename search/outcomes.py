@@ -94,6 +94,7 @@ class FrameworkOutcome:
     baseline: Path | None  # model file of the student trained alone: the sweep file's, or the one the sweep trained
     defaults: dict[str, Any] | None = None  # GID's defaults, when the sweep's first trial evaluated them
     final: list[FinalScore] = field(default_factory=list)  # the finalize stage's candidates, when it ran
+    restarts: dict[str, tuple[int, str]] = field(default_factory=dict)  # trial id -> (restarts, last reason)
 
 
 @dataclass

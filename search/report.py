@@ -83,6 +83,11 @@ def summary_markdown(sweep: SweepConfig, outcomes: list[FrameworkOutcome], rows:
     finalized = [final_markdown(o.framework, o.final, mode) for o in outcomes if o.final]
     if finalized:
         lines += ["", "## Finalized: the best configurations re-trained over seeds", "", *finalized]
+    restarted = [(o.framework, trial, times, reason) for o in outcomes for trial, (times, reason) in o.restarts.items()]
+    if restarted:
+        lines += ["", f"Trials restarted from their last checkpoint ({len(restarted)}):", ""] + [
+            f"- {framework} {trial}: {times}× ({reason})" for framework, trial, times, reason in restarted
+        ]
     failed = [r for r in rows if r.status == FAILED]
     if failed:
         lines += ["", "Failed trials:", ""] + [f"- {r.framework} {r.trial_id}: {r.error}" for r in failed]

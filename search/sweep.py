@@ -101,10 +101,19 @@ def run_framework(
     )
     study = optuna.load_study(study_name=name, storage=storage)
     defaults = default_point(space) if sweep.sampler.paper_defaults_first else None
-    outcome = FrameworkOutcome(framework, base, results, study, baseline, defaults)
+    outcome = FrameworkOutcome(framework, base, results, study, baseline, defaults, restarts=restarted(trials))
     if sweep.finalize:
         outcome.final = run_finalize(sweep, outcome, paths, trials, resume)
     return outcome
+
+
+def restarted(trials: TrialLogger) -> dict[str, tuple[int, str]]:
+    """The trials that restarted from a checkpoint, as MLflow recorded them (none known while it is unreachable)."""
+    try:
+        return trials.restarts()
+    except Exception as exc:  # noqa: BLE001 - the summary goes without them
+        logger.warning("MLflow unreachable (%s): the summary cannot say which trials restarted", first_line(exc))
+        return {}
 
 
 def run_finalize(

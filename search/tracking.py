@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 SWEEP_TAG, SWEEP_ID_TAG, STORAGE_TAG = "gid.sweep", "gid.sweep_id", "gid.storage"
 FRAMEWORK_TAG, TRIAL_TAG, ROLE_TAG = "gid.framework", "gid.trial_id", "gid.role"
 STATUS_TAG, ERROR_TAG = "gid.status", "gid.error"
+# A trial that failed and restarted from its last checkpoint (run.max_failures): how often, and the last reason.
+RESTARTS_TAG, RESTART_REASON_TAG = "gid.restarts", "gid.restart_reason"
 # A trial's last checkpoint (its folder): the student it trained, which registering reads (search.registry).
 CHECKPOINT_TAG = "gid.checkpoint"
 # A finalize run: which configuration it re-trains (its label, the sweep trial it came from) and its seed.
@@ -298,6 +300,19 @@ class TrialLogger:
             self.client.log_artifacts(run_id, str(Path(checkpoint) / PICTURES_DIR), PICTURES_DIR)
         self.client.set_terminated(run_id, status="FAILED" if error is not None else "FINISHED")
 
+    def log_restart(self, trial_id: str, trial: dict[str, Any], count: int, reason: str) -> None:
+        run_id = self.run_for(trial_id, trial)
+        self.client.log_batch(run_id, tags=[RunTag(RESTARTS_TAG, str(count)), RunTag(RESTART_REASON_TAG, reason[:5000])])
+
+    def restarts(self) -> dict[str, tuple[int, str]]:
+        """Trials that failed and restarted from their last checkpoint: trial id -> (how often, the last reason)."""
+        runs = self.client.search_runs([self.experiment_id], filter_string=tag_filter(self._tags()), max_results=10_000)
+        return {
+            run.data.tags[TRIAL_TAG]: (int(run.data.tags[RESTARTS_TAG]), run.data.tags.get(RESTART_REASON_TAG, ""))
+            for run in runs
+            if RESTARTS_TAG in run.data.tags and TRIAL_TAG in run.data.tags
+        }
+
     def log_baseline(self, metrics: dict[str, Any], epochs: int) -> None:
         """The student trained alone on the trials' schedule: a child run of its own, not a GID trial."""
         tags = {SWEEP_ID_TAG: self.sweep.id, FRAMEWORK_TAG: self.framework, ROLE_TAG: BASELINE}
@@ -365,6 +380,10 @@ class MlflowTrialCallback(Callback):
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
         self._writes.put(("log_result", (trial.trial_id, dict(trial.config), dict(result))))
+
+    def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        # Tune restarts it from its last checkpoint (run.max_failures): a lost node, a killed process.
+        self._writes.put(("log_restart", (trial.trial_id, dict(trial.config), trial.num_failures, trial_error(trial))))
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._finish(trial, None)

@@ -8,8 +8,12 @@ Ray first reads it: the fixture starts this one with ``RAY_AUTH_MODE=token`` and
 GCS, raylets, dashboard) inherit both. The test process cannot start the nodes itself: it keeps the
 session's in-process Ray (``ray_local``), which has a token of its own.
 
-Once both nodes are up it writes READY_FILE (JSON: address, dashboard, node ids with the head's first),
-then keeps the cluster until its stdin closes (the fixture closes it, or dies).
+Once both nodes are up it writes READY_FILE (JSON: address, dashboard, node ids with the head's first, and
+how many commands it has carried out), then keeps the cluster until its stdin closes (the fixture closes it, or
+dies). A line on stdin is a command, after which READY_FILE is written again:
+
+- ``lose-worker``: the worker node dies at once, all its Ray processes killed, as a preempted machine's do;
+- ``add-worker``: a new worker node joins, as the autoscaler's replacement would.
 """
 
 from __future__ import annotations
@@ -32,16 +36,26 @@ def main(settings: dict, ready: Path) -> None:
                         "dashboard_host": "127.0.0.1", "dashboard_port": settings["dashboard_port"],
                         "dashboard_agent_listen_port": settings["agent_port"]},
     )
+    def write_ready(commands: int) -> None:
+        nodes = [cluster.head_node.node_id, *(n.node_id for n in cluster.worker_nodes)]
+        state = {"address": cluster.address, "dashboard": cluster.webui_url, "node_ids": nodes, "commands": commands}
+        written = ready.with_suffix(".partial")
+        written.write_text(json.dumps(state))
+        os.replace(written, ready)
+
     try:
         cluster.add_node(**node)
         cluster.wait_for_nodes()
         if cluster.address != address:
             raise RuntimeError(f"the head is at {cluster.address}, not {address}")
-        nodes = [cluster.head_node.node_id, *(n.node_id for n in cluster.worker_nodes)]
-        written = ready.with_suffix(".partial")
-        written.write_text(json.dumps({"address": cluster.address, "dashboard": cluster.webui_url, "node_ids": nodes}))
-        os.replace(written, ready)
-        sys.stdin.read()  # until the fixture closes it
+        write_ready(0)
+        for done, command in enumerate(sys.stdin, start=1):  # until the fixture closes it
+            if command.strip() == "lose-worker":
+                cluster.remove_node(next(iter(cluster.worker_nodes)), allow_graceful=False)
+            elif command.strip() == "add-worker":
+                cluster.add_node(**node)
+                cluster.wait_for_nodes()
+            write_ready(done)
     finally:
         cluster.shutdown()
 

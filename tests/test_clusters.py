@@ -26,6 +26,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import ray
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from ray.autoscaler._private.util import prepare_config, validate_config
@@ -422,6 +423,19 @@ class LoopbackCluster:
     node_ids: list[str]  # the head's first
     token_path: Path  # the cluster's token, where a node's ~/.ray/auth_token would be
     token: str
+    keeper: subprocess.Popen  # tests/loopback_cluster.py, which takes commands on its stdin
+    ready: Path  # where the keeper writes the cluster's state after each command
+
+    def command(self, line: str) -> list[str]:
+        """Have the keeper carry out ``line`` (``lose-worker``, ``add-worker``); the node ids after it, the head's first."""
+        done = json.loads(self.ready.read_text())["commands"]
+        self.keeper.stdin.write(f"{line}\n".encode())
+        self.keeper.stdin.flush()
+        deadline = time.monotonic() + 120
+        while (state := json.loads(self.ready.read_text()))["commands"] == done:
+            assert self.keeper.poll() is None and time.monotonic() < deadline, f"the cluster did not {line}"
+            time.sleep(0.2)
+        return state["node_ids"]
 
 
 def write_token(path: Path) -> str:
@@ -469,7 +483,7 @@ def two_nodes(tmp_path_factory):
                 raise AssertionError(f"the two-node cluster did not start:\n{log_path.read_text()[-6000:]}")
             time.sleep(0.5)
         started = json.loads(ready.read_text())
-        yield LoopbackCluster(started["address"], started["dashboard"], started["node_ids"], token_path, token)
+        yield LoopbackCluster(started["address"], started["dashboard"], started["node_ids"], token_path, token, keeper, ready)
     finally:
         with contextlib.suppress(OSError):
             keeper.stdin.close()  # the keeper shuts the cluster down
@@ -612,3 +626,68 @@ def test_a_client_without_the_clusters_token_is_refused_in_one_line(two_nodes, m
     experiment = tracking.get_experiment_by_name("gid-clusters")
     assert experiment is None or not tracking.search_runs([experiment.experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{name}'")
     assert_token_nowhere(two_nodes.token, output, shared, mlflow_on_head.home)
+
+
+# --- a node lost mid-sweep (last in this module: it replaces the cluster's worker node) -------------
+
+
+def test_a_lost_node_costs_its_trials_only_their_last_epoch_and_a_new_node_takes_trials(
+    two_nodes, mlflow_on_head, cluster_sweep, tmp_path
+):
+    """A worker node dies mid-sweep as a preempted machine does (every Ray process of it killed): its trial
+    restarts from its last checkpoint (`run.max_failures`), on the node that joined in its place or on the head,
+    the sweep finishes, and MLflow holds each trial once, its epochs in order with no gap."""
+    epochs, name, shared = 4, "lost-node", tmp_path / "shared"
+    base = yaml.safe_load((cluster_sweep / "retinanet_gid.yaml").read_text())
+    base["train"] = {**base.get("train", {}), "epochs": epochs}
+    base["run"] = {**base.get("run", {}), "max_failures": 2}
+    (tmp_path / "retinanet_gid.yaml").write_text(yaml.safe_dump(base))
+    sweep = yaml.safe_load((cluster_sweep / "sweep.yaml").read_text())
+    sweep["name"] = name
+    sweep["frameworks"]["retinanet"]["baseline"] = str(cluster_sweep / "student.pt")
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    env = client_env(
+        PYTHONPATH=str(REPO), PYTHON=sys.executable, GID_WORKDIR=str(tmp_path), GID_STORAGE_PATH=str(shared),
+        MLFLOW_TRACKING_URI=mlflow_on_head.uri, RAY_AUTH_TOKEN_PATH=str(two_nodes.token_path),
+        # one trial per node: each node has one CPU
+        GID_WORKERS_PER_TRIAL="1", GID_CPUS_PER_WORKER="1", GID_MAX_CONCURRENT_TRIALS="2",
+    )
+    client = MlflowClient(mlflow_on_head.uri)
+
+    def trial_runs() -> list:
+        experiment = client.get_experiment_by_name("gid-clusters")
+        query = f"tags.`{SWEEP_TAG}` = '{name}' and tags.`{ROLE_TAG}` = 'trial'"
+        return client.search_runs([experiment.experiment_id], filter_string=query) if experiment else []
+
+    head, lost = two_nodes.node_ids
+    log = tmp_path / "driver.log"
+    with log.open("w") as out:
+        driver = subprocess.Popen(["bash", str(CLUSTERS / "run-sweep.sh"), "sweep.yaml", "--address", two_nodes.address],
+                                  env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            # Once the trial on the worker node has logged an epoch (so it has a checkpoint), the node goes.
+            deadline = time.monotonic() + 300
+            while not any(r.data.tags.get("gid.worker_nodes") == lost and r.data.metrics.get("epoch", 0) >= 1 for r in trial_runs()):
+                assert driver.poll() is None and time.monotonic() < deadline, log.read_text()[-6000:]
+                time.sleep(0.5)
+            assert lost not in two_nodes.command("lose-worker")
+            (replacement,) = set(two_nodes.command("add-worker")) - {head}
+            assert driver.wait(timeout=420) == 0, log.read_text()[-6000:]
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+
+    runs = trial_runs()
+    assert len(runs) == 2 and len({r.data.tags[TRIAL_TAG] for r in runs}) == 2  # each trial once
+    (restarted,) = [r for r in runs if "gid.restarts" in r.data.tags]
+    assert restarted.data.tags["gid.restarts"] == "1"
+    assert restarted.data.tags["gid.worker_nodes"] in (head, replacement)  # trained on after the node's loss
+    for run in runs:
+        assert run.info.status == "FINISHED" and run.data.tags[STATUS_TAG] == "finished"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch")] == list(range(1, epochs + 1))
+        # its final AP is the one its last checkpoint holds
+        trial_dir = shared / name / f"{name}-retinanet" / run.data.tags[TRIAL_TAG]
+        last = max(trial_dir.glob("checkpoint_*"), key=lambda path: path.name)
+        assert torch.load(last / CHECKPOINT_FILE, weights_only=False)["metrics"]["val_ap"] == run.data.metrics["val_ap"]
+    summary = (shared / name / "report" / "summary.md").read_text()
+    assert f"- retinanet {restarted.data.tags[TRIAL_TAG]}: 1× (" in summary

@@ -72,14 +72,19 @@ def test_a_killed_one_worker_trial_restarts_from_its_last_checkpoint(ray_local, 
 
     killer = threading.Thread(target=kill_the_trial_once_its_first_epoch_is_logged)
     killer.start()
-    (framework,) = run_sweep(load_sweep(path)).frameworks
+    outcome = run_sweep(load_sweep(path))
     killer.join()
+    (framework,) = outcome.frameworks
     (result,) = framework.results
     assert result.error is None and result.metrics["epoch"] == 3
     assert result.metrics["iterations_since_restore"] < 3  # restored, then trained what was left
     (run,) = trial_runs()
     assert run.data.tags[STATUS_TAG] == "finished"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch")] == [1, 2, 3]  # none trained twice
+    # the run and the summary say that it restarted, and why
+    trial_id = run.data.tags["gid.trial_id"]
+    assert run.data.tags["gid.restarts"] == "1" and run.data.tags["gid.restart_reason"]
+    assert f"- retinanet {trial_id}: 1× (" in outcome.summary
 
 
 def sweep_file(synth_root: Path, root: Path, tracking_uri: str, **extra) -> Path:
