@@ -17,12 +17,12 @@ you trust.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow.pytorch
 import torchvision
 from mlflow.entities import LoggedModel, LoggedModelOutput, LoggedModelStatus
 from mlflow.entities.model_registry import ModelVersion, RegisteredModel
@@ -159,7 +159,7 @@ def _save_student(
         extra = {folder / f"{STUDENT}.ts": "torchscript", folder / f"{STUDENT}.pth": "torchvision"}
         loading = [export_model(model_file, kind, path).removeprefix(f"wrote {path}") for path, kind in extra.items()]
         (folder / config_name).write_text(config_text)
-        mlflow.pytorch.save_model(
+        mlflow_pytorch().save_model(
             # torchvision's box pooler again (gid's computes the same values): the pickle names torchvision's classes only
             with_torchvision_poolers(model).eval(), folder / "model", serialization_format="pickle",
             pip_requirements=requirements(), extra_files=[str(path) for path in [*extra, folder / config_name]],
@@ -175,4 +175,17 @@ def _save_student(
 def requirements() -> list[str]:
     """What loading the pickle needs: torch and cloudpickle (MLflow's pins) and torchvision, whose classes it names."""
     # a local version label (+cu130) names a build, not a release pip can install
-    return [*mlflow.pytorch.get_default_pip_requirements(), f"torchvision=={torchvision.__version__.split('+')[0]}"]
+    return [*mlflow_pytorch().get_default_pip_requirements(), f"torchvision=={torchvision.__version__.split('+')[0]}"]
+
+
+def mlflow_pytorch():
+    """``mlflow.pytorch``, imported without what its import does to the root logger: ``logging.basicConfig`` in
+    ``mlflow/pytorch/_lightning_autolog.py`` (mlflow/mlflow#20922) adds a stderr handler there, and every library's
+    records would then reach the terminal that gid keeps quiet (docs/ray-workarounds.md)."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    import mlflow.pytorch
+
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    return mlflow.pytorch

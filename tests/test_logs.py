@@ -349,3 +349,11 @@ def test_gid_knows_nothing_of_tune_mlflow_optuna_or_search():
         for match in imports.finditer(path.read_text())
     ]
     assert found == []
+
+
+def test_gid_and_the_registry_leave_the_root_logger_without_a_terminal_handler():
+    # mlflow.pytorch's import adds one (the canary in test_ray_canaries.py): every library's records would then
+    # print on gid's quiet terminal, Optuna's "new study" and Tune's warnings among them.
+    code = ("import logging, gid.cli, search.cli, search.sweep, search.registry as registry; registry.mlflow_pytorch(); "
+            "print(len(logging.getLogger().handlers))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "0"

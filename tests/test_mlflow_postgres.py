@@ -21,6 +21,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from gid.engine.state import CHECKPOINT_FILE
 from search.config import load_sweep
 from search.sweep import run_sweep
+from search.trial import PERCENT_SUFFIX
 from search.tracking import (
     _SKIPPED_METRICS,
     FRAMEWORK_TAG,
@@ -139,8 +140,8 @@ def reported(trial_folder: Path) -> dict[str, list[tuple[int, float]]]:
     for line in (trial_folder / "result.json").read_text().splitlines():
         result = json.loads(line)
         for key, number in result.items():
-            if (key not in _SKIPPED_METRICS and isinstance(number, (int, float)) and not isinstance(number, bool)
-                    and math.isfinite(number)):
+            if (key not in _SKIPPED_METRICS and not key.endswith(PERCENT_SUFFIX)  # Tune's terminal's, not MLflow's
+                    and isinstance(number, (int, float)) and not isinstance(number, bool) and math.isfinite(number)):
                 epoch = int(result.get("epoch", result.get("training_iteration", 0)))
                 metrics.setdefault(key, []).append((epoch, float(number)))
     return metrics

@@ -7,6 +7,8 @@ workaround it names has become unnecessary or wrong: re-check it against the pag
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import optuna
 import pytest
@@ -141,3 +143,9 @@ def test_a_driver_refused_for_its_token_fails_in_ray_init_as_gid_expects():
     assert callable(init_grpc_channel) and callable(canonicalize_bootstrap_address) and KV_NAMESPACE_SESSION
     assert {"key", "namespace"} <= set(gcs_service_pb2.InternalKVGetRequest.DESCRIPTOR.fields_by_name)
     assert hasattr(gcs_service_pb2_grpc.InternalKVGcsServiceStub, "__init__")
+
+
+def test_importing_mlflow_pytorch_still_puts_a_handler_on_the_root_logger():
+    # search/registry.py: mlflow_pytorch() imports it and takes the handler back off (mlflow/mlflow#20922).
+    code = "import logging, mlflow.pytorch; print(len(logging.getLogger().handlers))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "1"
