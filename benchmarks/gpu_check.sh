@@ -18,7 +18,7 @@ REPORT="$OUT/gpu_check.md"
 
 if [[ ${1:-} == --dry-run ]]; then
   DEVICE=(--device cpu) STEP=(--image-size 64 --batch-size 2 --iters 1 --warmup 1 --busy 1 --threads 1)
-  SYNCS=(--image-size 64 --batch-size 2 --steps 2 --log-every 2 --every-steps 2) THREADS=1
+  SYNCS=(--image-size 64 --batch-size 2 --steps 4 --log-every 4 --every-steps 4) THREADS=1
   LOADER=(--image-size 64 --batch-size 2 --batches 2 --workers 0,1 --steps 1 --threads 1)
   DATA=(--train 16 --val 8 --image-size 64) SWEEP_GPUS=0 SWEEP_CPUS=0.5 CONCURRENT=2 BATCH=4
 elif [[ $# -eq 0 ]]; then
