@@ -682,6 +682,9 @@ def test_a_lost_node_costs_its_trials_only_their_last_epoch_and_a_new_node_takes
     (restarted,) = [r for r in runs if "gid.restarts" in r.data.tags]
     assert restarted.data.tags["gid.restarts"] == "1"
     assert restarted.data.tags["gid.worker_nodes"] in (head, replacement)  # trained on after the node's loss
+    # it went on from its last checkpoint: Tune's results hold each epoch once, the last few since the restore
+    reported = [json.loads(line) for line in (shared / name / f"{name}-retinanet" / restarted.data.tags[TRIAL_TAG] / "result.json").read_text().splitlines()]
+    assert [r["epoch"] for r in reported] == list(range(1, epochs + 1)) and reported[-1]["iterations_since_restore"] < epochs
     for run in runs:
         assert run.info.status == "FINISHED" and run.data.tags[STATUS_TAG] == "finished"
         assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch")] == list(range(1, epochs + 1))
