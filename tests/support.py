@@ -138,6 +138,7 @@ def start_mlflow_server(root: Path, port: int | None = None) -> tuple[subprocess
             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
         ],
         stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # MLflow's job runner: gid starts no jobs
     )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -148,6 +149,8 @@ def start_mlflow_server(root: Path, port: int | None = None) -> tuple[subprocess
                     return process, uri
         except OSError:
             if process.poll() is not None or time.time() > deadline:
+                process.kill()  # a server that never answered must not outlive the test run
+                process.wait()
                 raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
             time.sleep(0.5)
 
