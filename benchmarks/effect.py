@@ -27,6 +27,7 @@ are kept in ``OUT/results.json``, so an interrupted benchmark picks up where it 
     python -m benchmarks.effect --quick --out runs/bench-effect-q  # a smaller table, FCOS only (2 CPUs: 11 min before the spec-weights row; its teacher is too weak to teach)
     python -m benchmarks.effect --dev --out runs/bench-effect-dev  # the development table the defaults are chosen on
     python -m benchmarks.effect --value --out runs/bench-value     # the defaults at equal compute and at convergence
+        --frameworks fcos --keep benchmarks/results/effect_value     # (a framework a session, its results kept in the repo)
     python -m benchmarks.effect --mobile --out runs/bench-mobile   # MobileNetV2 from ImageNet, with cost (in the full
                                                                    # table's folder: its teachers, not trained again)
     python -m benchmarks.effect --mobile --dev --out runs/bench-mobile-dev  # the same on the development data set
@@ -43,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -176,6 +178,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-seed", type=int, help="the synthetic data set's seed (development tables: one per data set)")
     p.add_argument("--sweep-trials", type=int, help="trials of each framework's sweep (0: no tuned row)")
     p.add_argument(
+        "--keep", type=Path, metavar="DIR",
+        help="a folder of the repository that keeps the table's results between sessions (a new session's checkout "
+        "has no --out folder): read when --out has no results yet, written after every finished run",
+    )
+    p.add_argument(
         "--lanes", type=int, default=torch.cuda.device_count() or os.cpu_count() or 1,
         help="runs side by side, each on its share of the CPUs (default: one per GPU, else one per CPU)",
     )
@@ -210,8 +217,8 @@ class Results:
     the sittings' (``sittings.json`` beside the results).
     """
 
-    def __init__(self, path: Path, lanes: int) -> None:
-        self.path, self.sittings_path = path, path.with_name("sittings.json")
+    def __init__(self, path: Path, lanes: int, keep: Path | None = None) -> None:
+        self.path, self.sittings_path, self.keep = path, path.with_name("sittings.json"), keep
         self.runs: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
         self.sittings = json.loads(self.sittings_path.read_text()) if self.sittings_path.exists() else []
         self.sitting = {"minutes": 0.0, "lanes": lanes, "commit": commit()}  # listed once it finishes a run
@@ -230,6 +237,9 @@ class Results:
         self.runs[key] = result
         self.path.write_text(json.dumps(self.runs, indent=1))
         self.tick()
+        if self.keep is not None:
+            for path in (self.path, self.sittings_path):
+                shutil.copy2(path, self.keep / path.name)
 
     def tick(self) -> None:
         """Save this sitting's wall time so far, so that an interrupted sitting still counts."""
@@ -311,10 +321,10 @@ class Bench:
     runs one after another.
     """
 
-    def __init__(self, out: Path, scale: Scale, lanes: int) -> None:
+    def __init__(self, out: Path, scale: Scale, lanes: int, keep: Path | None = None) -> None:
         self.out, self.scale, self.lanes = out, scale, lanes
         self.cpus_per_run = max(1, (os.cpu_count() or 1) // lanes)
-        self.results = Results(out / "results.json", lanes)
+        self.results = Results(out / "results.json", lanes, keep)
         self.configs = out / "configs"
         self.configs.mkdir(parents=True, exist_ok=True)
         # fetched once, before any run needs it (the index is asked once per machine: benchmarks.assets)
@@ -761,13 +771,30 @@ def check_folder(out: Path, scale: Scale) -> None:
         sys.exit(f"{out} holds runs of another data set or teacher ({', '.join(differs)} differ): pass another --out")
 
 
+KEPT = ("results.json", "sittings.json", "scale.json")
+
+
+def take_kept(keep: Path, out: Path) -> None:
+    """Start ``out`` from the results ``keep`` holds (an earlier session's), unless it has results of its own.
+    A run whose model file is gone is trained again when a waiting run needs it (``Results.retrain``)."""
+    keep.mkdir(parents=True, exist_ok=True)
+    if not (out / "results.json").exists():
+        for name in KEPT:
+            if (keep / name).exists():
+                shutil.copy2(keep / name, out / name)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     scale, out = args.scale, args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if args.keep is not None:
+        take_kept(args.keep, out)
     check_folder(out, scale)
     (out / "scale.json").write_text(json.dumps(asdict(scale), indent=1))
+    if args.keep is not None:
+        shutil.copy2(out / "scale.json", args.keep / "scale.json")
     from gid.data import make_synthetic
 
     if not (out / "data" / "annotations" / "instances_test.json").exists():
@@ -779,7 +806,7 @@ def main(argv: list[str] | None = None) -> None:
     from gid.engine.trainer import ensure_ray
 
     ensure_ray()
-    bench = Bench(out, scale, args.lanes)
+    bench = Bench(out, scale, args.lanes, args.keep)
     bench.run()
     if scale.latency_runs:
         bench.measure_costs()

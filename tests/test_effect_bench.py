@@ -86,3 +86,23 @@ def test_a_folder_takes_a_sitting_of_another_mode_only_on_its_own_data_and_teach
     effect.check_folder(tmp_path, effect.MOBILE)  # the full table's data and teachers: its folder lends them
     with pytest.raises(SystemExit, match="data_seed differ"):
         effect.check_folder(tmp_path, effect.MOBILE_DEV)
+
+
+def test_kept_results_carry_a_table_over_to_a_new_checkout(tmp_path):
+    """A session's checkout has no --out folder: --keep starts it from the repository's copy and keeps that copy
+    up to date after every finished run."""
+    keep, first, second = tmp_path / "kept", tmp_path / "session1", tmp_path / "session2"
+    first.mkdir()
+    effect.take_kept(keep, first)  # nothing kept yet: nothing to take
+    results = effect.Results(first / "results.json", lanes=2, keep=keep)
+    results.add("fcos/teacher/0", {"test": {"ap": 0.05}, "seconds": 60, "model": str(first / "teacher.pt")})
+    assert effect.json.loads((keep / "results.json").read_text()) == results.runs
+    assert (keep / "sittings.json").is_file()
+
+    second.mkdir()
+    effect.take_kept(keep, second)
+    again = effect.Results(second / "results.json", lanes=2, keep=keep)
+    assert again.runs == results.runs and len(again.sittings) == 1  # the next sitting adds its own
+    (second / "results.json").write_text("{}")  # a folder with results of its own keeps them
+    effect.take_kept(keep, second)
+    assert effect.json.loads((second / "results.json").read_text()) == {}
