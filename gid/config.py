@@ -47,7 +47,9 @@ class DataConfig(StrictModel):
     classes: list[str] | None = None  # VOC only: class names in label order (default: VOC's 20)
     image_size: int = Field(128, ge=32, le=4096)  # longest image side fed to the detector
     batch_size: int = Field(8, ge=1)  # per worker
-    loader_workers: int = Field(0, ge=0)
+    # DataLoader worker processes per training worker; auto: on a GPU, the worker's CPUs but the one that trains
+    # (at most 4), on a CPU none (gid.engine.loop.loader_workers)
+    loader_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
     hflip_prob: float = Field(0.5, ge=0.0, le=1.0)
 
 

@@ -146,3 +146,13 @@ def test_a_users_own_detectors_train_and_distil_through_gid(ray_local, tiny_conf
     model, stored, _ = load_model(student)
     assert stored.model.builder == "support:user_retinanet" and set(model.backbone.body) == {"stem", "c3", "c4", "c5"}
     assert read_checkpoint(student)["metrics"]["loss_feature"] > 0  # GID ran on the user's detectors
+
+
+def test_loader_workers_auto_loads_beside_the_step_on_a_gpu_only(tiny_config):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    for cpus, expected in ((1, 0), (2, 1), (5, 4), (16, 4)):  # the worker's CPUs but the one that trains, at most 4
+        config = tiny_config(scaling={"cpus_per_worker": cpus})
+        assert config.data.loader_workers == "auto"
+        assert loop.loader_workers(config, gpu) == expected
+        assert loop.loader_workers(config, cpu) == 0  # on a CPU the step needs every core
+    assert loop.loader_workers(tiny_config(data={"loader_workers": 2}), cpu) == 2  # a number is kept as given

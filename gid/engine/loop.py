@@ -78,6 +78,21 @@ def known_teacher_ap(config: Config, trainable: nn.Module) -> float | None:
     return cached_val_ap(config)
 
 
+MAX_AUTO_LOADER_WORKERS = 4
+
+
+def loader_workers(config: Config, device: torch.device) -> int:
+    """``data.loader_workers``, ``auto`` resolved. On a GPU, loading beside the step keeps the device fed: the
+    worker's CPUs but the one that trains. On a CPU the step needs every core, and reading and augmenting an
+    image costs a hundredth of what training on it does (docs/benchmarks.md, "Data loading"): none."""
+    workers = config.data.loader_workers
+    if workers != "auto":
+        return workers
+    if device.type != "cuda":
+        return 0
+    return max(0, min(MAX_AUTO_LOADER_WORKERS, int(config.scaling.cpus_per_worker) - 1))
+
+
 def _loader(dataset, batch_size: int, workers: int, shuffle: bool, device: torch.device) -> DataLoader:
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate,
@@ -268,9 +283,9 @@ def train_loop(config_dict: dict, session: Session, progress_queue: Queue | None
     train_set = build_dataset(config.data, config.data.train_split, train=True)
     val_set = build_dataset(config.data, config.data.val_split, train=False)
     num_classes = config.model.num_classes or train_set.num_classes
-    batch_size, loader_workers = config.data.batch_size, config.data.loader_workers
-    train_loader = session.prepare_loader(_loader(train_set, batch_size, loader_workers, shuffle=True, device=device))
-    val_loader = session.prepare_loader(_loader(val_set, batch_size, loader_workers, shuffle=False, device=device))
+    batch_size, workers = config.data.batch_size, loader_workers(config, device)
+    train_loader = session.prepare_loader(_loader(train_set, batch_size, workers, shuffle=True, device=device))
+    val_loader = session.prepare_loader(_loader(val_set, batch_size, workers, shuffle=False, device=device))
 
     setup_data_s, setup = time.perf_counter() - setup, time.perf_counter()
     trainable = build_trainable(config, num_classes, device)
