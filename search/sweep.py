@@ -141,7 +141,12 @@ def run_finalize(
         sweep, paths, final, name, f"{outcome.framework} {FINAL}", resume,
         param_space={FINAL: tune.grid_search(final_points(chosen, seeds))},
     )
-    return final_scores(results, objective.metric, base.train.epochs)
+    scores = final_scores(results, objective.metric, base.train.epochs)
+    try:
+        final.group_candidates(scores, objective.metric)
+    except Exception as exc:  # noqa: BLE001 - the summary holds the same figures
+        logger.warning("MLflow unreachable (%s); a --resume groups the finalize runs by configuration", first_line(exc))
+    return scores
 
 
 def run_sweep(

@@ -33,8 +33,8 @@ from gid.errors import GidError, first_line
 from search.names import quoted
 from search.space import relevant, with_values
 from search.system_metrics import SystemMetrics
-from search.outcomes import FINISHED, LOST, trial_status
-from search.trial import BASELINE, FINAL, PERCENT_SUFFIX, checkpoint_path, trial_config, trial_params
+from search.outcomes import FINISHED, LOST, FinalScore, trial_status
+from search.trial import BASELINE, FINAL, PERCENT_SUFFIX, STUDENT, checkpoint_path, trial_config, trial_params
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ RESTARTS_TAG, RESTART_REASON_TAG = "gid.restarts", "gid.restart_reason"
 CHECKPOINT_TAG = "gid.checkpoint"
 # A finalize run: which configuration it re-trains (its label, the sweep trial it came from) and its seed.
 CANDIDATE_TAG, SOURCE_TAG, SEED_TAG = "gid.candidate", "gid.source_trial", "gid.seed"
+CANDIDATE_ROLE = "candidate"  # the run that groups one configuration's finalize runs (TrialLogger.group_candidates)
 INVOCATION_TAG = "gid.invocation"  # gid.invocation.<n>: the n-th start or --resume of a sweep, with its --set values
 # What a trial's MLflow run holds besides the config it ran: the user's base config with the trial's values,
 # paths as the user wrote them and no sweep resources, which `gid export` writes out.
@@ -312,6 +313,29 @@ class TrialLogger:
             for run in runs
             if RESTARTS_TAG in run.data.tags and TRIAL_TAG in run.data.tags
         }
+
+    def group_candidates(self, scores: list[FinalScore], metric: str) -> None:
+        """The finalize stage's runs grouped by configuration: a run per candidate, nested in the sweep's, with its
+        objective's mean and spread over the seeds as metrics (``<metric>_mean``, ``_std``, ``seeds``), and the
+        candidate's seed runs nested in it, so MLflow's UI shows a configuration's seeds under one row.
+        Idempotent: a resume updates the same runs."""
+        for score in scores:
+            tags = {**self._tags(), ROLE_TAG: CANDIDATE_ROLE, CANDIDATE_TAG: score.label}
+            run_id = find_run(self.client, self.experiment_id, tags)
+            if run_id is None:
+                name = "student alone" if score.label == STUDENT else f"#{score.label}"
+                run_tags = {**tags, SOURCE_TAG: score.source, SWEEP_TAG: self.sweep.name,
+                            MLFLOW_PARENT_RUN_ID: self.sweep.parent_run_id,
+                            MLFLOW_RUN_NAME: f"{self.framework}/final {name} over seeds"}
+                run_id = self.client.create_run(self.experiment_id, tags=run_tags).info.run_id
+            log_metrics(self.client, run_id, {f"{metric}_mean": score.mean, f"{metric}_std": score.std,
+                                              "seeds": len(score.scores)})
+            seeds = self.client.search_runs(
+                [self.experiment_id], filter_string=tag_filter({**self._tags(), CANDIDATE_TAG: score.label}), max_results=1000
+            )
+            for run in seeds:
+                self.client.set_tag(run.info.run_id, MLFLOW_PARENT_RUN_ID, run_id)
+            self.client.set_terminated(run_id, status="FINISHED")
 
     def log_baseline(self, metrics: dict[str, Any], epochs: int) -> None:
         """The student trained alone on the trials' schedule: a child run of its own, not a GID trial."""

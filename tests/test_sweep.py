@@ -499,6 +499,16 @@ def test_finalize_retrains_the_best_over_seeds_and_export_takes_its_winner(
     mean = sum(r.data.metrics["val_ap"] for r in winner_runs) / 2
     (gid, student) = framework.final
     assert gid.source == best_trial and gid.mean == pytest.approx(mean) and student.label == "student"
+    # in MLflow a run per configuration holds its mean and spread, its seeds' runs nested in it
+    groups = {r.data.tags[CANDIDATE_TAG]: r for r in runs_of(client, "final", "candidate")}
+    assert sorted(groups) == ["1", "student"]
+    for score in framework.final:
+        group = groups[score.label]
+        assert group.data.tags["mlflow.parentRunId"] == runs_of(client, "final", "sweep")[0].info.run_id
+        assert group.data.metrics["val_ap_mean"] == pytest.approx(score.mean)
+        assert group.data.metrics["val_ap_std"] == pytest.approx(score.std) and group.data.metrics["seeds"] == 2
+    for run in runs_of(client, "final", FINAL):
+        assert run.data.tags["mlflow.parentRunId"] == groups[run.data.tags[CANDIDATE_TAG]].info.run_id
 
     (exported,) = export_best(tmp_path / "best", tracking_uri=mlflow_server, experiment="gid-test", sweep="final")
     assert exported.trial_id == best_trial and exported.seeds == 2
@@ -520,7 +530,7 @@ def test_finalize_retrains_the_best_over_seeds_and_export_takes_its_winner(
     resumed = run_sweep(load_sweep(path), resume=True)
     (again,) = resumed.frameworks
     assert [(s.label, s.scores) for s in again.final] == [(s.label, s.scores) for s in framework.final]
-    assert len(runs_of(client, "final", FINAL)) == 4
+    assert len(runs_of(client, "final", FINAL)) == 4 and len(runs_of(client, "final", "candidate")) == 2
     assert [e.registered.version for e in resumed.exported] == ["1"]
     assert len(client.search_model_versions("name = 'final-fcos'")) == 1
 
