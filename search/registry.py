@@ -17,6 +17,7 @@ you trust.
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from torch import nn
 
 from gid.engine.state import CHECKPOINT_FILE
 from gid.errors import GidError
-from gid.models import load_model
+from gid.models import load_model, read_checkpoint
 from gid.models.exchange import export_model
 from gid.models.roi_align import with_torchvision_poolers
 from search.names import quoted
@@ -42,6 +43,7 @@ from search.tracking import (
 )
 
 CHAMPION = "champion"
+LABELS_FILE = "labels.json"  # a version's label -> class name, from the model file (as its data set named them)
 # A version's own tags, beside the trial run's that it copies: the exported config's file name, the seeds
 # its metrics are the mean of, and the objective the champion rule compares (its metric, mode and value).
 CONFIG_TAG, SEEDS_TAG = "gid.config", "gid.seeds"
@@ -159,17 +161,23 @@ def _save_student(
         extra = {folder / f"{STUDENT}.ts": "torchscript", folder / f"{STUDENT}.pth": "torchvision"}
         loading = [export_model(model_file, kind, path).removeprefix(f"wrote {path}") for path, kind in extra.items()]
         (folder / config_name).write_text(config_text)
+        files = [*extra, folder / config_name]
+        if class_names := read_checkpoint(model_file).get("class_names"):
+            labels = {"0": "__background__", **{str(label): name for label, name in enumerate(class_names, start=1)}}
+            (folder / LABELS_FILE).write_text(json.dumps(labels, indent=1))
+            files.append(folder / LABELS_FILE)
+            loading.append(f"; extra_files/{LABELS_FILE}: what each label the detector returns means")
         mlflow_pytorch().save_model(
             # torchvision's box pooler again (gid's computes the same values): the pickle names torchvision's classes only
             with_torchvision_poolers(model).eval(), folder / "model", serialization_format="pickle",
-            pip_requirements=requirements(), extra_files=[str(path) for path in [*extra, folder / config_name]],
+            pip_requirements=requirements(), extra_files=[str(path) for path in files],
             mlflow_model=Model(
                 artifact_path=logged.artifact_location, run_id=run.info.run_id, model_id=logged.model_id,
                 model_uuid=logged.model_id,
             ),
         )
         client.log_model_artifacts(logged.model_id, str(folder / "model"))
-    return "; ".join(f"extra_files/{path.name}{line}" for path, line in zip(extra, loading))
+    return "; ".join(f"extra_files/{path.name}{line}" for path, line in zip(extra, loading)) + "".join(loading[len(extra):])
 
 
 def requirements() -> list[str]:

@@ -11,6 +11,7 @@ import yaml
 from support import EpochLog, EvaluatingRanks
 
 from gid.cli import main
+from gid.data import build_dataset
 from gid.engine import loop
 from gid.engine.latency import parameter_count
 from gid.engine.loop import apply_gradients
@@ -54,6 +55,9 @@ def test_run_training_exports_a_model_file_and_returns_every_epochs_metrics(ray_
     assert outcome.model_path == outcome.run_path / MODEL_FILE
     model, stored, num_classes = load_model(outcome.model_path)
     assert stored.model.framework == "fcos" and num_classes == 7
+    # what each label means, as the data set names its categories (label 0 is the background)
+    names = build_dataset(config.data, "train", train=False).class_names
+    assert read_checkpoint(outcome.model_path)["class_names"] == names and len(names) == num_classes - 1
     assert set(outcome.metrics) >= {"epoch", "loss", "val_ap", "val_ap50", "val_ap75", "val_aps", "val_apm", "val_apl"}
     # what each epoch cost: training, evaluation (only in the epochs that evaluate) and writing the checkpoint
     assert [m["epoch"] for m in outcome.history] == [1, 2]

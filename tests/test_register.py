@@ -6,6 +6,7 @@ model files written by gid's own writer (seeded tiny detectors, no Ray): a trial
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -36,6 +37,8 @@ EXPERIMENT = "gid-register"
 EPOCHS = 2
 # A small student (MobileNetV2) whose untrained head still detects: its scores sit near the prior, 0.01.
 STUDENT = {"backbone": "mobilenet_v2", "fpn_channels": 64, "detector": {"score_thresh": 0.001}}
+
+CLASSES = ["circle", "square", "triangle", "cross", "ring", "bar"]  # labels 1-6 of the 7 classes
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +91,7 @@ class Sweep:
         checkpoint = Path(logger.trials_path) / trial_id / "checkpoint_000001"
         torch.manual_seed(seed)
         model = build_detector(config.model, config.data.image_size, 7)
-        save_model(model, config, 7, checkpoint / CHECKPOINT_FILE, epoch=EPOCHS, metrics=metrics)
+        save_model(model, config, 7, checkpoint / CHECKPOINT_FILE, epoch=EPOCHS, metrics=metrics, class_names=CLASSES)
         for epoch in range(1, EPOCHS + 1):
             logger.log_result(trial_id, point, {"epoch": epoch, **metrics})
         logger.finish(trial_id, point, {"epoch": EPOCHS}, str(checkpoint), None)
@@ -142,6 +145,9 @@ def test_the_registered_champion_loads_as_the_detector_gid_eval_loads(workspace,
     held = (files / exported.path.name).read_text()
     assert held == "\n".join(line for i, line in enumerate(text.splitlines()) if i != 1) + "\n"
     assert load_config(files / exported.path.name) == load_config(exported.path)
+    # and what each label the detector returns means, as the model file holds it
+    labels = json.loads((files / "labels.json").read_text())
+    assert labels == {"0": "__background__", **{str(i): name for i, name in enumerate(CLASSES, start=1)}}
 
 
 @pytest.mark.parametrize("mode", ["max", "min"])

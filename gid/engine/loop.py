@@ -249,12 +249,13 @@ def save_and_report(
     num_classes: int,
     metrics: dict,
     pictures_of: DetectionDataset | None,
+    class_names: list[str] | None,
 ) -> None:
     """Write the epoch's checkpoint (rank 0; with GISM's pictures of ``pictures_of``) and report it with ``metrics``."""
     with tempfile.TemporaryDirectory() as directory:
         saving = time.perf_counter()
         if session.rank == 0:
-            state.save(Path(directory) / CHECKPOINT_FILE, config, num_classes, metrics)
+            state.save(Path(directory) / CHECKPOINT_FILE, config, num_classes, metrics, class_names)
             if pictures_of is not None:
                 from gid.distill.pictures import save_gi_pictures
 
@@ -283,6 +284,8 @@ def train_loop(config_dict: dict, session: Session, progress_queue: Queue | None
     train_set = build_dataset(config.data, config.data.train_split, train=True)
     val_set = build_dataset(config.data, config.data.val_split, train=False)
     num_classes = config.model.num_classes or train_set.num_classes
+    # what the labels mean, kept in the model file (a model of more classes than the data names has no full list)
+    class_names = train_set.class_names if num_classes == len(train_set.class_names) + 1 else None
     batch_size, workers = config.data.batch_size, loader_workers(config, device)
     train_loader = session.prepare_loader(_loader(train_set, batch_size, workers, shuffle=True, device=device))
     val_loader = session.prepare_loader(_loader(val_set, batch_size, workers, shuffle=False, device=device))
@@ -336,4 +339,4 @@ def train_loop(config_dict: dict, session: Session, progress_queue: Queue | None
             cost = cpu_cost(trainable.student, config.data.image_size, config.train.latency_runs)
         metrics.update(cost)
         pictures_of = val_set if last and config.distill is not None else None  # what GISM picked, once
-        save_and_report(session, state, config, num_classes, metrics, pictures_of)
+        save_and_report(session, state, config, num_classes, metrics, pictures_of, class_names)

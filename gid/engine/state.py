@@ -78,11 +78,14 @@ class TrainingState:
             parts["balance"] = self.balance
         return parts
 
-    def save(self, path: Path, config: Config, num_classes: int, metrics: dict[str, Any]) -> None:
+    def save(
+        self, path: Path, config: Config, num_classes: int, metrics: dict[str, Any], class_names: list[str] | None = None
+    ) -> None:
         training_state = {key: part.state_dict() for key, part in self._parts().items()}
         save_model(
             self.trainable.student, config, num_classes, path, epoch=self.epoch,
             metrics={**metrics, "train_time_s": self.train_time_s}, training_state=training_state,
+            class_names=class_names,
         )
 
     def load(self, path: Path) -> None:

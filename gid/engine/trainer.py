@@ -121,7 +121,10 @@ def export_model(checkpoint_dir: Path, out: Path) -> None:
     """Write the weights and config of a training checkpoint, without its training state."""
     state = read_checkpoint(checkpoint_dir / CHECKPOINT_FILE)
     config = validate(state["config"], source=f"{checkpoint_dir / CHECKPOINT_FILE} (stored config)")
-    save_model(state["model"], config, state["num_classes"], out, epoch=state["epoch"], metrics=state["metrics"])
+    save_model(
+        state["model"], config, state["num_classes"], out, epoch=state["epoch"], metrics=state["metrics"],
+        class_names=state.get("class_names"),
+    )
 
 
 USER_ERRORS = (GidError, FloatingPointError)  # what a training loop raises for bad input or a loss gone NaN

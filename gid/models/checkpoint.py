@@ -81,11 +81,14 @@ def save_model(
     epoch: int | None = None,
     metrics: dict[str, Any] | None = None,
     training_state: dict[str, Any] | None = None,
+    class_names: list[str] | None = None,
 ) -> None:
     """Write a model file: a detector's weights (the module or its state dict) and the config behind them.
 
     The one writer of the format. A training checkpoint is a model file plus ``training_state``
     (optimizer, LR schedule, AMP scaler, GID adapter), which exported model files leave out.
+    ``class_names``: what each label means, label ``i`` being ``class_names[i - 1]`` (0 is the background), as the
+    data set it was trained on names them.
     """
     weights = model.state_dict() if isinstance(model, nn.Module) else dict(model)
     state: dict[str, Any] = {"format": FORMAT, "config": config.to_dict(), "num_classes": num_classes, "model": weights}
@@ -93,6 +96,8 @@ def save_model(
         state["epoch"] = epoch
     if metrics is not None:
         state["metrics"] = metrics
+    if class_names is not None:
+        state["class_names"] = list(class_names)
     atomic_save({**state, **(training_state or {})}, path)
 
 
