@@ -175,9 +175,11 @@ def trial_trainable(base: Config, trials_path: str, system_metrics: SystemMetric
 
 def trial_run_config(base: Config) -> dict[str, Any]:
     """RunConfig options for the trials' checkpoints and failures: Tune's for trials that train in their own
-    process, Ray Train's (``run.*`` in each Train run) for the others."""
+    process, Ray Train's (``run.*`` in each Train run) for the others. A multi-worker trial's Train run restarts
+    its workers itself; Tune restarts the trial when its own process is lost (its node gone), and the Train run,
+    named after the trial, resumes from its last checkpoint."""
     if not trains_in_trial(base):
-        return {"failure_config": tune.FailureConfig(max_failures=0)}
+        return {"failure_config": tune.FailureConfig(max_failures=base.run.max_failures)}
     return {
         "failure_config": tune.FailureConfig(max_failures=base.run.max_failures),
         "checkpoint_config": tune.CheckpointConfig(num_to_keep=base.run.checkpoints_to_keep),

@@ -94,7 +94,9 @@ def connect(
     if not create:  # before the client, which opens (and so creates) a SQLite store
         check_store_exists(tracking_uri)
     try:
-        client = MlflowClient(tracking_uri=tracking_uri)
+        # The registry with the runs: left unset, MLflow takes the process's own URI ($MLFLOW_TRACKING_URI, else
+        # ./mlflow.db), and a `--register` of another store's runs would write its model versions there.
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     except Exception as exc:  # noqa: BLE001 - an unknown scheme, a store MLflow refuses to open
         raise GidError(f"cannot use MLflow at {redact(tracking_uri)}: {first_line(exc)}") from None
     check_reachable(client.tracking_uri)

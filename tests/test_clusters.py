@@ -694,3 +694,58 @@ def test_a_lost_node_costs_its_trials_only_their_last_epoch_and_a_new_node_takes
         assert torch.load(last / CHECKPOINT_FILE, weights_only=False)["metrics"]["val_ap"] == run.data.metrics["val_ap"]
     summary = (shared / name / "report" / "summary.md").read_text()
     assert f"- retinanet {restarted.data.tags[TRIAL_TAG]}: 1× (" in summary
+
+
+def test_a_multi_worker_trial_that_loses_a_node_resumes_its_train_run_from_its_last_checkpoint(
+    two_nodes, mlflow_on_head, cluster_sweep, tmp_path
+):
+    """A trial whose two DDP workers span both nodes loses one of them: Ray Train (or, when the trial's own
+    process was on that node, Tune) restarts it from its last checkpoint once a node joins in its place."""
+    epochs, name, shared = 3, "lost-node-ddp", tmp_path / "shared"
+    base = yaml.safe_load((cluster_sweep / "retinanet_gid.yaml").read_text())
+    base["train"] = {**base.get("train", {}), "epochs": epochs}
+    base["run"] = {**base.get("run", {}), "max_failures": 2}
+    (tmp_path / "retinanet_gid.yaml").write_text(yaml.safe_dump(base))
+    sweep = yaml.safe_load((cluster_sweep / "sweep.yaml").read_text())
+    sweep.update(name=name, trials=1)
+    sweep["frameworks"]["retinanet"]["baseline"] = str(cluster_sweep / "student.pt")
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    env = client_env(
+        PYTHONPATH=str(REPO), PYTHON=sys.executable, GID_WORKDIR=str(tmp_path), GID_STORAGE_PATH=str(shared),
+        MLFLOW_TRACKING_URI=mlflow_on_head.uri, RAY_AUTH_TOKEN_PATH=str(two_nodes.token_path),
+        GID_WORKERS_PER_TRIAL="2", GID_CPUS_PER_WORKER="0.75", GID_MAX_CONCURRENT_TRIALS="1",
+    )
+    client = MlflowClient(mlflow_on_head.uri)
+
+    def trial_runs() -> list:
+        experiment = client.get_experiment_by_name("gid-clusters")
+        query = f"tags.`{SWEEP_TAG}` = '{name}' and tags.`{ROLE_TAG}` = 'trial'"
+        return client.search_runs([experiment.experiment_id], filter_string=query) if experiment else []
+
+    log = tmp_path / "driver.log"
+    with log.open("w") as out:
+        driver = subprocess.Popen(["bash", str(CLUSTERS / "run-sweep.sh"), "sweep.yaml", "--address", two_nodes.address],
+                                  env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while not any(r.data.metrics.get("epoch", 0) >= 1 for r in trial_runs()):
+                assert driver.poll() is None and time.monotonic() < deadline, log.read_text()[-6000:]
+                time.sleep(0.5)
+            head = json.loads(two_nodes.ready.read_text())["node_ids"][0]
+            assert two_nodes.command("lose-worker") == [head]
+            two_nodes.command("add-worker")
+            assert driver.wait(timeout=420) == 0, log.read_text()[-6000:]
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+
+    (run,) = trial_runs()
+    assert run.info.status == "FINISHED" and run.data.tags[STATUS_TAG] == "finished"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch")] == list(range(1, epochs + 1))
+    # the Train run went on from its checkpoint: Tune's results hold each epoch once
+    trial_dir = shared / name / f"{name}-retinanet" / run.data.tags[TRIAL_TAG]
+    reported = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
+    assert [r["epoch"] for r in reported] == list(range(1, epochs + 1)), reported
+    train_run = shared / name / "trials" / "retinanet" / run.data.tags[TRIAL_TAG]
+    last = max((path for path in train_run.glob("checkpoint_*") if path.is_dir()), key=lambda path: path.name)
+    assert torch.load(last / CHECKPOINT_FILE, weights_only=False)["metrics"]["val_ap"] == run.data.metrics["val_ap"]
