@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import jsonschema
@@ -631,6 +632,31 @@ def test_a_client_without_the_clusters_token_is_refused_in_one_line(two_nodes, m
 # --- a node lost mid-sweep (last in this module: it replaces the cluster's worker node) -------------
 
 
+def fault_sweep(cluster, mlflow_on_head, cluster_sweep, folder: Path, name: str, epochs: int, *, workers: int,
+                cpus: float, concurrent: int, trials: int | None = None) -> dict[str, str]:
+    """The cluster sweep in ``folder`` as ``name``, ``epochs`` long, its trials allowed to restart
+    (`run.max_failures: 2`); returns run-sweep.sh's environment for it."""
+    base = yaml.safe_load((cluster_sweep / "retinanet_gid.yaml").read_text())
+    base["train"] = {**base.get("train", {}), "epochs": epochs}
+    base["run"] = {**base.get("run", {}), "max_failures": 2}
+    (folder / "retinanet_gid.yaml").write_text(yaml.safe_dump(base))
+    sweep = yaml.safe_load((cluster_sweep / "sweep.yaml").read_text())
+    sweep.update(name=name, **({"trials": trials} if trials else {}))
+    sweep["frameworks"]["retinanet"]["baseline"] = str(cluster_sweep / "student.pt")
+    (folder / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    return client_env(
+        PYTHONPATH=str(REPO), PYTHON=sys.executable, GID_WORKDIR=str(folder), GID_STORAGE_PATH=str(folder / "shared"),
+        MLFLOW_TRACKING_URI=mlflow_on_head.uri, RAY_AUTH_TOKEN_PATH=str(cluster.token_path),
+        GID_WORKERS_PER_TRIAL=str(workers), GID_CPUS_PER_WORKER=str(cpus), GID_MAX_CONCURRENT_TRIALS=str(concurrent),
+    )
+
+
+def sweep_trial_runs(client: MlflowClient, name: str) -> list:
+    experiment = client.get_experiment_by_name("gid-clusters")
+    query = f"tags.`{SWEEP_TAG}` = '{name}' and tags.`{ROLE_TAG}` = 'trial'"
+    return client.search_runs([experiment.experiment_id], filter_string=query) if experiment else []
+
+
 def test_a_lost_node_costs_its_trials_only_their_last_epoch_and_a_new_node_takes_trials(
     two_nodes, mlflow_on_head, cluster_sweep, tmp_path
 ):
@@ -638,26 +664,10 @@ def test_a_lost_node_costs_its_trials_only_their_last_epoch_and_a_new_node_takes
     restarts from its last checkpoint (`run.max_failures`), on the node that joined in its place or on the head,
     the sweep finishes, and MLflow holds each trial once, its epochs in order with no gap."""
     epochs, name, shared = 4, "lost-node", tmp_path / "shared"
-    base = yaml.safe_load((cluster_sweep / "retinanet_gid.yaml").read_text())
-    base["train"] = {**base.get("train", {}), "epochs": epochs}
-    base["run"] = {**base.get("run", {}), "max_failures": 2}
-    (tmp_path / "retinanet_gid.yaml").write_text(yaml.safe_dump(base))
-    sweep = yaml.safe_load((cluster_sweep / "sweep.yaml").read_text())
-    sweep["name"] = name
-    sweep["frameworks"]["retinanet"]["baseline"] = str(cluster_sweep / "student.pt")
-    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
-    env = client_env(
-        PYTHONPATH=str(REPO), PYTHON=sys.executable, GID_WORKDIR=str(tmp_path), GID_STORAGE_PATH=str(shared),
-        MLFLOW_TRACKING_URI=mlflow_on_head.uri, RAY_AUTH_TOKEN_PATH=str(two_nodes.token_path),
-        # one trial per node: each node has one CPU
-        GID_WORKERS_PER_TRIAL="1", GID_CPUS_PER_WORKER="1", GID_MAX_CONCURRENT_TRIALS="2",
-    )
+    # one trial per node: each node has one CPU
+    env = fault_sweep(two_nodes, mlflow_on_head, cluster_sweep, tmp_path, name, epochs, workers=1, cpus=1, concurrent=2)
     client = MlflowClient(mlflow_on_head.uri)
-
-    def trial_runs() -> list:
-        experiment = client.get_experiment_by_name("gid-clusters")
-        query = f"tags.`{SWEEP_TAG}` = '{name}' and tags.`{ROLE_TAG}` = 'trial'"
-        return client.search_runs([experiment.experiment_id], filter_string=query) if experiment else []
+    trial_runs = partial(sweep_trial_runs, client, name)
 
     head, lost = two_nodes.node_ids
     log = tmp_path / "driver.log"
@@ -702,25 +712,9 @@ def test_a_multi_worker_trial_that_loses_a_node_resumes_its_train_run_from_its_l
     """A trial whose two DDP workers span both nodes loses one of them: Ray Train (or, when the trial's own
     process was on that node, Tune) restarts it from its last checkpoint once a node joins in its place."""
     epochs, name, shared = 3, "lost-node-ddp", tmp_path / "shared"
-    base = yaml.safe_load((cluster_sweep / "retinanet_gid.yaml").read_text())
-    base["train"] = {**base.get("train", {}), "epochs": epochs}
-    base["run"] = {**base.get("run", {}), "max_failures": 2}
-    (tmp_path / "retinanet_gid.yaml").write_text(yaml.safe_dump(base))
-    sweep = yaml.safe_load((cluster_sweep / "sweep.yaml").read_text())
-    sweep.update(name=name, trials=1)
-    sweep["frameworks"]["retinanet"]["baseline"] = str(cluster_sweep / "student.pt")
-    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
-    env = client_env(
-        PYTHONPATH=str(REPO), PYTHON=sys.executable, GID_WORKDIR=str(tmp_path), GID_STORAGE_PATH=str(shared),
-        MLFLOW_TRACKING_URI=mlflow_on_head.uri, RAY_AUTH_TOKEN_PATH=str(two_nodes.token_path),
-        GID_WORKERS_PER_TRIAL="2", GID_CPUS_PER_WORKER="0.75", GID_MAX_CONCURRENT_TRIALS="1",
-    )
+    env = fault_sweep(two_nodes, mlflow_on_head, cluster_sweep, tmp_path, name, epochs, workers=2, cpus=0.75, concurrent=1, trials=1)
     client = MlflowClient(mlflow_on_head.uri)
-
-    def trial_runs() -> list:
-        experiment = client.get_experiment_by_name("gid-clusters")
-        query = f"tags.`{SWEEP_TAG}` = '{name}' and tags.`{ROLE_TAG}` = 'trial'"
-        return client.search_runs([experiment.experiment_id], filter_string=query) if experiment else []
+    trial_runs = partial(sweep_trial_runs, client, name)
 
     log = tmp_path / "driver.log"
     with log.open("w") as out:
