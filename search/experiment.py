@@ -178,12 +178,10 @@ def trial_run_config(base: Config) -> dict[str, Any]:
     process, Ray Train's (``run.*`` in each Train run) for the others. A multi-worker trial's Train run restarts
     its workers itself; Tune restarts the trial when its own process is lost (its node gone), and the Train run,
     named after the trial, resumes from its last checkpoint."""
+    failures = {"failure_config": tune.FailureConfig(max_failures=base.run.max_failures)}
     if not trains_in_trial(base):
-        return {"failure_config": tune.FailureConfig(max_failures=base.run.max_failures)}
-    return {
-        "failure_config": tune.FailureConfig(max_failures=base.run.max_failures),
-        "checkpoint_config": tune.CheckpointConfig(num_to_keep=base.run.checkpoints_to_keep),
-    }
+        return failures
+    return {**failures, "checkpoint_config": tune.CheckpointConfig(num_to_keep=base.run.checkpoints_to_keep)}
 
 
 def fit(tuner: tune.Tuner, base: Config) -> tune.ResultGrid:

@@ -159,14 +159,17 @@ def _save_student(
     with tempfile.TemporaryDirectory() as directory:
         folder = Path(directory)
         extra = {folder / f"{STUDENT}.ts": "torchscript", folder / f"{STUDENT}.pth": "torchvision"}
-        loading = [export_model(model_file, kind, path).removeprefix(f"wrote {path}") for path, kind in extra.items()]
+        described = [
+            f"extra_files/{path.name}" + export_model(model_file, kind, path).removeprefix(f"wrote {path}")
+            for path, kind in extra.items()
+        ]
         (folder / config_name).write_text(config_text)
         files = [*extra, folder / config_name]
         if class_names := read_checkpoint(model_file).get("class_names"):
             labels = {"0": "__background__", **{str(label): name for label, name in enumerate(class_names, start=1)}}
             (folder / LABELS_FILE).write_text(json.dumps(labels, indent=1))
             files.append(folder / LABELS_FILE)
-            loading.append(f"; extra_files/{LABELS_FILE}: what each label the detector returns means")
+            described.append(f"extra_files/{LABELS_FILE}: what each label the detector returns means")
         mlflow_pytorch().save_model(
             # torchvision's box pooler again (gid's computes the same values): the pickle names torchvision's classes only
             with_torchvision_poolers(model).eval(), folder / "model", serialization_format="pickle",
@@ -177,7 +180,7 @@ def _save_student(
             ),
         )
         client.log_model_artifacts(logged.model_id, str(folder / "model"))
-    return "; ".join(f"extra_files/{path.name}{line}" for path, line in zip(extra, loading)) + "".join(loading[len(extra):])
+    return "; ".join(described)
 
 
 def requirements() -> list[str]:

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -651,6 +652,25 @@ def fault_sweep(cluster, mlflow_on_head, cluster_sweep, folder: Path, name: str,
     )
 
 
+def sweep_losing_the_worker(cluster, env: dict[str, str], log: Path, ready: Callable[[], bool]) -> tuple[list[str], list[str]]:
+    """run-sweep.sh on ``cluster``; once ``ready()``, its worker node dies and a new one joins. Asserts the sweep
+    finishes; returns the node ids left after the loss and those after the new node joined (the head's first)."""
+    with log.open("w") as out:
+        driver = subprocess.Popen(["bash", str(CLUSTERS / "run-sweep.sh"), "sweep.yaml", "--address", cluster.address],
+                                  env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while not ready():
+                assert driver.poll() is None and time.monotonic() < deadline, log.read_text()[-6000:]
+                time.sleep(0.5)
+            left, after = cluster.command("lose-worker"), cluster.command("add-worker")
+            assert driver.wait(timeout=420) == 0, log.read_text()[-6000:]
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+    return left, after
+
+
 def sweep_trial_runs(client: MlflowClient, name: str) -> list:
     experiment = client.get_experiment_by_name("gid-clusters")
     query = f"tags.`{SWEEP_TAG}` = '{name}' and tags.`{ROLE_TAG}` = 'trial'"
@@ -669,23 +689,13 @@ def test_a_lost_node_costs_its_trials_only_their_last_epoch_and_a_new_node_takes
     client = MlflowClient(mlflow_on_head.uri)
     trial_runs = partial(sweep_trial_runs, client, name)
 
-    head, lost = two_nodes.node_ids
-    log = tmp_path / "driver.log"
-    with log.open("w") as out:
-        driver = subprocess.Popen(["bash", str(CLUSTERS / "run-sweep.sh"), "sweep.yaml", "--address", two_nodes.address],
-                                  env=env, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            # Once the trial on the worker node has logged an epoch (so it has a checkpoint), the node goes.
-            deadline = time.monotonic() + 300
-            while not any(r.data.tags.get("gid.worker_nodes") == lost and r.data.metrics.get("epoch", 0) >= 1 for r in trial_runs()):
-                assert driver.poll() is None and time.monotonic() < deadline, log.read_text()[-6000:]
-                time.sleep(0.5)
-            assert lost not in two_nodes.command("lose-worker")
-            (replacement,) = set(two_nodes.command("add-worker")) - {head}
-            assert driver.wait(timeout=420) == 0, log.read_text()[-6000:]
-        finally:
-            if driver.poll() is None:
-                driver.kill()
+    head, lost = json.loads(two_nodes.ready.read_text())["node_ids"]
+    # Once the trial on the worker node has logged an epoch (so it has a checkpoint), the node goes.
+    left, after = sweep_losing_the_worker(two_nodes, env, tmp_path / "driver.log", lambda: any(
+        r.data.tags.get("gid.worker_nodes") == lost and r.data.metrics.get("epoch", 0) >= 1 for r in trial_runs()
+    ))
+    assert left == [head]
+    (replacement,) = set(after) - {head}
 
     runs = trial_runs()
     assert len(runs) == 2 and len({r.data.tags[TRIAL_TAG] for r in runs}) == 2  # each trial once
@@ -716,22 +726,11 @@ def test_a_multi_worker_trial_that_loses_a_node_resumes_its_train_run_from_its_l
     client = MlflowClient(mlflow_on_head.uri)
     trial_runs = partial(sweep_trial_runs, client, name)
 
-    log = tmp_path / "driver.log"
-    with log.open("w") as out:
-        driver = subprocess.Popen(["bash", str(CLUSTERS / "run-sweep.sh"), "sweep.yaml", "--address", two_nodes.address],
-                                  env=env, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 300
-            while not any(r.data.metrics.get("epoch", 0) >= 1 for r in trial_runs()):
-                assert driver.poll() is None and time.monotonic() < deadline, log.read_text()[-6000:]
-                time.sleep(0.5)
-            head = json.loads(two_nodes.ready.read_text())["node_ids"][0]
-            assert two_nodes.command("lose-worker") == [head]
-            two_nodes.command("add-worker")
-            assert driver.wait(timeout=420) == 0, log.read_text()[-6000:]
-        finally:
-            if driver.poll() is None:
-                driver.kill()
+    head = json.loads(two_nodes.ready.read_text())["node_ids"][0]
+    left, _ = sweep_losing_the_worker(two_nodes, env, tmp_path / "driver.log", lambda: any(
+        r.data.metrics.get("epoch", 0) >= 1 for r in trial_runs()
+    ))
+    assert left == [head]
 
     (run,) = trial_runs()
     assert run.info.status == "FINISHED" and run.data.tags[STATUS_TAG] == "finished"
