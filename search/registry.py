@@ -85,11 +85,15 @@ def register_student(
         tags = {key: run.data.tags[key] for key in _COPIED_TAGS if key in run.data.tags}
         tags |= {CONFIG_TAG: config_name, SEEDS_TAG: str(seeds), OBJECTIVE_TAG: metric, MODE_TAG: mode, VALUE_TAG: str(value)}
         tags |= {METRIC_TAG.format(key): str(v) for key, v in metrics.items() if key.startswith("val_")}
-        model_id, description = _log_student(client, run, model_file, config_name, config_text)
+        logged, description = _log_student(client, run, model_file, config_name, config_text)
+        # The logged model's artifact location, not its models:/ URI: a SQL registry store resolves that URI
+        # through the process's default tracking URI, not its own (docs/ray-workarounds.md, mlflow/mlflow#23367).
         version = client.create_model_version(
-            name, f"models:/{model_id}", run_id=run.info.run_id, tags=tags, description=description, model_id=model_id
+            name, logged.artifact_location, run_id=run.info.run_id, tags=tags, description=description,
+            model_id=logged.model_id,
         ).version
-    contenders = [(current.version, float(current.tags[VALUE_TAG]))] if current is not None else []
+    version = str(version)  # a SQL store's client gives 1, a server's "1"
+    contenders = [(str(current.version), float(current.tags[VALUE_TAG]))] if current is not None else []
     champion, _ = best([*contenders, (version, value)], mode, key=lambda contender: contender[1])
     if champion == version:
         client.set_registered_model_alias(name, CHAMPION, version)
@@ -128,8 +132,10 @@ def _champion(client: MlflowClient, model: RegisteredModel, metric: str, mode: s
     return current
 
 
-def _log_student(client: MlflowClient, run: Any, model_file: Path, config_name: str, config_text: str) -> tuple[str, str]:
-    """The student as an MLflow logged model of the trial's run; returns its id and a description of its files.
+def _log_student(
+    client: MlflowClient, run: Any, model_file: Path, config_name: str, config_text: str
+) -> tuple[LoggedModel, str]:
+    """The student as an MLflow logged model of the trial's run; returns it and a description of its files.
 
     What ``mlflow.pytorch.log_model`` does, through ``client``: log_model writes to the process's tracking URI,
     which need not be the sweep's."""
@@ -147,7 +153,7 @@ def _log_student(client: MlflowClient, run: Any, model_file: Path, config_name: 
         f"trial {run.data.tags.get(TRIAL_TAG)}. mlflow.pytorch.load_model returns the torchvision detector; "
         f"{loading}; extra_files/{config_name}: the config that trains it again (gid distill)."
     )
-    return logged.model_id, description
+    return logged, description
 
 
 def _save_student(

@@ -149,3 +149,22 @@ def test_importing_mlflow_pytorch_still_puts_a_handler_on_the_root_logger():
     # search/registry.py: mlflow_pytorch() imports it and takes the handler back off (mlflow/mlflow#20922).
     code = "import logging, mlflow.pytorch; print(len(logging.getLogger().handlers))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "1"
+
+
+def test_a_sql_registry_still_resolves_a_models_uri_source_through_the_default_tracking_uri(tmp_path, monkeypatch):
+    # search/registry.py registers a version from its logged model's artifact location, not `models:/<model id>`:
+    # MLflow's SQL registry store looks that id up with `MlflowClient()`, the process's default store
+    # (mlflow/mlflow#23367), not its own, so the id is "not found" (and ./mlflow.db is made).
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment_id = client.create_experiment("canary", artifact_location=str(tmp_path / "artifacts"))
+    logged = client.create_logged_model(experiment_id, name="model")
+    client.create_registered_model("canary")
+    with pytest.raises(MlflowException, match="not found"):
+        client.create_model_version("canary", f"models:/{logged.model_id}", model_id=logged.model_id)
+    assert (tmp_path / "mlflow.db").exists()

@@ -150,6 +150,27 @@ def test_the_registered_champion_loads_as_the_detector_gid_eval_loads(workspace,
     assert labels == {"0": "__background__", **{str(i): name for i, name in enumerate(CLASSES, start=1)}}
 
 
+def test_a_sqlite_store_registers_into_itself_and_its_champion_loads(workspace, tmp_path, monkeypatch):
+    # gid demo's store: a SQLite file, no server. Nothing may land in the working folder's default store.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = tmp_path / "store"
+    store.mkdir()
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    sweep = Sweep(workspace, uri, "local", {"metric": "val_ap", "mode": "max"})
+    model_file = sweep.trial("trial1", {"val_ap": 0.3}, seed=1)
+    (exported,) = export_best(tmp_path / "best", tracking_uri=uri, experiment=EXPERIMENT, sweep="local", register="local")
+    assert exported.registered.champion == "1"
+    assert not (tmp_path / "mlflow.db").exists()
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # where a user's MLflow would look
+    champion = mlflow.pytorch.load_model(f"models:/local@{CHAMPION}")
+    gid_model = evaluate_model_file(model_file, "val").model
+    assert type(champion) is RetinaNet
+    assert all(torch.equal(v, gid_model.state_dict()[k]) for k, v in champion.state_dict().items())
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 @pytest.mark.parametrize("mode", ["max", "min"])
 def test_the_champion_moves_only_to_a_better_student(workspace, tracking_uri, tmp_path, mode):
     # max: AP, higher is better; min: the loss, lower is better
