@@ -1,8 +1,9 @@
 """Screenshots of a sweep in the MLflow UI, as a person sees it, with headless Chromium.
 
-Serves the sweep's tracking store with a real `mlflow server` and photographs three pages: the
+Serves the sweep's tracking store with a real `mlflow server` and photographs its pages: the
 experiment's runs table (the sweep's parent run and its nested trials), a finished trial's metric
-charts, and the parent run's overview with the sweep summary as its description. Chromium is
+charts (in sections: val/, loss/, ...) and its system metrics, the parent run's overview with the sweep
+summary as its description, and the model version the sweep registered, if it registered one. Chromium is
 Debian's ``chromium`` package (``apt-get install chromium``).
 
     python docs/screenshots.py --tracking-uri sqlite:///demo/mlflow.db --experiment gid-demo --sweep demo --out docs/img
@@ -27,6 +28,8 @@ from pathlib import Path
 
 import aiohttp
 from mlflow.tracking import MlflowClient
+
+from search.metric_names import mlflow_key
 
 SIZE = (1500, 900)
 RENDER_SECONDS = 12
@@ -61,10 +64,10 @@ def ui_settings(experiment_id: str, sweep_run_id: str) -> dict[str, str]:
     """What the UI keeps in the browser's local storage (as MLflow 3.17's UI writes it): the model-training
     view rather than GenAI's, the assistant panel closed (not opened on first load), and the experiment's
     runs table with the sweep's trials expanded under its run and their objective as a column."""
-    runs_table = {  # the UI's own defaults, but for the expanded sweep run and the val_ap column
+    runs_table = {  # the UI's own defaults, but for the expanded sweep run and the AP column
         "searchFilter": "", "orderByKey": "attributes.start_time", "orderByAsc": False, "startTime": "ALL",
         "lifecycleFilter": "Active", "datasetsFilter": [], "modelVersionFilter": "All Runs",
-        "selectedColumns": ["metrics.`val_ap`", "tags.`gid.status`", "attributes.`Source`"], "columnOrder": [],
+        "selectedColumns": [f"metrics.`{mlflow_key('val_ap')}`", "tags.`gid.status`", "attributes.`Source`"], "columnOrder": [],
         "columnWidths": {}, "runsExpanded": {sweep_run_id: True}, "runsPinned": [], "runsHidden": [],
         "runsVisibilityMap": {}, "runsHiddenMode": "FIRST_10_RUNS", "viewMaximized": False, "runListHidden": False,
         "isAccordionReordered": False, "useGroupedValuesInCharts": True, "hideEmptyCharts": True, "groupBy": None,
@@ -143,7 +146,8 @@ class Browser:
 
 def pages(client: MlflowClient, experiment: str, sweep: str | None) -> tuple[str, str, dict[str, str]]:
     """The experiment's id, the sweep's run id and the UI routes to photograph: the runs table, a finished
-    trial's charts, the sweep run's overview, of the sweep named ``sweep`` (default: the latest)."""
+    trial's charts and system metrics, the sweep run's overview and its latest registered model version, of the
+    sweep named ``sweep`` (default: the latest)."""
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise SystemExit(f"no MLflow experiment {experiment!r} in this store")
@@ -160,11 +164,18 @@ def pages(client: MlflowClient, experiment: str, sweep: str | None) -> tuple[str
         raise SystemExit(f"experiment {experiment!r} holds no sweep {sweep or ''} with a finished trial")
     base = f"#/experiments/{experiment_id}"
     view = "?workflowType=machine_learning"
-    return experiment_id, parent.info.run_id, {
+    routes = {
         "mlflow_runs": f"{base}/runs{view}",
         "mlflow_trial_charts": f"{base}/runs/{trial.info.run_id}/model-metrics{view}",
+        "mlflow_trial_system": f"{base}/runs/{trial.info.run_id}/system-metrics{view}",
         "mlflow_sweep_run": f"{base}/runs/{parent.info.run_id}{view}",
     }
+    sweep_id = parent.data.tags.get("gid.sweep_id")
+    registered = [v for v in client.search_model_versions(max_results=1000) if v.tags.get("gid.sweep_id") == sweep_id]
+    if registered:
+        version = max(registered, key=lambda v: int(v.version))
+        routes["mlflow_registered_model"] = f"#/models/{version.name}/versions/{version.version}"
+    return experiment_id, parent.info.run_id, routes
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,6 +14,7 @@ import yaml
 
 from gid.config import Config, set_value, validate
 from gid.errors import GidError
+from search.metric_names import gid_metrics
 from search.names import check_model_name, quoted
 from search.tracking import (
     CANDIDATE_TAG,
@@ -95,39 +96,40 @@ def best_runs(client, experiment_id: str, metric: str, sweep: str | None, top: i
         tags[SWEEP_ID_TAG] = sweep_id(client, experiment_id, sweep)
     finals = _finished_runs(client, experiment_id, {**tags, ROLE_TAG: FINAL}, metric)
     trials = _finished_runs(client, experiment_id, {**tags, ROLE_TAG: "trial"}, metric)
-    sweeps = {run.data.tags[SWEEP_ID_TAG] for runs in (*finals.values(), *trials.values()) for run in runs}
+    sweeps = {found.run.data.tags[SWEEP_ID_TAG] for runs in (*finals.values(), *trials.values()) for found in runs}
     mode = objective_mode(client, experiment_id, sweeps, metric)
     per_framework: dict[str, list[Best]] = {}
     for framework, runs in finals.items():
         per_framework[framework] = _by_mean(runs, metric, mode)
     for framework, runs in trials.items():
         if framework not in per_framework:
-            best_first = ranked(runs, mode, key=lambda run: run.data.metrics[metric])
-            per_framework[framework] = [Best(run, run.data.metrics) for run in best_first]
+            per_framework[framework] = ranked(runs, mode, key=lambda found: found.metrics[metric])
     return {framework: found[:top] for framework, found in sorted(per_framework.items())}, mode
 
 
-def _finished_runs(client, experiment_id: str, tags: dict[str, str], metric: str) -> dict[str, list]:
-    runs = client.search_runs([experiment_id], filter_string=tag_filter(tags), max_results=5000)
-    per_framework: dict[str, list] = {}
-    for run in runs:
-        if metric in run.data.metrics:
-            per_framework.setdefault(run.data.tags[FRAMEWORK_TAG], []).append(run)
+def _finished_runs(client, experiment_id: str, tags: dict[str, str], metric: str) -> dict[str, list[Best]]:
+    """Per framework, the runs of ``tags`` that hold ``metric``, with their metrics under gid's names."""
+    per_framework: dict[str, list[Best]] = {}
+    for run in client.search_runs([experiment_id], filter_string=tag_filter(tags), max_results=5000):
+        found = Best(run, gid_metrics(run.data.metrics))
+        if metric in found.metrics:
+            per_framework.setdefault(run.data.tags[FRAMEWORK_TAG], []).append(found)
     return per_framework
 
 
-def _by_mean(runs: list, metric: str, mode: str) -> list[Best]:
+def _by_mean(runs: list[Best], metric: str, mode: str) -> list[Best]:
     """Finalize runs grouped by the configuration they re-train (the student alone left out), best mean first."""
-    groups: dict[tuple[str, str], list] = {}
-    for run in runs:
-        if run.data.tags[CANDIDATE_TAG] != STUDENT:
-            groups.setdefault((run.data.tags[SWEEP_ID_TAG], run.data.tags[CANDIDATE_TAG]), []).append(run)
+    groups: dict[tuple[str, str], list[Best]] = {}
+    for found in runs:
+        tags = found.run.data.tags
+        if tags[CANDIDATE_TAG] != STUDENT:
+            groups.setdefault((tags[SWEEP_ID_TAG], tags[CANDIDATE_TAG]), []).append(found)
     best = []
     for group in groups.values():
-        keys = set.intersection(*(set(run.data.metrics) for run in group))
-        mean = {key: statistics.fmean(run.data.metrics[key] for run in group) for key in keys}
-        first_seed = min(group, key=lambda run: int(run.data.tags[SEED_TAG]))
-        best.append(Best(first_seed, mean, len(group)))
+        keys = set.intersection(*(set(found.metrics) for found in group))
+        mean = {key: statistics.fmean(found.metrics[key] for found in group) for key in keys}
+        first_seed = min(group, key=lambda found: int(found.run.data.tags[SEED_TAG]))
+        best.append(Best(first_seed.run, mean, len(group)))
     return ranked(best, mode, key=lambda b: b.metrics[metric])
 
 

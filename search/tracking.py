@@ -30,6 +30,7 @@ from ray.tune.experiment import Trial
 from gid.config import Config
 from gid.engine.loop import PICTURES_DIR
 from gid.errors import GidError, first_line
+from search.metric_names import mlflow_key, mlflow_metrics
 from search.names import quoted
 from search.space import relevant, with_values
 from search.system_metrics import SystemMetrics
@@ -278,7 +279,7 @@ class TrialLogger:
             return  # already in MLflow (e.g. logged before the sweep was interrupted)
         timestamp = int(result.get("timestamp", 0) * 1000)
         metrics = [
-            Metric(key, float(value), timestamp, epoch)
+            Metric(mlflow_key(key), float(value), timestamp, epoch)
             for key, value in result.items()
             if key not in _SKIPPED_METRICS and not key.startswith("config/") and not key.endswith(PERCENT_SUFFIX)
             and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -330,8 +331,9 @@ class TrialLogger:
                             MLFLOW_PARENT_RUN_ID: self.sweep.parent_run_id,
                             MLFLOW_RUN_NAME: f"{self.framework}/final {name} over seeds"}
                 run_id = self.client.create_run(self.experiment_id, tags=run_tags).info.run_id
-            log_metrics(self.client, run_id, {f"{metric}_mean": score.mean, f"{metric}_std": score.std,
-                                              "seeds": len(score.scores)})
+            log_metrics(self.client, run_id, mlflow_metrics(
+                {f"{metric}_mean": score.mean, f"{metric}_std": score.std, "seeds": len(score.scores)}
+            ))
             seeds = self.client.search_runs(
                 [self.experiment_id], filter_string=tag_filter({**self._tags(), CANDIDATE_TAG: score.label}), max_results=1000
             )
@@ -347,7 +349,9 @@ class TrialLogger:
         run_tags = {**tags, SWEEP_TAG: self.sweep.name, MLFLOW_PARENT_RUN_ID: self.sweep.parent_run_id,
                     MLFLOW_RUN_NAME: f"{self.framework}/{BASELINE}", STATUS_TAG: FINISHED}
         run_id = self.client.create_run(self.experiment_id, tags=run_tags).info.run_id
-        values = [Metric(k, float(v), 0, epochs) for k, v in metrics.items() if k.startswith("val_") and math.isfinite(v)]
+        values = [
+            Metric(mlflow_key(k), float(v), 0, epochs) for k, v in metrics.items() if k.startswith("val_") and math.isfinite(v)
+        ]
         self.client.log_batch(run_id, metrics=values)
         self.client.set_terminated(run_id, status="FINISHED")
 

@@ -20,6 +20,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from gid.engine.state import CHECKPOINT_FILE
 from search.config import load_sweep
+from search.metric_names import gid_name
 from search.sweep import run_sweep
 from search.trial import PERCENT_SUFFIX
 from search.tracking import (
@@ -148,7 +149,11 @@ def reported(trial_folder: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def logged(client: MlflowClient, run) -> dict[str, list[tuple[int, float]]]:
-    return {key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)) for key in run.data.metrics}
+    """What MLflow holds of a trial, under gid's names (MLflow's keys have sections: val/ap)."""
+    return {
+        gid_name(key): sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+        for key in run.data.metrics
+    }
 
 
 def checkpoint_files(folder: Path) -> list[tuple[str, int]]:
