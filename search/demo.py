@@ -109,6 +109,9 @@ def write_sweep(out: Path, frameworks: list[str], configs: dict[str, dict[str, P
     return _write_yaml(out / "sweep.yaml", sweep)
 
 
+DEMO_MODEL = "gid-demo"  # the registered model the demo's best students become versions of
+
+
 class _Steps:
     def __init__(self, total: int) -> None:
         self.total, self.done, self.started = total, 0, time.perf_counter()
@@ -135,6 +138,7 @@ def train_side_by_side(configs: list[Config]) -> list[TrainingOutcome]:
 def run_demo(out: Path, frameworks: list[str], quick: bool = False) -> None:
     from search.config import load_sweep
     from search.export import export_best
+    from search.registry import CHAMPION
     from search.sweep import run_sweep
 
     size = QUICK if quick else FULL
@@ -164,9 +168,10 @@ def run_demo(out: Path, frameworks: list[str], quick: bool = False) -> None:
     sweep = load_sweep(sweep_file)
     outcome = run_sweep(sweep, resume=(out / "runs" / "sweeps" / "demo").exists())
 
-    step("export of the best configs")
+    step(f"export of the best configs, their students registered as the MLflow model {DEMO_MODEL!r}")
     exported = export_best(
-        out / "best", tracking_uri=sweep.tracking.tracking_uri, experiment=sweep.tracking.experiment, sweep="demo"
+        out / "best", tracking_uri=sweep.tracking.tracking_uri, experiment=sweep.tracking.experiment, sweep="demo",
+        register=DEMO_MODEL,
     )
 
     lines = ["", outcome.summary, *verdicts(outcome, sweep)]
@@ -176,6 +181,8 @@ def run_demo(out: Path, frameworks: list[str], quick: bool = False) -> None:
         f"Sweep report:    {outcome.report_dir}",
     ]
     lines += [f"Best {e.framework:<10}  {e.path}   (re-run: gid distill {e.path})" for e in exported]
+    lines += [f"Model {e.framework:<9}  {e.registered.uri}" for e in exported if e.registered is not None]
+    lines.append(f'The champion:    mlflow.pytorch.load_model("models:/{DEMO_MODEL}@{CHAMPION}") returns it as a torchvision detector')
     lines.append(f"MLflow UI:       mlflow ui --backend-store-uri {sweep.tracking.tracking_uri} --port 5000")
     lines.append(f"                 then open {outcome.runs_link}")
     logger.info("\n".join(lines))
