@@ -28,7 +28,7 @@ are kept in ``OUT/results.json``, so an interrupted benchmark picks up where it 
     python -m benchmarks.effect --dev --out runs/bench-effect-dev  # the development table the defaults are chosen on
     python -m benchmarks.effect --value --out runs/bench-value     # the defaults at equal compute and at convergence
         --frameworks fcos --keep benchmarks/results/effect_value     # (a framework a session, its results kept in the repo)
-    python -m benchmarks.effect --mobile --out runs/bench-mobile   # MobileNetV2 from ImageNet, with cost (in the full
+    python -m benchmarks.effect --mobile --out runs/bench-value    # MobileNetV2 from ImageNet, with cost (in the value
                                                                    # table's folder: its teachers, not trained again)
     python -m benchmarks.effect --mobile --dev --out runs/bench-mobile-dev  # the same on the development data set
 
@@ -139,17 +139,18 @@ EARLIER_CANDIDATES = {
 # Does GID's gain hold? The defaults against the student alone at the same compute and at convergence. Its teacher
 # must lead the converged student alone: FULL's ResNet-50, from scratch at this scale, ends its 16 epochs below a
 # ResNet-18 student trained 12 (FCOS val AP 4.6 against 8.6), so here a ResNet-34 trained twice as long as that.
+LEADING_TEACHER = {"teacher_backbone": "resnet34", "teacher_epochs": 24}
 VALUE = replace(
-    FULL, teacher_backbone="resnet34", teacher_epochs=24,
+    FULL, **LEADING_TEACHER,
     sweep_trials=0, single_losses=False, spec_weights=False, equal_compute=True, converge_epochs=12,
     gid_dynamic=BalanceConfig().mode != "dynamic",  # once dynamic is the default, gid_default is it
 )
 MOBILE_ROWS = "mobilenet_"
 LATENCY_THREADS = 1  # every row's latency on as many threads: steadier than more on a machine that runs other work
 # A deployable student: MobileNetV2 from ImageNet on the teacher's FPN levels, its cost beside its AP (gid eval's 20
-# runs). The data and the teacher are FULL's, so the full table's folder lends its teachers.
+# runs). The data and the teacher are VALUE's, so the value table's folder lends its teachers.
 MOBILE = replace(
-    FULL, student_backbone="mobilenet_v2", student_rows=MOBILE_ROWS, pretrained_student=True, latency_runs=20,
+    FULL, **LEADING_TEACHER, student_backbone="mobilenet_v2", student_rows=MOBILE_ROWS, pretrained_student=True, latency_runs=20,
     sweep_trials=0, single_losses=False, spec_weights=False,
 )
 # MOBILE on another data set, where its sizes are chosen: the teacher must lead the student alone by 3 AP.

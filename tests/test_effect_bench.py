@@ -30,7 +30,7 @@ def test_the_mobile_table_trains_the_teacher_and_a_pretrained_mobilenet_v2_alone
     )
     for framework in FRAMEWORKS:
         teacher = validate(mobile_bench.base(framework, "teacher"))
-        assert (teacher.model.backbone, teacher.model.backbone_weights) == ("resnet50", None)  # from random weights
+        assert (teacher.model.backbone, teacher.model.backbone_weights) == ("resnet34", None)  # from random weights
         student = validate(mobile_bench.student_config(framework, 2))
         gid = validate(mobile_bench.gid_config(framework, 2))
         for config in (student, gid):
@@ -70,7 +70,7 @@ def test_the_table_shows_parameters_latency_and_how_much_faster_than_the_teacher
     assert "| 3.00 | 15.0 ± 1.4 | 4.0× | 1.0 |  |" in text  # the student alone: no Δ against itself
     assert "| MobileNetV2 from ImageNet, GID, product defaults | 1 | 3 | 6.0 |" in text
     assert "| 3.00 | 15.0 | 4.0× | 1.0 | +1.5 |" in text
-    assert "teacher's recipe: resnet50 FPN 128 from random weights, 16 epochs of SGD lr 0.02" in text
+    assert "teacher's recipe: resnet34 FPN 128 from random weights, 24 epochs of SGD lr 0.02" in text
 
 
 def test_the_other_tables_render_as_before_without_cost_columns():
@@ -82,10 +82,12 @@ def test_the_other_tables_render_as_before_without_cost_columns():
 
 
 def test_a_folder_takes_a_sitting_of_another_mode_only_on_its_own_data_and_teachers(tmp_path):
-    (tmp_path / "scale.json").write_text(effect.json.dumps(effect.asdict(effect.FULL)))
-    effect.check_folder(tmp_path, effect.MOBILE)  # the full table's data and teachers: its folder lends them
+    (tmp_path / "scale.json").write_text(effect.json.dumps(effect.asdict(effect.VALUE)))
+    effect.check_folder(tmp_path, effect.MOBILE)  # the value table's data and teachers: its folder lends them
     with pytest.raises(SystemExit, match="data_seed differ"):
         effect.check_folder(tmp_path, effect.MOBILE_DEV)
+    with pytest.raises(SystemExit, match="teacher_backbone, teacher_epochs differ"):
+        effect.check_folder(tmp_path, effect.FULL)  # the held-out defaults table's own teachers
 
 
 def test_kept_results_carry_a_table_over_to_a_new_checkout(tmp_path):
