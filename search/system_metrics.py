@@ -35,17 +35,19 @@ class SystemMetrics:
 
 
 @contextmanager
-def monitored(spec: SystemMetrics | None, trial_id: str) -> Iterator[None]:
+def monitored(spec: SystemMetrics | None, trial_id: str, rank: int = 0) -> Iterator[None]:
     """Sample the system into the trial's MLflow run while the block runs (nothing with no ``spec``).
 
-    The run is looked for beside the training, which never waits for it. A resumed trial continues its run's
-    system-metric steps. Should MLflow be unreachable, the trial trains all the same: its metrics are the
-    product, the system's are a view of it.
+    ``rank``: the trial's worker that samples, where a trial trains on several (Ray Train's workers, each on its
+    node): rank 0's keys are a one-worker trial's (``system/cpu_utilization_percentage``), another rank's carry it
+    (``system/rank1/cpu_utilization_percentage``). The run is looked for beside the training, which never waits for
+    it. A resumed trial continues its run's system-metric steps. Should MLflow be unreachable, the trial trains all
+    the same: its metrics are the product, the system's are a view of it.
     """
     if spec is None:
         yield
         return
-    monitor = _Monitor(spec, trial_id)
+    monitor = _Monitor(spec, trial_id, None if rank == 0 else f"rank{rank}")
     monitor.start()
     try:
         yield
@@ -54,9 +56,9 @@ def monitored(spec: SystemMetrics | None, trial_id: str) -> Iterator[None]:
 
 
 class _Monitor(threading.Thread):
-    def __init__(self, spec: SystemMetrics, trial_id: str) -> None:
+    def __init__(self, spec: SystemMetrics, trial_id: str, node_id: str | None) -> None:
         super().__init__(name="gid-system-metrics", daemon=True)
-        self.spec, self.trial_id = spec, trial_id
+        self.spec, self.trial_id, self.node_id = spec, trial_id, node_id
         self.stopped = threading.Event()
         self.sampler = None
 
@@ -78,7 +80,8 @@ class _Monitor(threading.Thread):
                 logger.warning("no MLflow run of trial %s after %d s: no system metrics", self.trial_id, RUN_WAIT_S)
                 return
             sampler = SystemMetricsMonitor(
-                run_id, sampling_interval=spec.interval_s, resume_logging=True, tracking_uri=spec.tracking_uri
+                run_id, sampling_interval=spec.interval_s, resume_logging=True, node_id=self.node_id,
+                tracking_uri=spec.tracking_uri,
             )
         except Exception as exc:  # noqa: BLE001 - MLflow down, refusing, or its store not on this node
             logger.warning("no system metrics for trial %s: %s", self.trial_id, first_line(exc))

@@ -10,6 +10,7 @@ sweep's ``trials/<framework>/`` folder, so a restored trial resumes its own Trai
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import ray
@@ -115,8 +116,8 @@ class ReportToTune(TuneReportCallback):
 def run_trial(
     params: dict[str, Any], *, base: dict[str, Any], trials_path: str, system_metrics: SystemMetrics | None = None
 ) -> None:
-    """Train one trial; ``system_metrics``: where its MLflow run is, to sample the system into while it trains in
-    this process (a multi-worker trial's Train workers run elsewhere: they are not sampled)."""
+    """Train one trial; ``system_metrics``: where its MLflow run is, to sample the system into while it trains:
+    in this process, or in each of a multi-worker trial's Train workers."""
     trial_id = tune.get_context().get_trial_id()
     config = trial_config(base, trial_params(params), trial_id, trials_path)
     with raise_user_error():
@@ -124,4 +125,4 @@ def run_trial(
             with monitored(system_metrics, trial_id):
                 train_loop(config.to_dict(), TuneTrial())
         else:
-            build_trainer(config, callbacks=[ReportToTune()]).fit()
+            build_trainer(config, callbacks=[ReportToTune()], around=partial(monitored, system_metrics, trial_id)).fit()

@@ -525,7 +525,7 @@ def cluster_sweep(synth_root, tmp_path_factory) -> Path:
         "trials": 2,
         "scheduler": {"type": "none"},
         "sampler": {"type": "random", "seed": 0},
-        "tracking": {"experiment": "gid-clusters"},
+        "tracking": {"experiment": "gid-clusters", "system_metrics_interval_s": 1},
     }
     (root / "sweep.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
     return root
@@ -585,6 +585,8 @@ def test_a_sweep_runs_on_a_two_node_cluster_with_trials_spanning_both_nodes(two_
         assert "val/ap" in run.data.metrics
         # Placement: the trial's workers ran on both nodes, and its MLflow run says which.
         assert set(run.data.tags["gid.worker_nodes"].split(",")) == nodes
+        # each worker sampled its node's system into the trial's run: rank 0 as a one-worker trial, rank 1 by name
+        assert {"system/cpu_utilization_percentage", "system/rank1/cpu_utilization_percentage"} <= set(run.data.metrics)
 
     # Results and checkpoints are in the shared storage path.
     experiment_dir = shared / "two-nodes" / "two-nodes-retinanet"

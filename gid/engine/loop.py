@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import ray
@@ -265,10 +267,16 @@ def save_and_report(
         session.report(metrics, directory if session.rank == 0 else None)
 
 
-def train_loop_per_worker(config_dict: dict, progress_queue: Queue | None = None) -> None:
+def train_loop_per_worker(
+    config_dict: dict, progress_queue: Queue | None = None,
+    around: Callable[[int], AbstractContextManager] | None = None,
+) -> None:
     """A Ray Train worker's training function; rank 0 puts its progress within each epoch on ``progress_queue``,
-    the driver's (gid.engine.progress), when one is given."""
-    train_loop(config_dict, TrainWorker(), progress_queue)
+    the driver's (gid.engine.progress), when one is given. ``around(rank)``: a context each worker trains in,
+    a caller's watch on its workers (a sweep samples their system metrics)."""
+    session = TrainWorker()
+    with around(session.rank) if around is not None else nullcontext():
+        train_loop(config_dict, session, progress_queue)
 
 
 @out_of_memory_as_user_error()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -94,15 +94,19 @@ def use_gpu(config: Config) -> bool:
     return config.scaling.use_gpu
 
 
-def build_trainer(config: Config, callbacks: list | None = None, progress_queue: Queue | None = None) -> TorchTrainer:
-    """The run's TorchTrainer; rank 0 puts its progress within epochs on ``progress_queue`` (gid.engine.progress)."""
+def build_trainer(
+    config: Config, callbacks: list | None = None, progress_queue: Queue | None = None,
+    around: Callable[[int], AbstractContextManager] | None = None,
+) -> TorchTrainer:
+    """The run's TorchTrainer; rank 0 puts its progress within epochs on ``progress_queue`` (gid.engine.progress);
+    each worker trains within ``around(rank)`` when given (:func:`gid.engine.loop.train_loop_per_worker`)."""
     gpu = use_gpu(config)
     resources = {"CPU": config.scaling.cpus_per_worker}
     if gpu:
         resources["GPU"] = config.scaling.gpus_per_worker
     return TorchTrainer(
         # The queue goes with the function, to every worker group Train starts (a restart's too).
-        partial(train_loop_per_worker, progress_queue=progress_queue),
+        partial(train_loop_per_worker, progress_queue=progress_queue, around=around),
         train_loop_config=config.to_dict(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.scaling.num_workers, use_gpu=gpu, resources_per_worker=resources
