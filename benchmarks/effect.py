@@ -262,6 +262,15 @@ def test_metrics(model_path: Path, data_root: Path) -> dict[str, float]:
 
 # The two kinds of job, as Ray tasks of their own, so that several run side by side on one Ray
 # instance. They hold no CPU themselves: the Train workers and Tune trials they start do.
+def epoch_slots(history: list[dict], epochs: int) -> list[dict | None]:
+    """Each epoch's metrics at its index; a run resumed in a later sitting trained only its last epochs in that
+    call, and the earlier ones stay None."""
+    slots: list[dict | None] = [None] * epochs
+    for metrics in history:
+        slots[metrics["epoch"] - 1] = metrics
+    return slots
+
+
 @ray.remote(num_cpus=0)
 def train_and_test(key: str, data: dict, data_root: Path) -> dict:
     """Train one config (its run named after ``key``) and evaluate it on the test split."""
@@ -275,12 +284,13 @@ def train_and_test(key: str, data: dict, data_root: Path) -> dict:
     seconds = time.perf_counter() - started
     torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))  # evaluate on this run's share too
     first = outcome.history[0] if outcome.history else {}
+    by_epoch = epoch_slots(outcome.history, config.train.epochs)
     return {"test": test_metrics(outcome.model_path, data_root), "seconds": seconds,
             "val_ap": outcome.metrics.get("val_ap"), "memory_peak_mb": outcome.metrics.get("memory_peak_mb"),
-            "val_ap_by_epoch": [m.get("val_ap") for m in outcome.history],
+            "val_ap_by_epoch": [m and m.get("val_ap") for m in by_epoch],
             "epochs": config.train.epochs,
-            "train_s": sum(m["epoch_time_s"] for m in outcome.history),  # training steps alone, no evaluation
-            "balance_by_epoch": [{k: v for k, v in m.items() if k.startswith("balance_")} for m in outcome.history],
+            "train_s": outcome.metrics["train_time_s"],  # training steps alone, over every sitting of the run
+            "balance_by_epoch": [m and {k: v for k, v in m.items() if k.startswith("balance_")} for m in by_epoch],
             "startup_s": {  # from run_training's call to the worker, its data, its models, its first step
                 "to_worker": first.get("worker_started_at", started_at) - started_at,
                 "data": first.get("setup_data_s"), "models": first.get("setup_model_s"),
@@ -692,7 +702,8 @@ def early_ranking(runs: dict[str, dict], scale: Scale) -> list[str]:
              "|---|---:|" + "---:|" * (epochs - 1)]
     for framework in measured(runs):
         curves = [r["val_ap_by_epoch"] for key, r in runs.items()
-                  if key.startswith(f"{framework}/") and "/teacher/" not in key and len(r.get("val_ap_by_epoch", [])) == epochs]
+                  if key.startswith(f"{framework}/") and "/teacher/" not in key and len(r.get("val_ap_by_epoch", [])) == epochs
+                  and None not in r["val_ap_by_epoch"]]
         if len(curves) < 3:
             continue
         final = [curve[-1] for curve in curves]
@@ -741,14 +752,15 @@ def plot_curves(runs: dict[str, dict], path: Path) -> bool:
     fig, axes = plt.subplots(1, len(frameworks), figsize=(4.5 * len(frameworks), 3.4), squeeze=False)
     for ax, framework in zip(axes[0], frameworks):
         for (row, label), color in zip(CURVES, ("#555555", "#4c72b0", "#dd8452")):
-            curves = [r["val_ap_by_epoch"] for k, r in runs.items() if k.startswith(f"{framework}/{row}/")]
-            curves = [[100 * ap for ap in c] for c in curves if c and None not in c]
+            # epoch -> val AP per seed; a seed resumed in a later sitting is known from its resumed epoch on
+            curves = [{epoch: 100 * ap for epoch, ap in enumerate(r["val_ap_by_epoch"], start=1) if ap is not None}
+                      for k, r in runs.items() if k.startswith(f"{framework}/{row}/")]
             for curve in curves:
-                ax.plot(range(1, len(curve) + 1), curve, color=color, alpha=0.3, linewidth=0.8)
-            if curves:
-                length = min(map(len, curves))
-                mean = [statistics.mean(c[i] for c in curves) for i in range(length)]
-                ax.plot(range(1, length + 1), mean, color=color, label=label)
+                ax.plot(list(curve), list(curve.values()), color=color, alpha=0.3, linewidth=0.8)
+            epochs = sorted({epoch for curve in curves for epoch in curve})
+            if epochs:  # the mean of the seeds known at each epoch
+                mean = [statistics.mean(c[epoch] for c in curves if epoch in c) for epoch in epochs]
+                ax.plot(epochs, mean, color=color, label=label)
         ax.set_title(framework)
         ax.set_xlabel("epoch")
         ax.set_ylabel("val AP")

@@ -108,3 +108,17 @@ def test_kept_results_carry_a_table_over_to_a_new_checkout(tmp_path):
     (second / "results.json").write_text("{}")  # a folder with results of its own keeps them
     effect.take_kept(keep, second)
     assert effect.json.loads((second / "results.json").read_text()) == {}
+
+
+def test_a_run_resumed_in_a_later_sitting_keeps_its_epochs_in_place_and_its_curve_starts_there(tmp_path):
+    resumed = [{"epoch": epoch, "val_ap": epoch / 100} for epoch in (3, 4)]  # epochs 1-2 trained in an earlier sitting
+    slots = effect.epoch_slots(resumed, 4)
+    assert slots == [None, None, *resumed]
+    whole = [0.01, 0.02, 0.03, 0.04]
+    runs = {
+        "fcos/teacher/0": {"val_ap_by_epoch": whole, "test": {"ap": 0.1}},
+        "fcos/converged_student/0": {"val_ap_by_epoch": whole, "test": {"ap": 0.05}},
+        "fcos/converged_student/1": {"val_ap_by_epoch": [m and m["val_ap"] for m in slots], "test": {"ap": 0.05}},
+    }
+    assert effect.plot_curves(runs, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
