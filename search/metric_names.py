@@ -1,6 +1,7 @@
-"""gid's metric names as MLflow keys: in sections (``val/ap``, ``loss/feature``, ``balance/weight_response``),
-which MLflow's UI shows as groups of charts, so that a trial's page leads with its AP and losses rather than
-with bookkeeping sorted first by name.
+"""gid's metric names as MLflow keys: in sections (``eval/ap``, ``loss/feature``, ``weighting/weight_response``),
+which MLflow's UI shows as groups of charts. The UI sorts its sections by name and opens on the first, so the
+names are chosen for that order: ``eval`` (AP), ``loss``, then ``model``, ``run``, ``selection`` (GISM) and
+``weighting`` (the balance), which a trial's page used to lead with (``balance_calibrations`` sorted first).
 
 Only MLflow's keys have sections: Ray Tune, the terminal, model files, result.json, the sweep file's
 ``objective.metric`` and ``gid export --metric`` keep gid's own names (``val_ap``). A sweep logged before
@@ -15,18 +16,18 @@ from collections.abc import Mapping
 # Names with a key of their own, then prefixes in the order they are tried; each prefix is replaced by its section.
 _NAMED = {
     "loss": "loss/total",
-    "teacher_val_ap": "val/teacher_ap",
-    "memory_peak_mb": "memory/peak_mb",
-    "params": "cost/params",
-    "latency_ms": "cost/latency_ms",
+    "teacher_val_ap": "eval/teacher_ap",
+    "memory_peak_mb": "run/memory_peak_mb",
+    "params": "model/params",
+    "latency_ms": "model/latency_ms",
 }
-_PREFIXES = (("val_", "val/"), ("loss_", "loss/"), ("gism_", "gism/"), ("balance_", "balance/"))
-_TIME = "time/"  # durations (``*_s``) and moments (``*_at``) keep their whole name: time/epoch_time_s
+_PREFIXES = (("val_", "eval/"), ("loss_", "loss/"), ("gism_", "selection/"), ("balance_", "weighting/"))
+_TIME = "run/"  # durations (``*_s``) and moments (``*_at``) keep their whole name: run/epoch_time_s
 _FROM_NAMED = {key: name for name, key in _NAMED.items()}
 
 
 def mlflow_key(name: str) -> str:
-    """The MLflow key of gid's metric ``name`` (``val_ap`` -> ``val/ap``); a name of no section is its own key."""
+    """The MLflow key of gid's metric ``name`` (``val_ap`` -> ``eval/ap``); a name of no section is its own key."""
     if name in _NAMED:
         return _NAMED[name]
     for prefix, section in _PREFIXES:

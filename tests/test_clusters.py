@@ -582,7 +582,7 @@ def test_a_sweep_runs_on_a_two_node_cluster_with_trials_spanning_both_nodes(two_
     assert len(nodes) == 2
     for run in trials:
         assert run.info.status == "FINISHED" and run.data.tags[STATUS_TAG] == "finished"
-        assert "val/ap" in run.data.metrics
+        assert "eval/ap" in run.data.metrics
         # Placement: the trial's workers ran on both nodes, and its MLflow run says which.
         assert set(run.data.tags["gid.worker_nodes"].split(",")) == nodes
         # each worker sampled its node's system into the trial's run: rank 0 as a one-worker trial, rank 1 by name
@@ -713,7 +713,7 @@ def test_a_lost_node_costs_its_trials_only_their_last_epoch_and_a_new_node_takes
         # its final AP is the one its last checkpoint holds
         trial_dir = shared / name / f"{name}-retinanet" / run.data.tags[TRIAL_TAG]
         last = max(trial_dir.glob("checkpoint_*"), key=lambda path: path.name)
-        assert torch.load(last / CHECKPOINT_FILE, weights_only=False)["metrics"]["val_ap"] == run.data.metrics["val/ap"]
+        assert torch.load(last / CHECKPOINT_FILE, weights_only=False)["metrics"]["val_ap"] == run.data.metrics["eval/ap"]
     summary = (shared / name / "report" / "summary.md").read_text()
     assert f"- retinanet {restarted.data.tags[TRIAL_TAG]}: 1× (" in summary
 
@@ -743,4 +743,4 @@ def test_a_multi_worker_trial_that_loses_a_node_resumes_its_train_run_from_its_l
     assert [r["epoch"] for r in reported] == list(range(1, epochs + 1)), reported
     train_run = shared / name / "trials" / "retinanet" / run.data.tags[TRIAL_TAG]
     last = max((path for path in train_run.glob("checkpoint_*") if path.is_dir()), key=lambda path: path.name)
-    assert torch.load(last / CHECKPOINT_FILE, weights_only=False)["metrics"]["val_ap"] == run.data.metrics["val/ap"]
+    assert torch.load(last / CHECKPOINT_FILE, weights_only=False)["metrics"]["val_ap"] == run.data.metrics["eval/ap"]

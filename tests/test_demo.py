@@ -27,20 +27,20 @@ def test_the_demo_ends_in_teacher_student_and_gid_side_by_side_and_a_link_to_its
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("gid-demo")
     trials = client.search_runs([experiment.experiment_id], filter_string=tag_filter({ROLE_TAG: "trial"}))
-    finished = [r.data.metrics["val/ap"] for r in trials if r.data.tags[STATUS_TAG] == "finished"]
+    finished = [r.data.metrics["eval/ap"] for r in trials if r.data.tags[STATUS_TAG] == "finished"]
     assert cells[4] == f"{100 * max(finished):.1f}" and cells[5] == f"{100 * (max(finished) - student):+.1f}"
     assert re.search(r"^fcos: (the best GID student is|at the demo's scale GID did not beat)", printed, re.M)
     # the best trial's values without those of a loss it switched off
     (best,) = [r for r in trials if r.data.tags[TRIAL_TAG] == cells[9]]  # the summary's best trial
-    assert f"{100 * best.data.metrics['val/ap']:.1f}" == cells[4]
+    assert f"{100 * best.data.metrics['eval/ap']:.1f}" == cells[4]
     for term in ("feature", "relation", "response"):
         if best.data.params[f"distill.{term}.enabled"] == "False":
             assert f"{term}." not in cells[10]
     # what the gain cost: the best trial's training time against the student alone's
     student_time = read_checkpoint(out / "runs" / "fcos_student" / "model.pt")["metrics"]["train_time_s"]
-    assert cells[6] == f"{best.data.metrics['time/train_time_s'] / student_time:.1f}×"
+    assert cells[6] == f"{best.data.metrics['run/train_time_s'] / student_time:.1f}×"
     # and what its student costs to deploy, as its last epoch measured it
-    assert cells[7] == f"{best.data.metrics['cost/params'] / 1e6:.2f} M, {best.data.metrics['cost/latency_ms']:.1f} ms"
+    assert cells[7] == f"{best.data.metrics['model/params'] / 1e6:.2f} M, {best.data.metrics['model/latency_ms']:.1f} ms"
     # the printed link opens this experiment's runs table
     (link,) = re.findall(r"then open (\S+)", printed)
     assert link.endswith(f"/#/experiments/{experiment.experiment_id}/runs")

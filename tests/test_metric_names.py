@@ -15,17 +15,23 @@ from search.tracking import FRAMEWORK_TAG, ROLE_TAG, STATUS_TAG, SWEEP_ID_TAG
 
 # What a GID trial reports (gid's training loop, the balance, GISM, the cost), and its key in MLflow.
 KEYS = {
-    "val_ap": "val/ap", "val_ap50": "val/ap50", "val_apl": "val/apl", "teacher_val_ap": "val/teacher_ap",
+    "val_ap": "eval/ap", "val_ap50": "eval/ap50", "val_apl": "eval/apl", "teacher_val_ap": "eval/teacher_ap",
     "loss": "loss/total", "loss_feature": "loss/feature", "loss_response_cls": "loss/response_cls",
     "loss_gt_classification": "loss/gt_classification",
-    "gism_gis_per_image": "gism/gis_per_image",
-    "balance_weight_response": "balance/weight_response", "balance_norm_detector": "balance/norm_detector",
-    "balance_seconds": "balance/seconds",
-    "epoch_time_s": "time/epoch_time_s", "setup_model_s": "time/setup_model_s", "first_step_at": "time/first_step_at",
-    "memory_peak_mb": "memory/peak_mb", "params": "cost/params", "latency_ms": "cost/latency_ms",
+    "gism_gis_per_image": "selection/gis_per_image",
+    "balance_weight_response": "weighting/weight_response", "balance_norm_detector": "weighting/norm_detector",
+    "balance_seconds": "weighting/seconds",
+    "epoch_time_s": "run/epoch_time_s", "setup_model_s": "run/setup_model_s", "first_step_at": "run/first_step_at",
+    "memory_peak_mb": "run/memory_peak_mb", "params": "model/params", "latency_ms": "model/latency_ms",
     "epoch": "epoch",
-    "val_ap_mean": "val/ap_mean", "seeds": "seeds",  # a finalized configuration's
+    "val_ap_mean": "eval/ap_mean", "seeds": "seeds",  # a finalized configuration's
 }
+
+
+def test_the_sections_sort_with_ap_and_the_losses_first():
+    # MLflow's UI sorts a run's chart sections by name and opens on the first
+    sections = sorted({mlflow_key(name).split("/")[0] for name in KEYS if "/" in mlflow_key(name)})
+    assert sections[:2] == ["eval", "loss"]
 
 
 @pytest.mark.parametrize(("name", "key"), KEYS.items())
@@ -50,7 +56,7 @@ def test_export_ranks_the_runs_of_a_sweep_logged_before_sections_beside_a_sectio
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment_id = client.create_experiment("names", artifact_location=str(tmp_path / "artifacts"))
     tags = {SWEEP_ID_TAG: "s1", FRAMEWORK_TAG: "fcos", ROLE_TAG: "trial", STATUS_TAG: FINISHED}
-    for ap, key in ((0.30, "val_ap"), (0.40, "val/ap"), (0.35, "val_ap")):  # two older runs, one of today's
+    for ap, key in ((0.30, "val_ap"), (0.40, "eval/ap"), (0.35, "val_ap")):  # two older runs, one of today's
         run_id = client.create_run(experiment_id, tags=tags).info.run_id
         client.log_batch(run_id, metrics=[Metric(key, ap, 0, 1), Metric(key.replace("ap", "ap50"), 2 * ap, 0, 1)])
     found, mode = best_runs(client, experiment_id, "val_ap", None, top=3)

@@ -134,7 +134,7 @@ def test_mlflow_down_mid_sweep_is_filled_in_on_resume(ray_local, synth_root, tmp
         assert len(runs) == 2 and len({r.data.tags["gid.trial_id"] for r in runs}) == 2
         for run in runs:
             assert run.data.tags[STATUS_TAG] == "finished"
-            assert [m.step for m in client.get_metric_history(run.info.run_id, "val/ap")] == [1, 2]
+            assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/ap")] == [1, 2]
     finally:
         server.terminate()
         server.wait()

@@ -123,7 +123,7 @@ def test_sweep_runs_every_trial_and_tracks_them_in_mlflow(finished_sweep, mlflow
     assert sorted(r.data.tags[FRAMEWORK_TAG] for r in baselines) == sorted(FRAMEWORKS)
     for run in baselines:  # trained once, on the trials' schedule, and not a GID trial
         assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "val/ap")] == [EPOCHS]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/ap")] == [EPOCHS]
     for framework in outcome.frameworks:  # the summary's teacher and "student alone" columns
         ap = read_checkpoint(framework.baseline)["metrics"]["val_ap"]
         teacher_ap = cached_val_ap(framework.base)  # its file stores none: the sweep measured it once
@@ -153,13 +153,13 @@ def test_sweep_runs_every_trial_and_tracks_them_in_mlflow(finished_sweep, mlflow
         assert any(enabled.values())
         for term, used in enabled.items():  # only the values that matter: none of a switched-off loss
             assert used == any(k.startswith(f"distill.{term}.") and not k.endswith(".enabled") for k in run.data.params)
-        history = client.get_metric_history(run.info.run_id, "val/ap")
+        history = client.get_metric_history(run.info.run_id, "eval/ap")
         epochs = EPOCHS if run.data.tags[STATUS_TAG] == "finished" else len(history)
         assert [m.step for m in history] == list(range(1, epochs + 1))
         assert not [key for key in run.data.metrics if key.endswith("_percent")]  # Tune's terminal twins stay there
         # the student's cost, pruned trials' too: measured after the first epoch and again after the last
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "cost/latency_ms")] == list(range(1, epochs + 1))
-        assert run.data.metrics["cost/latency_ms"] > 0 and run.data.metrics["cost/params"] > 1e6
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "model/latency_ms")] == list(range(1, epochs + 1))
+        assert run.data.metrics["model/latency_ms"] > 0 and run.data.metrics["model/params"] > 1e6
         # what the trial used of the machine, sampled every second in the process that trained it
         cpu = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
         assert cpu and [m.step for m in cpu] == list(range(len(cpu))) and all(0 <= m.value <= 100 for m in cpu)
@@ -190,7 +190,7 @@ def test_the_report_pictures_show_the_finished_trials_and_the_best_ones_gis(fini
         rows = trial_rows(framework, sweep.objective.metric)
         teacher_ap, baseline_ap = reference_aps(framework)
         lines = lines_of(trials_figure(rows, "val_ap", teacher_ap, baseline_ap, fw))
-        assert sorted(lines["finished"][1]) == pytest.approx(sorted(100 * r.data.metrics["val/ap"] for r in finished))
+        assert sorted(lines["finished"][1]) == pytest.approx(sorted(100 * r.data.metrics["eval/ap"] for r in finished))
         assert teacher_ap == cached_val_ap(framework.base)  # its file stores none: the sweep measured it once
         assert f"teacher: val AP {100 * teacher_ap:.1f}" in lines
         assert f"student alone: val AP {100 * baseline_ap:.1f}" in lines  # the one the sweep trained
@@ -215,8 +215,8 @@ def test_export_writes_the_best_finished_configs_that_run(finished_sweep, worksp
     runs = child_runs(MlflowClient(mlflow_server), MAIN)
     for item in exported:
         finished = [r for r in runs if r.data.tags[FRAMEWORK_TAG] == item.framework and r.data.tags[STATUS_TAG] == "finished"]
-        best = max(finished, key=lambda r: r.data.metrics["val/ap"])
-        assert item.metrics["val_ap"] == best.data.metrics["val/ap"]
+        best = max(finished, key=lambda r: r.data.metrics["eval/ap"])
+        assert item.metrics["val_ap"] == best.data.metrics["eval/ap"]
         config = load_config(item.path)
         assert config.distill is not None and config.model.framework == item.framework
         # what the user's base config said, not the sweep's paths and trial resources
@@ -270,18 +270,25 @@ def chromium() -> str:
 
 
 def test_the_mlflow_ui_shows_the_sweep_as_a_person_sees_it(finished_sweep, mlflow_server, tmp_path, chromium):
+    export_best(tmp_path / "best", tracking_uri=mlflow_server, experiment="gid-test", sweep=MAIN, register="gid-test-shots")
     out = tmp_path / "shots"
     command = [sys.executable, str(REPO / "docs" / "screenshots.py"), "--tracking-uri", mlflow_server,
                "--experiment", "gid-test", "--sweep", MAIN, "--out", str(out), "--page-text", "--port", str(free_port())]
     subprocess.run(command, check=True, timeout=600)
-    for name in ("mlflow_runs", "mlflow_trial_charts", "mlflow_sweep_run"):
+    for name in ("mlflow_runs", "mlflow_trial_charts", "mlflow_trial_system", "mlflow_sweep_run", "mlflow_registered_model"):
         with Image.open(out / f"{name}.png") as image:
             assert image.width == 1500 and len(set(image.convert("RGB").getdata())) > 50  # a page, not a blank
     runs = (out / "mlflow_runs.txt").read_text()
     assert "Runs" in runs and MAIN in runs and "GenAI apps" not in runs and "Welcome to MLflow" not in runs
     assert "retinanet/" in runs  # the nested trials, expanded under the sweep's run
     charts = (out / "mlflow_trial_charts.txt").read_text()
-    assert "Model metrics" in charts and re.search(r"^fcos/\w+ \(\w+\)$", charts, re.M)  # the trial's charts, drawn
+    assert "Model metrics" in charts
+    # MLflow sorts a run's chart sections by name and opens on the first: the trial's AP, then its losses
+    assert re.findall(r"^(\w+)\n\(\d+\)$", charts, re.M)[:2] == ["eval", "loss"]
+    assert re.search(r"^fcos/\w+ \(eval/ap\)$", charts, re.M)  # its AP chart, drawn
+    system = (out / "mlflow_trial_system.txt").read_text()
+    assert re.search(r"^fcos/\w+ \(system/cpu_utilization_percentage\)$", system, re.M)
+    assert "GID student" in (out / "mlflow_registered_model.txt").read_text()  # the version registered above
     assert f"Sweep {MAIN}" in (out / "mlflow_sweep_run.txt").read_text()  # the summary, as the run's description
 
 
@@ -483,7 +490,7 @@ def test_finalize_retrains_the_best_over_seeds_and_export_takes_its_winner(
     outcome = run_sweep(load_sweep(path))
     (framework,) = outcome.frameworks
     client = MlflowClient(mlflow_server)
-    trials = {r.data.tags[TRIAL_TAG]: r.data.metrics["val/ap"] for r in child_runs(client, "final")}
+    trials = {r.data.tags[TRIAL_TAG]: r.data.metrics["eval/ap"] for r in child_runs(client, "final")}
     best_trial = framework.final[0].source  # the best trial (of equals, the one Tune listed first)
     assert trials[best_trial] == max(trials.values())
     final = runs_of(client, "final", FINAL)
@@ -493,10 +500,10 @@ def test_finalize_retrains_the_best_over_seeds_and_export_takes_its_winner(
     ]
     for run in final:
         assert run.data.tags[STATUS_TAG] == "finished" and run.data.params["train.seed"] == run.data.tags[SEED_TAG]
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "val/ap")] == [1]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/ap")] == [1]
         assert run.data.tags[SOURCE_TAG] == (best_trial if run.data.tags[CANDIDATE_TAG] == "1" else "")
     winner_runs = [r for r in final if r.data.tags[CANDIDATE_TAG] == "1"]
-    mean = sum(r.data.metrics["val/ap"] for r in winner_runs) / 2
+    mean = sum(r.data.metrics["eval/ap"] for r in winner_runs) / 2
     (gid, student) = framework.final
     assert gid.source == best_trial and gid.mean == pytest.approx(mean) and student.label == "student"
     # in MLflow a run per configuration holds its mean and spread, its seeds' runs nested in it
@@ -505,8 +512,8 @@ def test_finalize_retrains_the_best_over_seeds_and_export_takes_its_winner(
     for score in framework.final:
         group = groups[score.label]
         assert group.data.tags["mlflow.parentRunId"] == runs_of(client, "final", "sweep")[0].info.run_id
-        assert group.data.metrics["val/ap_mean"] == pytest.approx(score.mean)
-        assert group.data.metrics["val/ap_std"] == pytest.approx(score.std) and group.data.metrics["seeds"] == 2
+        assert group.data.metrics["eval/ap_mean"] == pytest.approx(score.mean)
+        assert group.data.metrics["eval/ap_std"] == pytest.approx(score.std) and group.data.metrics["seeds"] == 2
     for run in runs_of(client, "final", FINAL):
         assert run.data.tags["mlflow.parentRunId"] == groups[run.data.tags[CANDIDATE_TAG]].info.run_id
 
