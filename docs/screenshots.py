@@ -146,7 +146,7 @@ class Browser:
 
 def pages(client: MlflowClient, experiment: str, sweep: str | None) -> tuple[str, str, dict[str, str]]:
     """The experiment's id, the sweep's run id and the UI routes to photograph: the runs table, a finished
-    trial's charts and system metrics, the sweep run's overview and its latest registered model version, of the
+    trial's charts and system metrics, the sweep run's overview and its registered champion (else latest version), of the
     sweep named ``sweep`` (default: the latest)."""
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -174,6 +174,10 @@ def pages(client: MlflowClient, experiment: str, sweep: str | None) -> tuple[str
     registered = [v for v in client.search_model_versions(max_results=1000) if v.tags.get("gid.sweep_id") == sweep_id]
     if registered:
         version = max(registered, key=lambda v: int(v.version))
+        with contextlib.suppress(Exception):  # the champion, where it is one of this sweep's (search returns no aliases)
+            champion = client.get_model_version_by_alias(version.name, "champion")
+            if champion.tags.get("gid.sweep_id") == sweep_id:
+                version = champion
         routes["mlflow_registered_model"] = f"#/models/{version.name}/versions/{version.version}"
     return experiment_id, parent.info.run_id, routes
 
