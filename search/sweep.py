@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from search.outcomes import FinalScore, FrameworkOutcome, SweepOutcome
 from search.report import headline_metrics, trial_rows, write_sweep_report
 from search.space import STUDENT_ALONE
 from search.storage import SweepPaths
+from search.system_metrics import monitored
 from search.tracking import TrialLogger, connect, log_metrics, parent_run, record_invocation, redact, runs_link
 from search.trial import BASELINE, FINAL, trains_in_trial, trial_config
 
@@ -67,16 +69,18 @@ def trials_path(paths: SweepPaths, base: Config, experiment: str) -> str:
     return paths.join(experiment) if trains_in_trial(base) else paths.join("trials", base.model.framework)
 
 
-def train_baseline(base: Config, paths: SweepPaths, trials: TrialLogger) -> Path:
+def train_baseline(base: Config, paths: SweepPaths, trials: TrialLogger, system_metrics_interval_s: float) -> Path:
     """Train the student alone once (a later run of the sweep reuses it) and log it as the sweep's baseline:
-    the base config with every GID loss off, on the trials' schedule and resources, as a Train run of its own."""
+    the base config with every GID loss off, on the trials' schedule and resources, as a Train run of its own
+    whose workers sample the system into its MLflow run, as a trial's do."""
     config = trial_config(base.to_dict(), STUDENT_ALONE, BASELINE, paths.join("trials", base.model.framework))
     model_file = Path(config.run.storage_path) / BASELINE / MODEL_FILE
     if model_file.is_file():
         metrics = read_checkpoint(model_file)["metrics"]
     else:
         logger.info("%s: training the student alone, the baseline of the GID trials", base.model.framework)
-        outcome = run_training(config)
+        with trials.baseline_training(system_metrics_interval_s) as system_metrics:
+            outcome = run_training(config, around=partial(monitored, system_metrics, BASELINE))
         model_file, metrics = outcome.model_path, outcome.metrics
     trials.log_baseline(metrics, base.train.epochs)
     return model_file
@@ -86,7 +90,9 @@ def run_framework(
     sweep: SweepConfig, base: Config, space: dict[str, Any], paths: SweepPaths, trials: TrialLogger, resume: bool
 ) -> FrameworkOutcome:
     framework = base.model.framework
-    baseline = sweep.frameworks[framework].baseline or train_baseline(base, paths, trials)
+    baseline = sweep.frameworks[framework].baseline or train_baseline(
+        base, paths, trials, sweep.tracking.system_metrics_interval_s
+    )
     name = experiment_name(sweep, framework)
     storage = paths.optuna_storage(sweep)
     budget = EpochBudget(sweep.budget_epochs, paths.local / f"{name}.epochs.json") if sweep.budget_epochs else None

@@ -2,8 +2,8 @@
 trial's run, sampled by MLflow's own monitor in the process that trains: a host-bound or starved trial shows in
 its run's system-metrics tab.
 
-The driver creates each trial's run when the trial starts (search.tracking.TrialLogger); the trial finds it by
-its tags and hands its id to the monitor. One sample costs a few milliseconds of one thread every
+The driver creates each trial's run when the trial starts (search.tracking.TrialLogger), and the baseline's
+(the student trained alone) before it trains; the training finds its run by its tags and hands its id to the monitor. One sample costs a few milliseconds of one thread every
 ``tracking.system_metrics_interval_s`` (docs/benchmarks.md, "System metrics: what they cost").
 """
 
@@ -25,13 +25,17 @@ RUN_WAIT_S = 60  # how long a trial looks for the run the driver makes for it be
 
 @dataclass(frozen=True)
 class SystemMetrics:
-    """Where a trial's run is: its experiment and the tags that, with the trial's id under ``trial_tag``, find it."""
+    """Where a trial's run is: its experiment and the tags that, with the trial's id under ``trial_tag`` (if set),
+    find it."""
 
     tracking_uri: str
     experiment_id: str
     tags: dict[str, str]
-    trial_tag: str
+    trial_tag: str | None
     interval_s: float
+
+    def run_tags(self, trial_id: str) -> dict[str, str]:
+        return self.tags if self.trial_tag is None else {**self.tags, self.trial_tag: trial_id}
 
 
 @contextmanager
@@ -68,7 +72,7 @@ class _Monitor(threading.Thread):
 
         from search.tracking import check_store_exists, find_run
 
-        spec, tags = self.spec, {**self.spec.tags, self.spec.trial_tag: self.trial_id}
+        spec, tags = self.spec, self.spec.run_tags(self.trial_id)
         try:
             check_store_exists(spec.tracking_uri)  # a SQLite file on another node: never make an empty one here
             client = MlflowClient(spec.tracking_uri)

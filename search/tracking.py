@@ -14,6 +14,8 @@ import re
 import tempfile
 import threading
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -341,18 +343,42 @@ class TrialLogger:
                 self.client.set_tag(run.info.run_id, MLFLOW_PARENT_RUN_ID, run_id)
             self.client.set_terminated(run_id, status="FINISHED")
 
+    def _baseline_tags(self) -> dict[str, str]:
+        return {SWEEP_ID_TAG: self.sweep.id, FRAMEWORK_TAG: self.framework, ROLE_TAG: BASELINE}
+
+    def baseline_run(self) -> str:
+        """The run of the student trained alone on the trials' schedule: a child run of its own, not a GID trial."""
+        tags = self._baseline_tags()
+        run_id = find_run(self.client, self.experiment_id, tags)
+        if run_id is None:
+            run_tags = {**tags, SWEEP_TAG: self.sweep.name, MLFLOW_PARENT_RUN_ID: self.sweep.parent_run_id,
+                        MLFLOW_RUN_NAME: f"{self.framework}/{BASELINE}"}
+            run_id = self.client.create_run(self.experiment_id, tags=run_tags).info.run_id
+        return run_id
+
+    @contextmanager
+    def baseline_training(self, interval_s: float) -> Iterator[SystemMetrics | None]:
+        """Around the baseline's training: its run made first, so that the training can sample the system into it
+        (the spec yielded; None with ``interval_s`` 0), and marked failed if the training fails (a resume finishes
+        it)."""
+        run_id = self.baseline_run()
+        try:
+            yield SystemMetrics(
+                absolute(self.client.tracking_uri), self.experiment_id, self._baseline_tags(), None, interval_s
+            ) if interval_s else None
+        except BaseException:
+            self.client.set_terminated(run_id, status="FAILED")
+            raise
+
     def log_baseline(self, metrics: dict[str, Any], epochs: int) -> None:
-        """The student trained alone on the trials' schedule: a child run of its own, not a GID trial."""
-        tags = {SWEEP_ID_TAG: self.sweep.id, FRAMEWORK_TAG: self.framework, ROLE_TAG: BASELINE}
-        if find_run(self.client, self.experiment_id, tags) is not None:
+        """The baseline's val metrics at its last epoch, and its run finished."""
+        run_id = self.baseline_run()
+        if self.client.get_run(run_id).data.tags.get(STATUS_TAG) == FINISHED:
             return  # logged before the sweep was interrupted
-        run_tags = {**tags, SWEEP_TAG: self.sweep.name, MLFLOW_PARENT_RUN_ID: self.sweep.parent_run_id,
-                    MLFLOW_RUN_NAME: f"{self.framework}/{BASELINE}", STATUS_TAG: FINISHED}
-        run_id = self.client.create_run(self.experiment_id, tags=run_tags).info.run_id
         values = [
             Metric(mlflow_key(k), float(v), 0, epochs) for k, v in metrics.items() if k.startswith("val_") and math.isfinite(v)
         ]
-        self.client.log_batch(run_id, metrics=values)
+        self.client.log_batch(run_id, metrics=values, tags=[RunTag(STATUS_TAG, FINISHED)])
         self.client.set_terminated(run_id, status="FINISHED")
 
     def close_lost(self) -> None:

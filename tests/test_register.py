@@ -28,7 +28,7 @@ from search.registry import CHAMPION, CONFIG_TAG, METRIC_TAG, MODE_TAG, OBJECTIV
 from search.storage import SweepPaths
 from search.sweep import register_winners, sweep_base, trials_path
 from search.tracking import (
-    CHECKPOINT_TAG, ROLE_TAG, SEED_TAG, SOURCE_TAG, SWEEP_ID_TAG, TRIAL_TAG, TrialLogger, connect, parent_run,
+    CHECKPOINT_TAG, ROLE_TAG, SEED_TAG, SOURCE_TAG, SWEEP_ID_TAG, TRIAL_TAG, TrialLogger, connect, find_run, parent_run,
 )
 from search.trial import FINAL, trial_config, trial_params
 from support import synth_batch, tiny_config_dict, write_sweep
@@ -148,6 +148,24 @@ def test_the_registered_champion_loads_as_the_detector_gid_eval_loads(workspace,
     # and what each label the detector returns means, as the model file holds it
     labels = json.loads((files / "labels.json").read_text())
     assert labels == {"0": "__background__", **{str(i): name for i, name in enumerate(CLASSES, start=1)}}
+
+
+def test_the_baseline_run_exists_while_it_trains_and_a_failed_one_is_finished_by_the_resume(workspace, tracking_uri):
+    # The sweep's student alone: its run is made before it trains, so that its workers sample the system into it.
+    logger = Sweep(workspace, tracking_uri, "baseline", {"metric": "val_ap", "mode": "max"}).loggers["trial"]
+    client = MlflowClient(tracking_uri)
+    with pytest.raises(GidError), logger.baseline_training(interval_s=1) as system_metrics:
+        run_id = find_run(client, system_metrics.experiment_id, system_metrics.run_tags("baseline"))
+        assert client.get_run(run_id).info.status == "RUNNING" and system_metrics.interval_s == 1
+        raise GidError("the training failed")
+    assert client.get_run(run_id).info.status == "FAILED"
+    with logger.baseline_training(interval_s=0) as system_metrics:  # the resume trains it again, unsampled
+        assert system_metrics is None
+    for _ in range(2):  # and logs it once, in the same run
+        logger.log_baseline({"val_ap": 0.25, "train_time_s": 9.0}, EPOCHS)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags[ROLE_TAG] == "baseline"
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "eval/ap")] == [(EPOCHS, 0.25)]
 
 
 def test_a_sqlite_store_registers_into_itself_and_its_champion_loads(workspace, tmp_path, monkeypatch):

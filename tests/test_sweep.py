@@ -124,6 +124,9 @@ def test_sweep_runs_every_trial_and_tracks_them_in_mlflow(finished_sweep, mlflow
     for run in baselines:  # trained once, on the trials' schedule, and not a GID trial
         assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/ap")] == [EPOCHS]
+        # sampled while it trained, as a trial is
+        assert all(0 <= m.value <= 100 for m in client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage"))
+        assert run.data.metrics["system/system_memory_usage_megabytes"] > 0
     for framework in outcome.frameworks:  # the summary's teacher and "student alone" columns
         ap = read_checkpoint(framework.baseline)["metrics"]["val_ap"]
         teacher_ap = cached_val_ap(framework.base)  # its file stores none: the sweep measured it once

@@ -166,8 +166,11 @@ def finish_run(result: ray.train.Result, history: list[dict]) -> TrainingOutcome
     return TrainingOutcome(metrics=result.metrics, model_path=model_path, run_path=run_path, history=history)
 
 
-def run_training(config: Config, address: str | None = None) -> TrainingOutcome:
-    """Train (or distil) per ``config`` on Ray; resumes the run of the same name if it exists."""
+def run_training(
+    config: Config, address: str | None = None, around: Callable[[int], AbstractContextManager] | None = None
+) -> TrainingOutcome:
+    """Train (or distil) per ``config`` on Ray; resumes the run of the same name if it exists. Each worker trains
+    within ``around(rank)`` when given (:func:`build_trainer`)."""
     if config.run.name is None:
         raise GidError("run.name is not set; pass --set run.name=NAME")
     config = config.with_absolute_paths()
@@ -182,7 +185,7 @@ def run_training(config: Config, address: str | None = None) -> TrainingOutcome:
     label = f"{config.model.framework} {config.model.backbone}"
     history: list[dict] = []
     with raise_user_error(), progress_lines(label, config.train.epochs, history) as queue:
-        result = build_trainer(config, callbacks=[EpochReports(queue)], progress_queue=queue).fit()
+        result = build_trainer(config, callbacks=[EpochReports(queue)], progress_queue=queue, around=around).fit()
     return finish_run(result, history)
 
 
