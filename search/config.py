@@ -107,11 +107,17 @@ class Sampler(StrictModel):
     # TPE samples at random until this many trials have finished (Optuna's default: 10); small sweeps
     # need fewer to reach the model-guided phase at all. auto: a quarter of the trials, 2 to 10.
     startup_trials: int | Literal["auto"] = "auto"
+    # TPE's model, at Optuna 5's defaults (set here, so that an Optuna upgrade cannot change a sweep): a trial's values
+    # sampled jointly (multivariate), and the running trials counted as bad ones (constant_liar) so that concurrent
+    # trials spread out. Optuna's `group` has nothing to split here: every trial samples every key of the space.
+    multivariate: bool = True
+    constant_liar: bool = True
 
     @model_validator(mode="after")
-    def _startup_trials_are_tpe_only(self) -> Sampler:
-        if self.type == "random" and "startup_trials" in self.model_fields_set:
-            raise ValueError("startup_trials applies to sampler.type tpe only; remove it or set type: tpe")
+    def _tpe_settings_are_tpe_only(self) -> Sampler:
+        tpe_only = {"startup_trials", "multivariate", "constant_liar"} & self.model_fields_set
+        if self.type == "random" and tpe_only:
+            raise ValueError(f"{', '.join(sorted(tpe_only))} applies to sampler.type tpe only; remove it or set type: tpe")
         if self.startup_trials != "auto" and self.startup_trials < 1:
             raise ValueError(f"startup_trials must be 'auto' or at least 1, got {self.startup_trials}")
         return self

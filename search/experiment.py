@@ -53,7 +53,10 @@ def build_searcher(sweep: SweepConfig, space: dict[str, Any], study_name: str, s
         modes.append(objective.second_mode)
     choice = sweep.sampler
     if choice.type == "tpe":
-        sampler = optuna.samplers.TPESampler(n_startup_trials=choice.startup_trials_for(sweep.trials), seed=choice.seed)
+        sampler = optuna.samplers.TPESampler(
+            n_startup_trials=choice.startup_trials_for(sweep.trials), seed=choice.seed,
+            multivariate=choice.multivariate, constant_liar=choice.constant_liar,
+        )
     else:
         sampler = optuna.samplers.RandomSampler(choice.seed)
     # OptunaSearch ignores TuneConfig's metric/mode: it must be told itself.

@@ -626,6 +626,24 @@ def test_tpe_leaves_random_sampling_after_its_startup_trials(workspace, tmp_path
     assert early[2:] != default[2:]  # TPE's model has taken over in the first sweep only
 
 
+def test_the_sweep_files_tpe_settings_reach_optunas_sampler(workspace, tmp_path):
+    # Two trials finished, then two started together: with constant_liar the second counts the first as a bad
+    # result and samples elsewhere; without it, TPE's model has nothing new to go on.
+    def concurrent_suggestions(name: str, **tpe: bool) -> list[dict]:
+        sampler = {"type": "tpe", "seed": 0, "paper_defaults_first": False, "startup_trials": 2, **tpe}
+        sweep = load_sweep(write_sweep(workspace, name, "sqlite:///unused.db", sampler=sampler))
+        space = sweep.space_for(sweep.base_config("retinanet"))
+        searcher = build_searcher(sweep, space, "sweep-retinanet", f"sqlite:///{tmp_path / f'{name}.db'}")
+        for i in range(2):
+            config = searcher.suggest(f"trial{i}")
+            searcher.on_trial_complete(f"trial{i}", {"val_ap": config["distill.gism.top_k"] / 100})
+        return [searcher.suggest(f"trial{i}") for i in (2, 3)]
+
+    liar, honest = concurrent_suggestions("liar"), concurrent_suggestions("honest", constant_liar=False)
+    assert liar[0] == honest[0] and liar[1] != honest[1]
+    assert concurrent_suggestions("independent", multivariate=False)[0] != liar[0]  # a value at a time
+
+
 def test_asha_may_stop_trials_only_in_the_last_third_of_their_schedule_by_default(workspace):
     sweep = load_sweep(write_sweep(workspace, "grace", "sqlite:///unused.db", scheduler={"type": "asha"}))
     assert [sweep.scheduler.grace_period_for(epochs) for epochs in (1, 2, 3, 12)] == [1, 2, 2, 8]
@@ -643,6 +661,7 @@ def test_asha_may_stop_trials_only_in_the_last_third_of_their_schedule_by_defaul
         ({"frameworks": {"yolo": {"config": "x.yaml"}}}, "frameworks.yolo"),
         ({"trials": 0}, "trials: Input should be greater than or equal to 1"),
         ({"sampler": {"type": "random", "startup_trials": 3}}, "startup_trials applies to sampler.type tpe only"),
+        ({"sampler": {"type": "random", "constant_liar": False}}, "constant_liar applies to sampler.type tpe only"),
         ({"finalize": {"overrides": ["train.epochs=0"]}}, "with finalize.overrides: train.epochs"),
         ({"finalize": {"seeds": 0}}, "finalize.seeds"),
         ({"scheduler": {"grace_period": 0}}, "grace_period must be 'auto' or at least 1"),
