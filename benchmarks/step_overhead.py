@@ -49,12 +49,13 @@ from unittest import mock
 import torch
 
 import gid.distill.distiller as distiller_module
-from gid.config import BalanceConfig, DataConfig, DistillConfig, ModelConfig
+from gid.config import BalanceConfig, DataConfig, DistillConfig, ModelConfig, TrainConfig
 from gid.data import build_dataset, collate, make_synthetic
 from gid.distill import Distiller
 from gid.distill.balance import DynamicBalance
 from gid.distill.pooling import InstancePooler
 from gid.engine.loop import apply_gradients
+from gid.engine.state import build_optimizer
 from gid.frameworks import FRAMEWORKS, view_for
 from gid.models import build_detector
 
@@ -240,11 +241,10 @@ def bench_framework(framework: str, args: argparse.Namespace, batch, device: tor
     with torch.no_grad():
         teacher_batch, _ = teacher_view.transform(images)  # the GID step transforms once, for both
 
-    sgd = dict(lr=args.lr, momentum=0.9, weight_decay=1e-4)
+    train = TrainConfig(lr=args.lr)  # the training loop's SGD (momentum 0.9, weight decay 1e-4)
     student_params = [p for p in student.parameters() if p.requires_grad]
     gid_params = [p for p in distiller.parameters() if p.requires_grad]
-    student_opt = torch.optim.SGD(student_params, **sgd)
-    gid_opt = torch.optim.SGD(gid_params, **sgd)
+    student_opt, gid_opt = build_optimizer(student_params, train), build_optimizer(gid_params, train)
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.float16, enabled=args.amp)

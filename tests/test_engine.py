@@ -14,7 +14,9 @@ from gid.cli import main
 from gid.data import build_dataset
 from gid.engine import loop
 from gid.engine.latency import parameter_count
+from gid.config import TrainConfig
 from gid.engine.loop import apply_gradients
+from gid.engine.state import build_optimizer
 from gid.engine.trainer import MODEL_FILE, build_trainer, run_training
 from gid.models import load_model, read_checkpoint
 
@@ -104,9 +106,29 @@ def test_the_students_cost_is_reported_from_the_first_epoch_and_measured_again_a
     assert student.training  # timed in eval mode, handed back in training mode
 
 
+def test_the_loops_sgd_is_one_fused_update_that_follows_torchs_reference_sgd():
+    train = TrainConfig(lr=0.1)
+    torch.manual_seed(0)
+    start = torch.randn(1000)
+    weights = [torch.nn.Parameter(start.clone()) for _ in range(2)]
+    fused = build_optimizer([weights[0]], train)
+    reference = torch.optim.SGD(  # torch's default on a CPU: a Python loop over the tensors
+        [weights[1]], lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay, foreach=False
+    )
+    assert fused.defaults["fused"]
+    for step in range(5):
+        for weight, optimizer in zip(weights, (fused, reference), strict=True):
+            optimizer.zero_grad()
+            ((weight**2).sum() * (step + 1)).backward()
+            optimizer.step()
+    assert not torch.equal(weights[0].detach(), start)
+    torch.testing.assert_close(weights[0], weights[1])  # the same steps, to float rounding
+
+
 def test_the_lr_schedule_waits_while_amp_skips_overflowed_steps():
     weight = torch.nn.Parameter(torch.ones(2))
-    optimizer = torch.optim.SGD([weight], lr=1.0)
+    # the loop's SGD with AMP's scaler: not fused, whose kernel would skip the step after the loop saw it taken
+    optimizer = build_optimizer([weight], TrainConfig(lr=1.0, momentum=0.0, weight_decay=0.0), scaled=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 0.5**it)
     scaler = torch.amp.GradScaler("cpu")  # the CUDA scaler's logic, runnable without a GPU
     with warnings.catch_warnings():
