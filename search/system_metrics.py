@@ -2,9 +2,10 @@
 trial's run, sampled by MLflow's own monitor in the process that trains: a host-bound or starved trial shows in
 its run's system-metrics tab.
 
-The driver creates each trial's run when the trial starts (search.tracking.TrialLogger), and the baseline's
-(the student trained alone) before it trains; the training finds its run by its tags and hands its id to the monitor. One sample costs a few milliseconds of one thread every
-``tracking.system_metrics_interval_s`` (docs/benchmarks.md, "System metrics: what they cost").
+The driver creates each trial's run when the trial starts (search.tracking.TrialLogger), and the baseline's (the
+student trained alone) before it trains; the training finds its run by its tags and hands its id to the monitor.
+One sample costs a few milliseconds of one thread every ``tracking.system_metrics_interval_s``
+(docs/benchmarks.md, "System metrics: what they cost").
 """
 
 from __future__ import annotations

@@ -346,7 +346,7 @@ class TrialLogger:
     def _baseline_tags(self) -> dict[str, str]:
         return {SWEEP_ID_TAG: self.sweep.id, FRAMEWORK_TAG: self.framework, ROLE_TAG: BASELINE}
 
-    def baseline_run(self) -> str:
+    def _baseline_run(self) -> str:
         """The run of the student trained alone on the trials' schedule: a child run of its own, not a GID trial."""
         tags = self._baseline_tags()
         run_id = find_run(self.client, self.experiment_id, tags)
@@ -361,7 +361,9 @@ class TrialLogger:
         """Around the baseline's training: its run made first, so that the training can sample the system into it
         (the spec yielded; None with ``interval_s`` 0), and marked failed if the training fails (a resume finishes
         it)."""
-        run_id = self.baseline_run()
+        run_id = self._baseline_run()
+        # running again after a failed try: MLflow's monitor samples a running run only
+        self.client.update_run(run_id, status="RUNNING")
         try:
             yield SystemMetrics(
                 absolute(self.client.tracking_uri), self.experiment_id, self._baseline_tags(), None, interval_s
@@ -372,7 +374,7 @@ class TrialLogger:
 
     def log_baseline(self, metrics: dict[str, Any], epochs: int) -> None:
         """The baseline's val metrics at its last epoch, and its run finished."""
-        run_id = self.baseline_run()
+        run_id = self._baseline_run()
         if self.client.get_run(run_id).data.tags.get(STATUS_TAG) == FINISHED:
             return  # logged before the sweep was interrupted
         values = [
