@@ -4,10 +4,10 @@ Each strategy runs as ordinary `gid sweep`s (``run_sweep``) over the default sea
 same GID base config; each experiment ends once its trials have trained ``--budget`` epochs in all
 (the sweep file's ``budget_epochs``). TPE + ASHA is the product's defaults: random start-up trials,
 a quarter of the sweep's ``trials`` (here as many as the budget can hold), and ASHA stopping trials
-only in the last third of their schedule (Optuna 5's TPE: multivariate, constant liar); `tpe-independent+asha`
-is the same with Optuna 4's TPE (a value at a time, running trials ignored). For every sweep seed it records the best validation AP of
-a trial that trained the full schedule, the best-so-far curve over the epochs spent, and when TPE's
-curve first reached random search's final best.
+only in the last third of their schedule (Optuna 5's TPE: multivariate, constant liar); ``tpe-independent+asha``
+is the same with Optuna 4's TPE (a value at a time, running trials ignored). For every sweep seed it records the
+best validation AP of a trial that trained the full schedule, the best-so-far curve over the epochs spent, and
+when each TPE sweep's curve first reached random search's final best.
 
 The same sweeps give the trial overhead: seconds from a trial's start to its first training step,
 and the share of the sweep's slot time (wall time × concurrent trials) not spent in training steps.

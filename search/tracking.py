@@ -243,9 +243,12 @@ class TrialLogger:
 
     def system_metrics(self, interval_s: float) -> SystemMetrics | None:
         """Where a trial of these finds its run, to sample the system into (None: ``interval_s`` 0, off)."""
+        return self._system_metrics(self._tags(), TRIAL_TAG, interval_s)
+
+    def _system_metrics(self, tags: dict[str, str], trial_tag: str | None, interval_s: float) -> SystemMetrics | None:
         if not interval_s:
             return None
-        return SystemMetrics(absolute(self.client.tracking_uri), self.experiment_id, self._tags(), TRIAL_TAG, interval_s)
+        return SystemMetrics(absolute(self.client.tracking_uri), self.experiment_id, tags, trial_tag, interval_s)
 
     def run_for(self, trial_id: str, trial: dict[str, Any]) -> str:
         if trial_id in self._runs:
@@ -365,9 +368,7 @@ class TrialLogger:
         # running again after a failed try: MLflow's monitor samples a running run only
         self.client.update_run(run_id, status="RUNNING")
         try:
-            yield SystemMetrics(
-                absolute(self.client.tracking_uri), self.experiment_id, self._baseline_tags(), None, interval_s
-            ) if interval_s else None
+            yield self._system_metrics(self._baseline_tags(), None, interval_s)
         except BaseException:
             self.client.set_terminated(run_id, status="FAILED")
             raise

@@ -16,7 +16,7 @@ from gid.engine import loop
 from gid.engine.latency import parameter_count
 from gid.config import TrainConfig
 from gid.engine.loop import apply_gradients
-from gid.engine.state import build_optimizer
+from gid.engine.state import build_optimizer, load_optimizer_state
 from gid.engine.trainer import MODEL_FILE, build_trainer, run_training
 from gid.models import load_model, read_checkpoint
 
@@ -123,6 +123,19 @@ def test_the_loops_sgd_is_one_fused_update_that_follows_torchs_reference_sgd():
             optimizer.step()
     assert not torch.equal(weights[0].detach(), start)
     torch.testing.assert_close(weights[0], weights[1])  # the same steps, to float rounding
+
+
+def test_a_resumed_run_updates_as_its_sittings_device_calls_for_not_as_it_was_saved():
+    # saved fused on a CPU, resumed under a GPU's AMP scaler: momentum and LR come back, the fused kernel does not
+    weight = torch.nn.Parameter(torch.ones(3))
+    saved = build_optimizer([weight], TrainConfig(lr=0.1))
+    weight.grad = torch.ones(3)
+    saved.step()
+    resumed = build_optimizer([weight], TrainConfig(lr=0.5), scaled=True)
+    load_optimizer_state(resumed, saved.state_dict())
+    momentum = saved.state[weight]["momentum_buffer"]
+    assert resumed.param_groups[0]["lr"] == 0.1 and torch.equal(resumed.state[weight]["momentum_buffer"], momentum)
+    assert resumed.param_groups[0]["fused"] is None  # torch's load_state_dict alone would make it True
 
 
 def test_the_lr_schedule_waits_while_amp_skips_overflowed_steps():

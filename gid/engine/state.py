@@ -92,7 +92,9 @@ class TrainingState:
         saved = read_checkpoint(path)
         self.trainable.student.load_state_dict(saved["model"])
         for key, part in self._parts().items():
-            if key in saved or key not in self._OPTIONAL:
+            if key == "optimizer":
+                load_optimizer_state(part, saved[key])
+            elif key in saved or key not in self._OPTIONAL:
                 part.load_state_dict(saved[key])
         self.epoch = saved["epoch"]
         self.train_time_s = saved.get("metrics", {}).get("train_time_s", 0.0)
@@ -105,9 +107,23 @@ def build_optimizer(params: list[nn.Parameter], train: TrainConfig, scaled: bool
     ``scaled``: AMP's gradient scaler is on (a GPU). Then torch's ``foreach`` update instead: a fused one takes
     AMP's skip of an overflowed step inside its kernel, after the step hook by which the loop holds its LR
     schedule back on skipped steps (:func:`gid.engine.loop.apply_gradients`). A resumed run keeps the
-    implementation its checkpoint was saved with."""
+    implementation this sitting's device calls for, whatever its checkpoint was saved with
+    (:func:`load_optimizer_state`)."""
     fused = None if scaled else True  # None: torch's choice, foreach on a GPU
     return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay, fused=fused)
+
+
+_IMPLEMENTATION = ("fused", "foreach")  # how an update runs: a choice of the sitting's device, not of the run's state
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a checkpoint's optimizer ``state`` (momentum, hyperparameters) but keep how ``optimizer`` updates:
+    torch's ``load_state_dict`` takes the saved groups' ``fused`` and ``foreach`` too, so a run saved fused on a CPU
+    would resume fused under a GPU's AMP scaler (:func:`build_optimizer`)."""
+    built = [{key: group[key] for key in _IMPLEMENTATION if key in group} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, implementation in zip(optimizer.param_groups, built, strict=True):
+        group.update(implementation)
 
 
 def start_training_state(
