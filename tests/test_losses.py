@@ -343,6 +343,32 @@ def test_relation_loss_groups_consecutive_images_and_averages_groups_with_three_
     assert torch.allclose(relation_loss(teacher, student, [2, 1, 4, 0, 2, 0], 1), second)
 
 
+def full_matrix_relation(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """The spec's formula for one group as written: all M x M ordered pairs, the diagonal excluded."""
+    def normalised(features):
+        distances = torch.cdist(features, features, compute_mode="donot_use_mm_for_euclid_dist")
+        off_diagonal = ~torch.eye(len(features), dtype=torch.bool)
+        return distances / distances[off_diagonal & (distances > 0)].mean()
+
+    size = len(student)
+    pairs = F.smooth_l1_loss(normalised(student.flatten(1)), normalised(teacher.flatten(1)), reduction="sum")
+    return pairs / (size**2 - size)
+
+
+def test_relation_loss_equals_the_full_matrix_formula_in_value_and_gradient():
+    generator = torch.Generator().manual_seed(3)
+    teacher = torch.randn(20, 8, 3, 3, generator=generator, dtype=torch.float64)
+    student = torch.randn(20, 8, 3, 3, generator=generator, dtype=torch.float64)
+    student[5] = student[4]  # a duplicate GI: a zero distance in the student only
+    student.requires_grad_()
+    loss = relation_loss(teacher, student, [6, 5, 9, 0], group_images=2)
+    (gradient,) = torch.autograd.grad(loss, student)
+    expected = (full_matrix_relation(teacher[:11], student[:11]) + full_matrix_relation(teacher[11:], student[11:])) / 2
+    (expected_gradient,) = torch.autograd.grad(expected, student)
+    assert torch.allclose(loss, expected, rtol=1e-12)
+    assert torch.allclose(gradient, expected_gradient, rtol=1e-10, atol=1e-14)
+
+
 def test_relation_loss_of_identical_instances_is_finite():
     # Duplicate GIs (zero distances) must not produce NaN gradients.
     student = torch.ones(4, 2, 2, 2, requires_grad=True)
