@@ -13,7 +13,9 @@ own paths (``run_training`` on Ray Train, ``run_sweep`` + ``export_best`` for th
 * ``--value``: **GID, dynamic balance** (while it is not the default); **student alone, GID's training
   time** (as many epochs as the same seed's GID default run took in training time, on the same schedule
   shape); and **converged** rows, the student alone and GID at the defaults on a ``converge_epochs``
-  schedule (their val AP per epoch plotted beside the teacher's in ``convergence.png``);
+  schedule (their val AP per epoch plotted beside the teacher's in ``convergence.png``; ``--converge-epochs``
+  for a framework whose student alone still rises at the end of VALUE's 12: a converged row trained on another
+  schedule is trained again, its old test metrics kept under ``replaces``);
 * ``--mobile``: a deployable student, **MobileNetV2 from torchvision's ImageNet weights** (``benchmarks/assets.py``)
   alone and with **GID at the product's defaults** (and **tuned** with ``--sweep-trials``), rows
   ``mobilenet_student``, ``mobilenet_gid_default``, ``mobilenet_gid_tuned``; every row also gets its parameters
@@ -28,6 +30,7 @@ are kept in ``OUT/results.json``, so an interrupted benchmark picks up where it 
     python -m benchmarks.effect --dev --out runs/bench-effect-dev  # the development table the defaults are chosen on
     python -m benchmarks.effect --value --out runs/bench-value     # the defaults at equal compute and at convergence
         --frameworks fcos --keep benchmarks/results/effect_value     # (a framework a session, its results kept in the repo)
+        --frameworks faster_rcnn --converge-epochs 24 ...            # (its student alone still rises after 12)
     python -m benchmarks.effect --mobile --out runs/bench-value    # MobileNetV2 from ImageNet, with cost (in the value
                                                                    # table's folder: its teachers, not trained again)
     python -m benchmarks.effect --mobile --dev --out runs/bench-mobile-dev  # the same on the development data set
@@ -181,6 +184,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, help="training seeds of the student / GID rows")
     p.add_argument("--data-seed", type=int, help="the synthetic data set's seed (development tables: one per data set)")
     p.add_argument("--sweep-trials", type=int, help="trials of each framework's sweep (0: no tuned row)")
+    p.add_argument("--converge-epochs", type=int, help="the converged rows' schedule (0: no converged rows)")
     p.add_argument(
         "--keep", type=Path, metavar="DIR",
         help="a folder of the repository that keeps the table's results between sessions (a new session's checkout "
@@ -208,6 +212,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         scale = replace(scale, sweep_trials=args.sweep_trials)
     if args.data_seed is not None:
         scale = replace(scale, data_seed=args.data_seed)
+    if args.converge_epochs is not None:
+        scale = replace(scale, converge_epochs=args.converge_epochs)
     if args.lanes < 1:
         p.error("--lanes: give 1 or more")
     args.scale = scale
@@ -450,7 +456,7 @@ class Bench:
     def jobs(self) -> list[Job]:
         """Every run of the table, the long chains (teacher, then the runs that need it) first."""
         s = self.scale
-        teachers, students, distilled, sweeps, tuned = [], [], [], [], []
+        teachers, students, distilled, converged, sweeps, tuned = [], [], [], [], [], []
         for framework in s.frameworks:
             teacher = f"{framework}/teacher/0"
             key = partial(self.key, framework)
@@ -485,11 +491,11 @@ class Bench:
                         (key("student", seed), key("gid_default", seed)),
                     ))
             for seed in range(s.converge_seeds if s.converge_epochs else 0):
-                students.append(self.training(
+                converged.append(self.training(
                     key("converged_student", seed),
                     lambda f=framework, seed=seed: self.converged_config(self.student_config(f, seed)),
                 ))
-                distilled.append(self.training(
+                converged.append(self.training(
                     key("converged_gid_default", seed),
                     lambda f=framework, seed=seed: self.converged_config(self.gid_config(f, seed)), (teacher,),
                 ))
@@ -507,11 +513,13 @@ class Bench:
                     (key("sweep", None),),
                 ))
         # Longest teacher first (the framework order puts the fastest learner first), then the rows
-        # that test the defaults; the sweeps, which hold every lane, after them.
-        return teachers[::-1] + distilled + students + sweeps[::-1] + tuned[::-1]
+        # that test the defaults, the timed ones (GID's time sets the equal-compute rows') before the
+        # long converged runs; the sweeps, which hold every lane, after them.
+        return teachers[::-1] + distilled + students + converged + sweeps[::-1] + tuned[::-1]
 
     def run(self) -> None:
         """Start every ready job that fits in the free lanes, in the order of ``jobs()``; repeat."""
+        self.retrain_other_schedules()
         waiting = [job for job in self.jobs() if job.key not in self.results.runs]
         for need in {need for job in waiting for need in job.needs}:
             done = self.results.runs.get(need)
@@ -539,6 +547,17 @@ class Bench:
             left = len(waiting) + len(running)
             print(f"=== {job.key}: done in {self.results.runs[job.key]['seconds'] / 60:.1f} min; {left} jobs left",
                   flush=True)
+
+    def retrain_other_schedules(self) -> None:
+        """Converged rows trained on another schedule than this scale's are trained again: their run folders,
+        which Ray Train would resume, are removed, their old test metrics kept under ``replaces``."""
+        for job in self.jobs():
+            done = self.results.runs.get(job.key)
+            row = job.key.split("/")[1]
+            if done and row.endswith(("converged_student", "converged_gid_default")) and done["epochs"] != self.scale.converge_epochs:
+                print(f"=== {job.key}: trained {done['epochs']} epochs, training it {self.scale.converge_epochs}", flush=True)
+                self.results.retrain(job.key)
+                shutil.rmtree(self.out / "runs" / job.key.replace("/", "_"), ignore_errors=True)
 
     def measure_costs(self) -> None:
         """Each row's params and CPU latency_ms, as ``gid eval`` measures them on its model file: one row after another

@@ -122,3 +122,20 @@ def test_a_run_resumed_in_a_later_sitting_keeps_its_epochs_in_place_and_its_curv
     }
     assert effect.plot_curves(runs, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_converged_rows_come_after_the_timed_ones_and_another_schedule_trains_them_again(tmp_path):
+    args = effect.parse_args(["--value", "--frameworks", "faster_rcnn", "--converge-epochs", "24", "--out", str(tmp_path)])
+    bench = effect.Bench(tmp_path, args.scale, lanes=2)
+    order = [job.key.split("/")[1] for job in bench.jobs()]
+    assert max(i for i, row in enumerate(order) if row == "student_equal_compute") < order.index("converged_student")
+    # an earlier sitting trained the converged student on VALUE's 12 epochs; its run folder would be resumed
+    folder = tmp_path / "runs" / "faster_rcnn_converged_student_0"
+    folder.mkdir(parents=True)
+    bench.results.runs["faster_rcnn/converged_student/0"] = {**run(0.12, epochs=12), "model": str(folder / "model.pt")}
+    bench.results.runs["faster_rcnn/student/0"] = run(0.02)
+    bench.retrain_other_schedules()
+    assert "faster_rcnn/converged_student/0" not in bench.results.runs and not folder.exists()
+    assert bench.results.replaced["faster_rcnn/converged_student/0"]["test"]["ap"] == 0.12
+    assert "faster_rcnn/student/0" in bench.results.runs  # the 3-epoch rows stay
+    assert effect.parse_args(["--value", "--out", str(tmp_path)]).scale.converge_epochs == effect.VALUE.converge_epochs
