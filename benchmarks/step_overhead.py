@@ -193,7 +193,6 @@ def instrument(distiller: Distiller, clock: Clock, stack: ExitStack) -> None:
     patch(student, "roi_outputs", "roi.student")  # inside gt_losses it counts as student forward
     if distiller.adapter is not None:
         patch(distiller.adapter, "forward", "adapter")
-        patch(distiller_module, "pool_adapted", "adapter")  # the adapter on the pooled bins, or the maps pooled
     for function, name in (
         ("select_general_instances", "gism.select"),
         ("filter_instances", "gism.select"),

@@ -1,15 +1,12 @@
 """The Distiller on real (tiny) torchvision detectors of each framework."""
 
-from unittest import mock
-
 import pytest
 import torch
 
 from gid.config import DataConfig, DistillConfig, validate
 from gid.data import build_dataset
-from gid.distill import Distiller, distiller as distiller_module
+from gid.distill import Distiller
 from gid.distill.pictures import save_gi_pictures
-from gid.distill.pooling import pools_first
 from gid.distill.terms import TERMS
 from gid.errors import GidError
 from gid.frameworks import FRAMEWORKS
@@ -42,28 +39,6 @@ def test_gradients_reach_student_and_adapter_never_teacher(framework, teacher, s
     assert all(p.grad is not None for p in model.adapter.parameters())
     # The teacher is not part of the module tree: DDP, the optimizer and checkpoints never see it.
     assert not any(name.startswith("teacher") for name in model.state_dict())
-
-
-@pytest.mark.parametrize("framework", ["retinanet", "faster_rcnn"])
-def test_the_adapter_on_the_pooled_bins_trains_the_student_as_on_whole_maps(framework, batch):
-    # roi_size 2: the GIs' bins fewer than half the maps' positions even at 64 px, so the adapter runs on the bins
-    model = tiny_distiller(framework, feature={"roi_size": 2}).train()
-    parameters = [p for p in model.parameters() if p.requires_grad]
-
-    def losses_and_gradients(**patch):
-        with mock.patch.object(distiller_module, "pool_adapted", **patch) as spy:
-            losses = model(*batch)
-        keys = ("loss_feature", "loss_relation")
-        return spy, [losses[k] for k in keys], torch.autograd.grad(sum(losses[k] for k in keys), parameters, allow_unused=True)
-
-    spy, on_bins, gradients = losses_and_gradients(wraps=distiller_module.pool_adapted)
-    assert pools_first(*spy.call_args.args)
-    _, on_maps, expected = losses_and_gradients(new=lambda pool, adapter, maps: pool([adapter(m) for m in maps]))
-    assert torch.allclose(torch.stack(on_bins), torch.stack(on_maps), rtol=1e-4)
-    for got, want in zip(gradients, expected):
-        assert (got is None) == (want is None)
-        if got is not None:  # float32 sums in another order: equal up to round-off at each tensor's scale
-            assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
 
 @pytest.mark.parametrize("framework", list(FRAMEWORKS))

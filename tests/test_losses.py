@@ -19,7 +19,7 @@ from gid.distill.losses import (
     response_loss,
     roi_response_loss,
 )
-from gid.distill.pooling import InstancePooler, pool_adapted, pool_instances, pools_first
+from gid.distill.pooling import pool_instances
 from gid.errors import GidError
 from gid.frameworks.view import DenseOutput
 from gid.models.roi_align import MatmulMultiScaleRoIAlign, roi_align_by_matmul
@@ -294,36 +294,6 @@ def test_gradients_reach_student_and_adapter_never_the_teacher():
     assert adapter.weight.grad.abs().sum() > 0 and adapter.bias.grad.abs().sum() > 0
     assert all(m.grad is not None and m.grad.abs().sum() > 0 for m in student_maps)
     assert all(m.grad is None for m in teacher_maps)
-
-
-@pytest.mark.parametrize("kind", ["conv3x3", "conv1x1"])
-def test_an_adapter_applied_to_the_pooled_bins_equals_the_adapted_maps_pooled_in_value_and_gradient(kind):
-    # Level 3's 64 x 64 map goes to torchvision's roi_align, levels 4 and 5 to the matrix-product one.
-    maps = [level.double().requires_grad_() for level in fpn_maps(batch=2, channels=4, seed=3)]
-    adapter = build_adapter(kind, 4, 6).double()
-    boxes = [  # boxes on the image's edges too: the samples at the map's border read its clamped edge
-        torch.tensor([[0.0, 0.0, 30.0, 25.0], [300.0, 280.0, 512.0, 512.0], [0.0, 100.0, 512.0, 512.0]]),
-        torch.tensor([[490.0, 0.0, 512.0, 40.0], [40.0, 60.0, 180.0, 140.0]]),
-    ]
-    pool = InstancePooler(boxes, FIRST_LEVEL, len(maps), roi_size=5, canonical_size=224.0)
-    assert pools_first(pool, adapter, maps)  # 5 x 25 bins against 2 x 5376 positions
-    inputs = [*maps, *adapter.parameters()]
-    pooled_first = pool_adapted(pool, adapter, maps)
-    gradient = torch.autograd.grad(pooled_first.pow(2).sum(), inputs)
-    adapted_first = pool([adapter(level) for level in maps])
-    expected = torch.autograd.grad(adapted_first.pow(2).sum(), inputs)
-    assert torch.allclose(pooled_first, adapted_first, rtol=1e-10, atol=1e-12)
-    for got, want in zip(gradient, expected):
-        assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
-
-
-def test_an_adapter_is_applied_to_whole_maps_where_they_have_fewer_positions_than_the_bins():
-    maps = [level[..., :4, :4] for level in fpn_maps(batch=2, channels=4)]
-    pool = InstancePooler([torch.tensor([[0.0, 0.0, 30.0, 30.0]])] * 2, FIRST_LEVEL, len(maps), 5, 224.0)
-    assert not pools_first(pool, build_adapter("conv3x3", 4, 6), maps)  # 50 bins against 96 positions
-    assert not pools_first(pool, nn.Conv2d(4, 6, 3), fpn_maps(batch=2, channels=4))  # no padding: smaller maps
-    identity = build_adapter("none", 4, 4)
-    assert torch.equal(pool_adapted(pool, identity, maps), pool(maps))
 
 
 # --- relation loss ---------------------------------------------------------------------------

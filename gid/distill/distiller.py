@@ -19,7 +19,7 @@ from gid.distill.losses import (
     response_loss,
     roi_response_loss,
 )
-from gid.distill.pooling import InstancePooler, pool_adapted
+from gid.distill.pooling import InstancePooler
 from gid.distill.terms import TERMS, enabled_terms
 from gid.errors import GidError
 from gid.frameworks import view_for
@@ -121,12 +121,12 @@ class Distiller(nn.Module):
         c, weights = self.config, self.term_weights()
 
         if self.adapter is not None:
+            adapted = [self.adapter(level) for level in dense.features]
             pool = InstancePooler(
                 boxes, dense.first_level, len(dense.features), c.feature.roi_size, self.canonical_size,
                 c.feature.canonical_level,
             )
-            pooled_student = pool_adapted(pool, self.adapter, dense.features)
-            pooled_teacher = pool(teacher_dense.features)
+            pooled_student, pooled_teacher = pool(adapted), pool(teacher_dense.features)
             if c.feature.enabled:
                 losses["loss_feature"] = weights["feature"] * feature_loss(pooled_teacher, pooled_student)
             if c.relation.enabled:
