@@ -235,11 +235,11 @@ class Results:
         self.started = time.perf_counter()
         self.replaced: dict[str, dict] = {}
 
-    def retrain(self, key: str) -> None:
+    def retrain(self, key: str, why: str | None = None) -> None:
         """Run ``key`` again: its model file is gone (a later sitting on a fresh machine) and a waiting
-        run needs it. Its new result keeps the old one's test metrics under ``replaces``."""
+        run needs it, or ``why``. Its new result keeps the old one's test metrics under ``replaces``."""
         old = self.runs.pop(key)
-        self.replaced[key] = {"test": old["test"], "seconds": old["seconds"]}
+        self.replaced[key] = {"test": old["test"], "seconds": old["seconds"], **({"why": why} if why else {})}
 
     def add(self, key: str, result: dict) -> None:
         if key in self.replaced:
@@ -556,7 +556,7 @@ class Bench:
             row = job.key.split("/")[1]
             if done and row.endswith(("converged_student", "converged_gid_default")) and done["epochs"] != self.scale.converge_epochs:
                 print(f"=== {job.key}: trained {done['epochs']} epochs, training it {self.scale.converge_epochs}", flush=True)
-                self.results.retrain(job.key)
+                self.results.retrain(job.key, f"{done['epochs']} epochs before, {self.scale.converge_epochs} now")
                 shutil.rmtree(self.out / "runs" / job.key.replace("/", "_"), ignore_errors=True)
 
     def measure_costs(self) -> None:
@@ -670,7 +670,9 @@ def render(runs: dict[str, dict], scale: Scale, argv: list[str], sittings: list[
            "does, one after another once all training was done"] if s.latency_runs else []),
         *([f"- tuned: TPE + ASHA sweep of {s.sweep_trials} trials on the val split, its top {s.finalize_top} finalized "
            f"over {s.finalize_seeds} seeds, the winner exported and re-trained"] if s.sweep_trials else []),
-        *[f"- {key} re-trained in a later sitting (its model file was gone): test AP {100 * r['replaces']['test']['ap']:.2f} "
+        *[f"- {key} re-trained in a later sitting ({r['replaces']['why']}): test AP {100 * r['replaces']['test']['ap']:.2f} "
+          f"then, {100 * r['test']['ap']:.2f} now" if "why" in r["replaces"] else
+          f"- {key} re-trained in a later sitting (its model file was gone): test AP {100 * r['replaces']['test']['ap']:.2f} "
           f"then, {100 * r['test']['ap']:.2f} now; the rows finished before it learnt from the first"
           for key, r in runs.items() if "replaces" in r],
         "",

@@ -136,6 +136,10 @@ def test_converged_rows_come_after_the_timed_ones_and_another_schedule_trains_th
     bench.results.runs["faster_rcnn/student/0"] = run(0.02)
     bench.retrain_other_schedules()
     assert "faster_rcnn/converged_student/0" not in bench.results.runs and not folder.exists()
-    assert bench.results.replaced["faster_rcnn/converged_student/0"]["test"]["ap"] == 0.12
+    assert bench.results.replaced["faster_rcnn/converged_student/0"] == {
+        "test": run(0.12)["test"], "seconds": 60, "why": "12 epochs before, 24 now"}
+    bench.results.add("faster_rcnn/converged_student/0", run(0.27, epochs=24))
+    text = effect.render(bench.results.runs, args.scale, [], [{"commit": "abc", "minutes": 1.0, "lanes": 2}])
+    assert "- faster_rcnn/converged_student/0 re-trained in a later sitting (12 epochs before, 24 now): test AP 12.00 then, 27.00 now\n" in text
     assert "faster_rcnn/student/0" in bench.results.runs  # the 3-epoch rows stay
     assert effect.parse_args(["--value", "--out", str(tmp_path)]).scale.converge_epochs == effect.VALUE.converge_epochs
