@@ -643,6 +643,14 @@ def commit() -> str:
         return "unknown"
 
 
+def retrained(key: str, run: dict) -> str:
+    """The table's note on a run trained again (``Results.retrain``): why, and its test AP before and now."""
+    old = run["replaces"]
+    # Without a reason recorded, its model file was gone: a teacher, whose dependents may have learnt from the first.
+    why, after = (old["why"], "") if "why" in old else ("its model file was gone", "; the rows finished before it learnt from the first")
+    return f"- {key} re-trained in a later sitting ({why}): test AP {100 * old['test']['ap']:.2f} then, {100 * run['test']['ap']:.2f} now{after}"
+
+
 def render(runs: dict[str, dict], scale: Scale, argv: list[str], sittings: list[dict]) -> str:
     s = scale
     train, data = TrainConfig(), DataConfig()  # the values the runs leave at their defaults
@@ -670,11 +678,7 @@ def render(runs: dict[str, dict], scale: Scale, argv: list[str], sittings: list[
            "does, one after another once all training was done"] if s.latency_runs else []),
         *([f"- tuned: TPE + ASHA sweep of {s.sweep_trials} trials on the val split, its top {s.finalize_top} finalized "
            f"over {s.finalize_seeds} seeds, the winner exported and re-trained"] if s.sweep_trials else []),
-        *[f"- {key} re-trained in a later sitting ({r['replaces']['why']}): test AP {100 * r['replaces']['test']['ap']:.2f} "
-          f"then, {100 * r['test']['ap']:.2f} now" if "why" in r["replaces"] else
-          f"- {key} re-trained in a later sitting (its model file was gone): test AP {100 * r['replaces']['test']['ap']:.2f} "
-          f"then, {100 * r['test']['ap']:.2f} now; the rows finished before it learnt from the first"
-          for key, r in runs.items() if "replaces" in r],
+        *[retrained(key, r) for key, r in runs.items() if "replaces" in r],
         "",
         "| framework | row | seeds | epochs | AP | AP50 | AP75 | APs | "
         + ("params (M) | CPU ms / image | × faster than teacher | " if s.latency_runs else "")
